@@ -1,0 +1,132 @@
+//! The command line: argument definitions and the commands themselves.
+
+mod queue;
+mod user;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::config::{self, Config};
+
+/// sysexits.h codes used by the commands.
+pub mod exit {
+    pub const OK: u8 = 0;
+    pub const USAGE: u8 = 64;
+    pub const DATAERR: u8 = 65;
+    pub const NOINPUT: u8 = 66;
+    pub const NOUSER: u8 = 67;
+    pub const SOFTWARE: u8 = 70;
+    pub const CANTCREAT: u8 = 73;
+    pub const IOERR: u8 = 74;
+    pub const TEMPFAIL: u8 = 75;
+    pub const CONFIG: u8 = 78;
+}
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "outpost",
+    version,
+    about = "Store-and-forward mail gateway for branch offices"
+)]
+pub struct Cli {
+    /// Configuration file.
+    #[arg(long, global = true, env = "OUTPOST_CONFIG", default_value = config::DEFAULT_PATH)]
+    pub config: PathBuf,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the gateway in the foreground.
+    Serve,
+    /// Check the configuration and print the effective one.
+    CheckConfig,
+    /// Look at and manage the queue.
+    #[command(subcommand)]
+    Queue(QueueCommand),
+    /// Accounts for submission AUTH and POP3.
+    #[command(subcommand)]
+    User(UserCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum QueueCommand {
+    /// List messages still queued (mailq style).
+    List {
+        /// One JSON array, for scripts.
+        #[arg(long)]
+        json: bool,
+        /// Only messages with a recipient in this state.
+        #[arg(long)]
+        state: Option<crate::queue::RecipientState>,
+    },
+    /// Envelope, headers, per-recipient state and history of one message.
+    Show { id: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum UserCommand {
+    /// Add an account.
+    Add {
+        name: String,
+        /// Read the password from the first line of standard input.
+        #[arg(long)]
+        password_stdin: bool,
+    },
+    /// Change an account's password.
+    Passwd {
+        name: String,
+        #[arg(long)]
+        password_stdin: bool,
+    },
+    /// Remove an account.
+    Del { name: String },
+    /// List accounts.
+    List,
+}
+
+/// Loads the configuration or prints why not.
+pub fn load_config(cli: &Cli) -> Result<Config, ExitCode> {
+    Config::load(&cli.config).map_err(|e| {
+        eprintln!("outpost: {e}");
+        ExitCode::from(exit::CONFIG)
+    })
+}
+
+/// Runs a command other than `serve` (which needs the runtime; see main.rs).
+pub fn run(cli: &Cli) -> ExitCode {
+    match &cli.command {
+        Command::Serve => unreachable!("serve is run by main"),
+        Command::CheckConfig => check_config(cli),
+        Command::Queue(q) => match load_config(cli) {
+            Ok(c) => queue::run(&c, q),
+            Err(code) => code,
+        },
+        Command::User(u) => match load_config(cli) {
+            Ok(c) => user::run(&c, u),
+            Err(code) => code,
+        },
+    }
+}
+
+fn check_config(cli: &Cli) -> ExitCode {
+    match load_config(cli) {
+        Ok(c) => {
+            println!("# {}: ok. Effective configuration:", cli.config.display());
+            print!("{}", c.to_toml());
+            ExitCode::from(exit::OK)
+        }
+        Err(code) => code,
+    }
+}
+
+/// Opens the store named by the configuration, or says why not.
+fn open_store(config: &Config) -> Result<crate::queue::Store, ExitCode> {
+    crate::queue::Store::open(&config.store.path).map_err(|e| {
+        eprintln!("outpost: {e} (store.path)");
+        ExitCode::from(exit::CANTCREAT)
+    })
+}

@@ -1,0 +1,255 @@
+//! `outpost queue list|show`.
+
+use std::process::ExitCode;
+
+use serde_json::json;
+
+use super::{exit, open_store, QueueCommand};
+use crate::config::Config;
+use crate::queue::{unix_now, MessageSummary, RecipientState, RecipientStatus};
+
+pub fn run(config: &Config, cmd: &QueueCommand) -> ExitCode {
+    let store = match open_store(config) {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
+    match cmd {
+        QueueCommand::List { json, state } => match store.list(*state) {
+            Ok(msgs) => {
+                if *json {
+                    let list: Vec<_> = msgs.iter().map(message_json).collect();
+                    println!("{}", serde_json::Value::Array(list));
+                } else {
+                    print!("{}", render_list(&msgs, unix_now()));
+                }
+                ExitCode::from(exit::OK)
+            }
+            Err(e) => {
+                eprintln!("outpost: {e}");
+                ExitCode::from(exit::IOERR)
+            }
+        },
+        QueueCommand::Show { id } => match store.show(id) {
+            Ok(Some(m)) => {
+                let s = &m.summary;
+                println!("id:          {}", s.id);
+                println!(
+                    "received:    {} ({} ago)",
+                    rfc3339(s.received_at),
+                    age(unix_now() - s.received_at)
+                );
+                println!("from:        <{}>", s.sender);
+                println!("size:        {} octets", s.size);
+                println!(
+                    "client:      {} (HELO {}) via {}",
+                    m.client_addr, m.client_helo, s.protocol
+                );
+                if let Some(u) = &m.auth_user {
+                    println!("account:     {u}");
+                }
+                if let Some(b) = &m.body_type {
+                    println!("body:        {b}");
+                }
+                if m.smtputf8 {
+                    println!("smtputf8:    yes");
+                }
+                if m.dsn_ret.is_some() || m.dsn_envid.is_some() {
+                    println!(
+                        "dsn:         RET={} ENVID={}",
+                        m.dsn_ret.as_deref().unwrap_or("-"),
+                        m.dsn_envid.as_deref().unwrap_or("-")
+                    );
+                }
+                println!("recipients:");
+                for r in &s.recipients {
+                    println!("  {}", recipient_line(r));
+                }
+                println!("history:");
+                for h in &m.history {
+                    let who = h
+                        .recipient
+                        .map(|i| format!(" rcpt #{i}"))
+                        .unwrap_or_default();
+                    println!("  {} {}{}: {}", rfc3339(h.at), h.event, who, h.detail);
+                }
+                match &m.headers {
+                    Some(hdrs) => {
+                        println!("headers:");
+                        for line in hdrs.lines() {
+                            println!("  {line}");
+                        }
+                    }
+                    None => println!("headers:     (body removed: every recipient is final)"),
+                }
+                ExitCode::from(exit::OK)
+            }
+            Ok(None) => {
+                eprintln!("outpost: no message {id} in the queue (see `outpost queue list`)");
+                ExitCode::from(exit::NOINPUT)
+            }
+            Err(e) => {
+                eprintln!("outpost: {e}");
+                ExitCode::from(exit::IOERR)
+            }
+        },
+    }
+}
+
+fn rfc3339(t: i64) -> String {
+    chrono::DateTime::from_timestamp(t, 0)
+        .map(|d| d.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
+        .unwrap_or_default()
+}
+
+/// The shape `queue list --json` keeps for scripts (DESIGN: interface contract).
+fn message_json(m: &MessageSummary) -> serde_json::Value {
+    json!({
+        "id": m.id,
+        "received_at": rfc3339(m.received_at),
+        "size": m.size,
+        "sender": m.sender,
+        "protocol": m.protocol,
+        "recipients": m.recipients.iter().map(|r| json!({
+            "address": r.address,
+            "state": r.state.as_str(),
+            "route": r.route.as_str(),
+            "attempts": r.attempts,
+            "next_attempt": (!r.state.is_final() && r.state != RecipientState::Held)
+                .then(|| rfc3339(r.next_attempt)),
+            "last_reply": r.last_reply,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+/// "3d4h", "12m", "40s": the largest two units.
+fn age(secs: i64) -> String {
+    let s = secs.max(0);
+    let (d, h, m) = (s / 86400, s % 86400 / 3600, s % 3600 / 60);
+    if d > 0 {
+        format!("{d}d{h}h")
+    } else if h > 0 {
+        format!("{h}h{m}m")
+    } else if m > 0 {
+        format!("{m}m")
+    } else {
+        format!("{s}s")
+    }
+}
+
+fn size(n: i64) -> String {
+    if n >= 1 << 20 {
+        format!("{:.1}M", n as f64 / (1i64 << 20) as f64)
+    } else if n >= 1024 {
+        format!("{:.1}K", n as f64 / 1024.0)
+    } else {
+        n.to_string()
+    }
+}
+
+fn recipient_line(r: &RecipientStatus) -> String {
+    let mut s = format!("{} ({}", r.address, r.state);
+    if r.attempts > 0 {
+        s.push_str(&format!(", {} attempts", r.attempts));
+    }
+    if let Some(reply) = &r.last_reply {
+        s.push_str(&format!(": {reply}"));
+    }
+    s.push(')');
+    s
+}
+
+fn render_list(msgs: &[MessageSummary], now: i64) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    if msgs.is_empty() {
+        out.push_str("Mail queue is empty\n");
+        return out;
+    }
+    let _ = writeln!(
+        out,
+        "{:<14}  {:>6}  {:>6}  {:<30}  RECIPIENTS",
+        "ID", "AGE", "SIZE", "SENDER"
+    );
+    let mut total = 0;
+    for m in msgs {
+        total += m.size;
+        let sender = if m.sender.is_empty() { "<>" } else { &m.sender };
+        for (i, r) in m
+            .recipients
+            .iter()
+            .filter(|r| !r.state.is_final())
+            .enumerate()
+        {
+            if i == 0 {
+                let _ = writeln!(
+                    out,
+                    "{:<14}  {:>6}  {:>6}  {:<30}  {}",
+                    m.id,
+                    age(now - m.received_at),
+                    size(m.size),
+                    sender,
+                    recipient_line(r)
+                );
+            } else {
+                let _ = writeln!(out, "{:<62}  {}", "", recipient_line(r));
+            }
+        }
+    }
+    let _ = writeln!(
+        out,
+        "-- {} message{}, {} in all",
+        msgs.len(),
+        if msgs.len() == 1 { "" } else { "s" },
+        size(total)
+    );
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::queue::Route;
+
+    #[test]
+    fn list_shows_pending_recipients_and_totals() {
+        let m = MessageSummary {
+            id: "ABC".into(),
+            received_at: 1000,
+            size: 2048,
+            sender: String::new(),
+            protocol: "ESMTP".into(),
+            recipients: vec![
+                RecipientStatus {
+                    address: "a@x.example".into(),
+                    route: Route::Upstream,
+                    state: RecipientState::Deferred,
+                    attempts: 2,
+                    next_attempt: 2000,
+                    last_reply: Some("451 4.3.0 try later".into()),
+                },
+                RecipientStatus {
+                    address: "b@x.example".into(),
+                    route: Route::Upstream,
+                    state: RecipientState::Delivered,
+                    attempts: 1,
+                    next_attempt: 0,
+                    last_reply: None,
+                },
+            ],
+        };
+        let out = render_list(std::slice::from_ref(&m), 1000 + 3 * 3600 + 120);
+        assert!(out.contains("3h2m"), "{out}");
+        assert!(out.contains("<>"), "{out}");
+        assert!(
+            out.contains("a@x.example (deferred, 2 attempts: 451 4.3.0 try later)"),
+            "{out}"
+        );
+        assert!(!out.contains("b@x.example"), "{out}");
+        assert!(out.contains("-- 1 message, 2.0K in all"), "{out}");
+        let j = message_json(&m);
+        assert_eq!(j["received_at"], "1970-01-01T00:16:40Z");
+        assert_eq!(j["recipients"][0]["next_attempt"], "1970-01-01T00:33:20Z");
+        assert!(j["recipients"][1]["next_attempt"].is_null());
+        assert_eq!(render_list(&[], 0), "Mail queue is empty\n");
+    }
+}

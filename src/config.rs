@@ -1,0 +1,670 @@
+//! The configuration file: TOML, durations in humantime form.
+//!
+//! Every value is checked while it is deserialized, so a mistake is reported
+//! with the file, the line and the line's text (see [`ConfigError`]). Relative
+//! paths are taken relative to the working directory.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ipnet::IpNet;
+use serde::de::{self, Deserializer};
+use serde::{Deserialize, Serialize};
+
+/// Where `--config` points when neither it nor `OUTPOST_CONFIG` is given.
+pub const DEFAULT_PATH: &str = "/etc/outpost/outpost.toml";
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// EHLO name and the name in Received headers.
+    #[serde(default = "default_hostname")]
+    pub hostname: String,
+    #[serde(default)]
+    pub store: StoreConfig,
+    #[serde(default)]
+    pub listen: Vec<Listen>,
+    pub tls: Option<TlsConfig>,
+    #[serde(default)]
+    pub relay: RelayConfig,
+    #[serde(default)]
+    pub smtp: SmtpConfig,
+    #[serde(default)]
+    pub upstream: UpstreamConfig,
+    #[serde(default)]
+    pub flush: FlushConfig,
+    #[serde(default)]
+    pub retry: RetryConfig,
+    #[serde(default)]
+    pub local: LocalConfig,
+    #[serde(default)]
+    pub hub: HubConfig,
+    #[serde(default)]
+    pub control: ControlConfig,
+    #[serde(default)]
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreConfig {
+    pub path: PathBuf,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            path: PathBuf::from("/var/lib/outpost/queue.sqlite"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Listen {
+    pub address: SocketAddr,
+    pub mode: ListenMode,
+    /// Offer AUTH (SMTP) or plain-text login before TLS. Defaults to on for
+    /// listeners bound to a loopback address only.
+    pub plaintext_auth: Option<bool>,
+}
+
+impl Listen {
+    pub fn plaintext_auth_allowed(&self) -> bool {
+        self.plaintext_auth
+            .unwrap_or_else(|| self.address.ip().is_loopback())
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ListenMode {
+    /// Port 25 style: relaying for `relay.networks`, local and hold domains for anyone.
+    Relay,
+    /// Port 587: STARTTLS, then AUTH, before MAIL.
+    Submission,
+    /// Port 465: implicit TLS, then AUTH.
+    Submissions,
+    Pop3,
+    Pop3s,
+}
+
+impl ListenMode {
+    pub fn is_smtp(self) -> bool {
+        matches!(
+            self,
+            ListenMode::Relay | ListenMode::Submission | ListenMode::Submissions
+        )
+    }
+    pub fn implicit_tls(self) -> bool {
+        matches!(self, ListenMode::Submissions | ListenMode::Pop3s)
+    }
+}
+
+impl fmt::Display for ListenMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ListenMode::Relay => "relay",
+            ListenMode::Submission => "submission",
+            ListenMode::Submissions => "submissions",
+            ListenMode::Pop3 => "pop3",
+            ListenMode::Pop3s => "pop3s",
+        })
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    pub certificate: PathBuf,
+    pub key: PathBuf,
+    /// Make a self-signed certificate on first start when the files are missing.
+    #[serde(default)]
+    pub self_signed: bool,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RelayConfig {
+    /// Clients in these networks may relay outbound without AUTH.
+    pub networks: Vec<IpNet>,
+    pub max_message_size: u64,
+    pub max_recipients: usize,
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        RelayConfig {
+            networks: vec!["127.0.0.0/8".parse().unwrap(), "::1/128".parse().unwrap()],
+            max_message_size: 25 * 1024 * 1024,
+            max_recipients: 100,
+        }
+    }
+}
+
+impl RelayConfig {
+    pub fn may_relay(&self, ip: IpAddr) -> bool {
+        let ip = canonical_ip(ip);
+        self.networks.iter().any(|n| n.contains(&ip))
+    }
+}
+
+/// An IPv4 client reaching a dual-stack socket shows as `::ffff:a.b.c.d`;
+/// networks are written in IPv4 form, so compare in that form.
+pub fn canonical_ip(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6
+            .to_ipv4_mapped()
+            .map(IpAddr::V4)
+            .unwrap_or(IpAddr::V6(v6)),
+        v4 => v4,
+    }
+}
+
+/// Limits and timeouts of the SMTP server (RFC 5321 §4.5.3).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SmtpConfig {
+    /// Sessions open at once, over all listeners.
+    pub max_connections: usize,
+    /// Sessions open at once from one client address.
+    pub max_connections_per_client: usize,
+    /// Waiting for the next command (RFC 5321 §4.5.3.2.7: at least 5 minutes).
+    #[serde(with = "humantime_serde_compat")]
+    pub command_timeout: Duration,
+    /// Waiting for the next block of message data (§4.5.3.2.7 asks 5 minutes too).
+    #[serde(with = "humantime_serde_compat")]
+    pub data_timeout: Duration,
+    /// Failed AUTH attempts before the session is closed.
+    pub max_auth_failures: u32,
+    /// Pause before answering a failed AUTH.
+    #[serde(with = "humantime_serde_compat")]
+    pub auth_failure_delay: Duration,
+    /// Protocol errors (unknown commands, bad syntax) before the session is closed.
+    pub max_errors: u32,
+    /// On SIGTERM, how long transactions in flight may take to finish.
+    #[serde(with = "humantime_serde_compat")]
+    pub shutdown_grace: Duration,
+}
+
+impl Default for SmtpConfig {
+    fn default() -> Self {
+        SmtpConfig {
+            max_connections: 200,
+            max_connections_per_client: 20,
+            command_timeout: Duration::from_secs(300),
+            data_timeout: Duration::from_secs(300),
+            max_auth_failures: 3,
+            auth_failure_delay: Duration::from_secs(2),
+            max_errors: 10,
+            shutdown_grace: Duration::from_secs(30),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UpstreamTls {
+    Required,
+    Opportunistic,
+    None,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UpstreamConfig {
+    /// `[host]:port` connects to that host; `host:port` looks up MX records.
+    pub server: String,
+    pub tls: UpstreamTls,
+    pub ca_file: Option<PathBuf>,
+    pub username: Option<String>,
+    pub password_file: Option<PathBuf>,
+    pub connections: u32,
+}
+
+impl Default for UpstreamConfig {
+    fn default() -> Self {
+        UpstreamConfig {
+            server: "[127.0.0.1]:2626".into(),
+            tls: UpstreamTls::Required,
+            ca_file: None,
+            username: None,
+            password_file: None,
+            connections: 1,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FlushConfig {
+    #[serde(with = "humantime_serde_compat::option")]
+    pub interval: Option<Duration>,
+    pub on_submit: bool,
+    pub etrn: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetryConfig {
+    #[serde(with = "humantime_serde_compat")]
+    pub base: Duration,
+    #[serde(with = "humantime_serde_compat")]
+    pub max: Duration,
+    #[serde(with = "humantime_serde_compat")]
+    pub max_age: Duration,
+    #[serde(with = "humantime_serde_compat")]
+    pub max_age_absolute: Duration,
+    #[serde(with = "humantime_serde_compat")]
+    pub delay_warning: Duration,
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        let h = 3600;
+        RetryConfig {
+            base: Duration::from_secs(300),
+            max: Duration::from_secs(4 * h),
+            max_age: Duration::from_secs(5 * 24 * h),
+            max_age_absolute: Duration::from_secs(30 * 24 * h),
+            delay_warning: Duration::from_secs(4 * h),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LocalConfig {
+    #[serde(deserialize_with = "domains")]
+    pub domains: Vec<String>,
+    /// Account that receives mail for `postmaster` in every local domain.
+    pub postmaster: Option<String>,
+    /// Extra names: `alias = ["account", "someone@elsewhere.example"]`.
+    pub aliases: BTreeMap<String, Vec<String>>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HubConfig {
+    #[serde(deserialize_with = "domains")]
+    pub hold_domains: Vec<String>,
+    pub etrn_networks: Vec<IpNet>,
+}
+
+impl Default for HubConfig {
+    fn default() -> Self {
+        HubConfig {
+            hold_domains: Vec::new(),
+            etrn_networks: vec!["127.0.0.0/8".parse().unwrap(), "::1/128".parse().unwrap()],
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ControlConfig {
+    pub socket: PathBuf,
+}
+
+impl Default for ControlConfig {
+    fn default() -> Self {
+        ControlConfig {
+            socket: PathBuf::from("/run/outpost/control.sock"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    #[serde(deserialize_with = "log_level")]
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: LogFormat::Text,
+            level: "info".into(),
+        }
+    }
+}
+
+fn default_hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "localhost".into())
+}
+
+fn domains<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    let list = Vec::<String>::deserialize(d)?;
+    list.into_iter()
+        .map(|s| {
+            let s = s.trim().trim_end_matches('.').to_ascii_lowercase();
+            let ok = !s.is_empty()
+                && s.split('.').all(|label| {
+                    !label.is_empty()
+                        && label.len() <= 63
+                        && label
+                            .bytes()
+                            .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                });
+            if ok {
+                Ok(s)
+            } else {
+                Err(de::Error::custom(format!(
+                    "`{s}` is not a domain name: expected something like \"branch.example\""
+                )))
+            }
+        })
+        .collect()
+}
+
+fn log_level<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    let s = String::deserialize(d)?;
+    match s.to_ascii_lowercase().as_str() {
+        "error" | "warn" | "info" | "debug" | "trace" => Ok(s.to_ascii_lowercase()),
+        _ => Err(de::Error::custom(format!(
+            "unknown log level `{s}`: expected one of error, warn, info, debug, trace"
+        ))),
+    }
+}
+
+/// humantime durations ("15m", "4h", "5d") through serde.
+mod humantime_serde_compat {
+    use super::*;
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let s = String::deserialize(d)?;
+        humantime::parse_duration(&s).map_err(|e| {
+            de::Error::custom(format!(
+                "invalid duration \"{s}\" ({e}): expected a number and a unit, such as \"30s\", \"15m\", \"4h\" or \"5d\""
+            ))
+        })
+    }
+
+    pub fn serialize<S: serde::Serializer>(v: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&humantime::format_duration(*v).to_string())
+    }
+
+    pub mod option {
+        use super::*;
+
+        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+            super::deserialize(d).map(Some)
+        }
+
+        pub fn serialize<S: serde::Serializer>(
+            v: &Option<Duration>,
+            s: S,
+        ) -> Result<S::Ok, S::Error> {
+            match v {
+                Some(v) => super::serialize(v, s),
+                None => s.serialize_none(),
+            }
+        }
+    }
+}
+
+/// A configuration problem, located in the file when it can be.
+#[derive(Debug)]
+pub struct ConfigError {
+    pub path: PathBuf,
+    pub line: Option<usize>,
+    pub line_text: Option<String>,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.path.display())?;
+        if let Some(line) = self.line {
+            write!(f, ", line {line}")?;
+        }
+        write!(f, ": {}", self.message)?;
+        if let Some(text) = &self.line_text {
+            write!(
+                f,
+                "\n    {line_no} | {text}",
+                line_no = self.line.unwrap_or(0)
+            )?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+impl Config {
+    /// Reads and checks the file at `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            path: path.to_path_buf(),
+            line: None,
+            line_text: None,
+            message: format!(
+                "cannot read the configuration file: {e} (give another with --config or OUTPOST_CONFIG)"
+            ),
+        })?;
+        Config::parse(&text, path)
+    }
+
+    /// Parses `text`; `path` is used in error messages only.
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| {
+            let line = e.span().map(|span| line_of(text, span.start));
+            ConfigError {
+                path: path.to_path_buf(),
+                line,
+                line_text: line
+                    .and_then(|l| text.lines().nth(l - 1))
+                    .map(|s| s.trim().to_string()),
+                message: e.message().trim().to_string(),
+            }
+        })?;
+        config.validate().map_err(|(key, message)| {
+            let line = find_key_line(text, key);
+            ConfigError {
+                path: path.to_path_buf(),
+                line,
+                line_text: line
+                    .and_then(|l| text.lines().nth(l - 1))
+                    .map(|s| s.trim().to_string()),
+                message: format!("`{key}`: {message}"),
+            }
+        })?;
+        Ok(config)
+    }
+
+    /// Checks that concern more than one value. Returns the key to blame.
+    fn validate(&self) -> Result<(), (&'static str, String)> {
+        if self.hostname.trim().is_empty() || self.hostname.contains(char::is_whitespace) {
+            return Err((
+                "hostname",
+                "must be a host name such as \"outpost.branch.example\"".into(),
+            ));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for l in &self.listen {
+            if !seen.insert(l.address) {
+                return Err(("listen.address", format!("{} is listed twice", l.address)));
+            }
+            if l.mode.implicit_tls() && self.tls.is_none() {
+                return Err((
+                    "listen.mode",
+                    format!(
+                        "mode \"{}\" on {} needs a certificate: add a [tls] section (certificate, key, or self_signed = true)",
+                        l.mode, l.address
+                    ),
+                ));
+            }
+            if l.mode == ListenMode::Submission && self.tls.is_none() && !l.plaintext_auth_allowed()
+            {
+                return Err((
+                    "listen.mode",
+                    format!(
+                        "submission on {} offers AUTH only after STARTTLS, which needs a [tls] section",
+                        l.address
+                    ),
+                ));
+            }
+        }
+        if self.relay.max_message_size == 0 {
+            return Err(("max_message_size", "must be more than 0".into()));
+        }
+        if self.relay.max_recipients == 0 {
+            return Err((
+                "max_recipients",
+                "must be at least 1 (RFC 5321 asks for 100)".into(),
+            ));
+        }
+        if self.smtp.max_connections == 0 || self.smtp.max_connections_per_client == 0 {
+            return Err(("max_connections", "must be at least 1".into()));
+        }
+        if self.upstream.connections == 0 {
+            return Err(("connections", "must be at least 1".into()));
+        }
+        if self.retry.base > self.retry.max {
+            return Err((
+                "base",
+                "retry.base must not be longer than retry.max".into(),
+            ));
+        }
+        if self.retry.max_age > self.retry.max_age_absolute {
+            return Err((
+                "max_age",
+                "retry.max_age must not be longer than retry.max_age_absolute".into(),
+            ));
+        }
+        for d in &self.hub.hold_domains {
+            if self.local.domains.contains(d) {
+                return Err((
+                    "hold_domains",
+                    format!("{d} is both a local domain and a hold domain: choose one"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn is_local_domain(&self, domain: &str) -> bool {
+        self.local
+            .domains
+            .iter()
+            .any(|d| d.eq_ignore_ascii_case(domain))
+    }
+
+    pub fn is_hold_domain(&self, domain: &str) -> bool {
+        self.hub
+            .hold_domains
+            .iter()
+            .any(|d| d.eq_ignore_ascii_case(domain))
+    }
+
+    /// The effective configuration, as TOML, defaults filled in.
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot print: {e}\n"))
+    }
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text[..offset.min(text.len())]
+        .bytes()
+        .filter(|&b| b == b'\n')
+        .count()
+        + 1
+}
+
+/// The first line that sets `key` (for errors found after parsing).
+fn find_key_line(text: &str, key: &str) -> Option<usize> {
+    let leaf = key.rsplit('.').next().unwrap_or(key);
+    text.lines()
+        .position(|l| {
+            let l = l.trim_start();
+            l.strip_prefix(leaf)
+                .is_some_and(|rest| rest.trim_start().starts_with('='))
+        })
+        .map(|i| i + 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(s: &str) -> Result<Config, ConfigError> {
+        Config::parse(s, Path::new("t.toml"))
+    }
+
+    #[test]
+    fn shipped_configs_parse() {
+        for f in ["config/outpost.toml", "config/production.example.toml"] {
+            let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(f);
+            Config::load(&path).unwrap_or_else(|e| panic!("{e}"));
+        }
+    }
+
+    #[test]
+    fn bad_duration_names_line_and_fix() {
+        let e = parse("hostname = \"x\"\n[retry]\nbase = \"5 minutes-ish\"\n").unwrap_err();
+        assert_eq!(e.line, Some(3));
+        let s = e.to_string();
+        assert!(s.contains("invalid duration") && s.contains("15m"), "{s}");
+        assert!(s.contains("base = "), "{s}");
+    }
+
+    #[test]
+    fn unknown_key_is_refused() {
+        let e = parse("[relay]\nnetwork = [\"10.0.0.0/8\"]\n").unwrap_err();
+        assert_eq!(e.line, Some(2));
+        assert!(e.message.contains("networks"), "{}", e.message);
+    }
+
+    #[test]
+    fn bad_network_and_mode() {
+        let e = parse("[relay]\nnetworks = [\"10.0.0.0/33\"]\n").unwrap_err();
+        assert_eq!(e.line, Some(2));
+        let e = parse("[[listen]]\naddress = \"127.0.0.1:25\"\nmode = \"smtp\"\n").unwrap_err();
+        assert_eq!(e.line, Some(3));
+        assert!(e.message.contains("relay"), "{}", e.message);
+    }
+
+    #[test]
+    fn cross_checks_blame_a_key() {
+        let e = parse("[[listen]]\naddress = \"127.0.0.1:4650\"\nmode = \"submissions\"\n")
+            .unwrap_err();
+        assert!(e.message.contains("[tls]"), "{}", e.message);
+        assert_eq!(e.line, Some(3));
+        let e =
+            parse("[local]\ndomains = [\"a.example\"]\n[hub]\nhold_domains = [\"a.example\"]\n")
+                .unwrap_err();
+        assert_eq!(e.line, Some(4));
+    }
+
+    #[test]
+    fn relay_networks_match_mapped_v4() {
+        let c = parse("[relay]\nnetworks = [\"127.0.0.1/32\"]\n").unwrap();
+        assert!(c.relay.may_relay("127.0.0.1".parse().unwrap()));
+        assert!(c.relay.may_relay("::ffff:127.0.0.1".parse().unwrap()));
+        assert!(!c.relay.may_relay("127.0.0.2".parse().unwrap()));
+    }
+
+    #[test]
+    fn domains_are_normalised() {
+        let c = parse("[local]\ndomains = [\"Branch.Example.\"]\n").unwrap();
+        assert_eq!(c.local.domains, vec!["branch.example"]);
+        assert!(parse("[local]\ndomains = [\"bad domain\"]\n").is_err());
+    }
+}

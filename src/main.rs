@@ -1,0 +1,69 @@
+//! The `outpost` binary: arguments, logging, signals; the rest is the library.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use outpost::cli::{self, exit, Cli, Command};
+use outpost::config::{Config, LogFormat};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve => serve(&cli),
+        _ => {
+            init_logging("warn", LogFormat::Text);
+            cli::run(&cli)
+        }
+    }
+}
+
+fn init_logging(level: &str, format: LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    // OUTPOST_LOG (EnvFilter syntax) overrides log.level for debugging.
+    let filter = EnvFilter::try_from_env("OUTPOST_LOG").unwrap_or_else(|_| EnvFilter::new(level));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+fn serve(cli: &Cli) -> ExitCode {
+    let config: Config = match cli::load_config(cli) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    init_logging(&config.log.level, config.log.format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("outpost: cannot start the runtime: {e}");
+            return ExitCode::from(exit::SOFTWARE);
+        }
+    };
+    let result = runtime.block_on(outpost::serve(config, stop_signal()));
+    match result {
+        Ok(()) => ExitCode::from(exit::OK),
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("outpost: {e:#}");
+            ExitCode::from(exit::CONFIG)
+        }
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn stop_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = int.recv() => tracing::info!("SIGINT received"),
+    }
+}

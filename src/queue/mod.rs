@@ -1,0 +1,376 @@
+//! The store: the only code that opens the database.
+//!
+//! SQLite in WAL mode with `synchronous=FULL`, so a commit that returned is on
+//! disk. Schema files in `schema/` are applied in order at open
+//! (`PRAGMA user_version` counts them). In the daemon, message writes go
+//! through one [`Writer`] thread that commits many sessions' messages in one
+//! transaction; reads use their own connections.
+
+mod model;
+mod writer;
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
+
+pub use model::*;
+pub use writer::Writer;
+
+/// Schema migrations, in order. Each is applied once; never edit a shipped one.
+const MIGRATIONS: &[(&str, &str)] = &[(
+    "0001_initial",
+    include_str!("../../schema/0001_initial.sql"),
+)];
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database {path}: {source}")]
+    Sqlite {
+        path: PathBuf,
+        #[source]
+        source: rusqlite::Error,
+    },
+    #[error("cannot create {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("database {path} has schema version {found}, newer than this outpost knows ({known}): run the newer outpost or restore a backup")]
+    TooNew {
+        path: PathBuf,
+        found: i64,
+        known: i64,
+    },
+    #[error("{0}")]
+    Failed(String),
+    #[error("the store's writer has stopped")]
+    WriterGone,
+    #[error("no such account: {0}")]
+    NoSuchUser(String),
+    #[error("account {0} exists already")]
+    UserExists(String),
+}
+
+impl StoreError {
+    /// True when the disk (or the database) is full: SMTP says 452 4.3.1.
+    pub fn is_full(&self) -> bool {
+        matches!(self, StoreError::Sqlite { source: rusqlite::Error::SqliteFailure(e, _), .. }
+            if e.code == rusqlite::ErrorCode::DiskFull)
+    }
+}
+
+pub(crate) fn sql_err(path: &Path) -> impl Fn(rusqlite::Error) -> StoreError + '_ {
+    move |source| StoreError::Sqlite {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Opens a connection with the settings every connection needs.
+pub(crate) fn connect(path: &Path) -> Result<Connection, StoreError> {
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_WRITE
+            | OpenFlags::SQLITE_OPEN_CREATE
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(sql_err(path))?;
+    conn.busy_timeout(Duration::from_secs(10))
+        .map_err(sql_err(path))?;
+    // FULL: a commit is durable once it returns, also on power loss (NORMAL
+    // in WAL mode may lose the last commits).
+    conn.execute_batch(
+        "PRAGMA journal_mode = WAL;
+         PRAGMA synchronous = FULL;
+         PRAGMA foreign_keys = ON;",
+    )
+    .map_err(sql_err(path))?;
+    Ok(conn)
+}
+
+fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
+    let version: i64 = conn
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .map_err(sql_err(path))?;
+    let known = MIGRATIONS.len() as i64;
+    if version > known {
+        return Err(StoreError::TooNew {
+            path: path.to_path_buf(),
+            found: version,
+            known,
+        });
+    }
+    for (i, (_name, sql)) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+        let tx = conn.transaction().map_err(sql_err(path))?;
+        tx.execute_batch(sql).map_err(sql_err(path))?;
+        tx.pragma_update(None, "user_version", i as i64 + 1)
+            .map_err(sql_err(path))?;
+        tx.commit().map_err(sql_err(path))?;
+    }
+    Ok(())
+}
+
+/// Read access (and the rare administrative write) on one connection.
+pub struct Store {
+    path: PathBuf,
+    conn: Mutex<Connection>,
+}
+
+impl Store {
+    /// Opens the database at `path`, creating it and its directory when
+    /// missing, and brings the schema up to date.
+    pub fn open(path: &Path) -> Result<Store, StoreError> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|source| StoreError::Io {
+                path: dir.to_path_buf(),
+                source,
+            })?;
+        }
+        let mut conn = connect(path)?;
+        migrate(&mut conn, path)?;
+        Ok(Store {
+            path: path.to_path_buf(),
+            conn: Mutex::new(conn),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn with<T>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> rusqlite::Result<T>,
+    ) -> Result<T, StoreError> {
+        let mut conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        f(&mut conn).map_err(sql_err(&self.path))
+    }
+
+    /// Messages that still have a recipient to deliver, oldest first.
+    /// `state` keeps only messages with a recipient in that state.
+    pub fn list(&self, state: Option<RecipientState>) -> Result<Vec<MessageSummary>, StoreError> {
+        self.with(|c| {
+            let mut msgs = c.prepare_cached(
+                "SELECT m.id, m.received_at, m.size, m.sender, m.protocol
+                   FROM messages m
+                  WHERE EXISTS (SELECT 1 FROM recipients r WHERE r.message_id = m.id
+                                   AND r.state IN ('queued', 'deferred', 'held'))
+                  ORDER BY m.received_at, m.id",
+            )?;
+            let mut rcpts = c.prepare_cached(
+                "SELECT message_id, address, state, attempts, next_attempt, last_reply, route
+                   FROM recipients
+                  WHERE message_id IN (SELECT message_id FROM recipients
+                                        WHERE state IN ('queued', 'deferred', 'held'))
+                  ORDER BY message_id, idx",
+            )?;
+            let mut by_id: std::collections::HashMap<String, Vec<RecipientStatus>> =
+                std::collections::HashMap::new();
+            let rows = rcpts.query_map([], |r| {
+                Ok((r.get::<_, String>(0)?, recipient_status(r, 1)?))
+            })?;
+            for row in rows {
+                let (id, rs) = row?;
+                by_id.entry(id).or_default().push(rs);
+            }
+            let rows = msgs.query_map([], |r| {
+                Ok(MessageSummary {
+                    id: r.get(0)?,
+                    received_at: r.get(1)?,
+                    size: r.get(2)?,
+                    sender: r.get(3)?,
+                    protocol: r.get(4)?,
+                    recipients: Vec::new(),
+                })
+            })?;
+            let mut out = Vec::new();
+            for m in rows {
+                let mut m = m?;
+                m.recipients = by_id.remove(&m.id).unwrap_or_default();
+                if state.is_none_or(|s| m.recipients.iter().any(|r| r.state == s)) {
+                    out.push(m);
+                }
+            }
+            Ok(out)
+        })
+    }
+
+    /// Everything known about one message, or None.
+    pub fn show(&self, id: &str) -> Result<Option<MessageDetail>, StoreError> {
+        self.with(|c| {
+            let msg = c
+                .query_row(
+                    "SELECT id, received_at, size, sender, protocol, client_addr, client_helo,
+                            auth_user, body_type, smtputf8, dsn_ret, dsn_envid
+                       FROM messages WHERE id = ?1",
+                    [id],
+                    |r| {
+                        Ok(MessageDetail {
+                            summary: MessageSummary {
+                                id: r.get(0)?,
+                                received_at: r.get(1)?,
+                                size: r.get(2)?,
+                                sender: r.get(3)?,
+                                protocol: r.get(4)?,
+                                recipients: Vec::new(),
+                            },
+                            client_addr: r.get(5)?,
+                            client_helo: r.get(6)?,
+                            auth_user: r.get(7)?,
+                            body_type: r.get(8)?,
+                            smtputf8: r.get(9)?,
+                            dsn_ret: r.get(10)?,
+                            dsn_envid: r.get(11)?,
+                            headers: None,
+                            history: Vec::new(),
+                        })
+                    },
+                )
+                .optional()?;
+            let Some(mut msg) = msg else { return Ok(None) };
+            let mut st = c.prepare_cached(
+                "SELECT address, state, attempts, next_attempt, last_reply, route
+                   FROM recipients WHERE message_id = ?1 ORDER BY idx",
+            )?;
+            msg.summary.recipients = st
+                .query_map([id], |r| recipient_status(r, 0))?
+                .collect::<Result<_, _>>()?;
+            msg.headers = c
+                .query_row("SELECT data FROM bodies WHERE message_id = ?1", [id], |r| {
+                    let data: Vec<u8> = r.get(0)?;
+                    Ok(header_block(&data))
+                })
+                .optional()?;
+            let mut st = c.prepare_cached(
+                "SELECT at, rcpt_idx, event, detail FROM history
+                  WHERE message_id = ?1 ORDER BY at, id",
+            )?;
+            msg.history = st
+                .query_map([id], |r| {
+                    Ok(HistoryEntry {
+                        at: r.get(0)?,
+                        recipient: r.get(1)?,
+                        event: r.get(2)?,
+                        detail: r.get(3)?,
+                    })
+                })?
+                .collect::<Result<_, _>>()?;
+            Ok(Some(msg))
+        })
+    }
+
+    /// The stored message bytes (Received header included).
+    pub fn body(&self, id: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        self.with(|c| {
+            c.query_row("SELECT data FROM bodies WHERE message_id = ?1", [id], |r| {
+                r.get(0)
+            })
+            .optional()
+        })
+    }
+
+    // ---- accounts -------------------------------------------------------
+
+    pub fn user_exists(&self, name: &str) -> Result<bool, StoreError> {
+        self.with(|c| {
+            c.prepare_cached("SELECT 1 FROM users WHERE name = ?1")?
+                .exists([name])
+        })
+    }
+
+    pub fn password_hash(&self, name: &str) -> Result<Option<String>, StoreError> {
+        self.with(|c| {
+            c.prepare_cached("SELECT password_hash FROM users WHERE name = ?1")?
+                .query_row([name], |r| r.get(0))
+                .optional()
+        })
+    }
+
+    pub fn users(&self) -> Result<Vec<UserRow>, StoreError> {
+        self.with(|c| {
+            let mut st =
+                c.prepare("SELECT name, created_at, updated_at FROM users ORDER BY name")?;
+            let rows = st.query_map([], |r| {
+                Ok(UserRow {
+                    name: r.get(0)?,
+                    created_at: r.get(1)?,
+                    updated_at: r.get(2)?,
+                })
+            })?;
+            rows.collect()
+        })
+    }
+
+    pub fn add_user(&self, name: &str, hash: &str) -> Result<(), StoreError> {
+        let now = unix_now();
+        let added = self.with(|c| {
+            c.execute(
+                "INSERT INTO users (name, password_hash, created_at, updated_at)
+                 VALUES (?1, ?2, ?3, ?3) ON CONFLICT DO NOTHING",
+                params![name, hash, now],
+            )
+        })?;
+        if added == 0 {
+            return Err(StoreError::UserExists(name.into()));
+        }
+        Ok(())
+    }
+
+    pub fn set_password(&self, name: &str, hash: &str) -> Result<(), StoreError> {
+        let n = self.with(|c| {
+            c.execute(
+                "UPDATE users SET password_hash = ?2, updated_at = ?3 WHERE name = ?1",
+                params![name, hash, unix_now()],
+            )
+        })?;
+        if n == 0 {
+            return Err(StoreError::NoSuchUser(name.into()));
+        }
+        Ok(())
+    }
+
+    pub fn delete_user(&self, name: &str) -> Result<(), StoreError> {
+        let n = self.with(|c| c.execute("DELETE FROM users WHERE name = ?1", [name]))?;
+        if n == 0 {
+            return Err(StoreError::NoSuchUser(name.into()));
+        }
+        Ok(())
+    }
+}
+
+fn recipient_status(r: &rusqlite::Row<'_>, at: usize) -> rusqlite::Result<RecipientStatus> {
+    let state: String = r.get(at + 1)?;
+    let route: String = r.get(at + 5)?;
+    Ok(RecipientStatus {
+        address: r.get(at)?,
+        state: state.parse().map_err(|e: String| {
+            rusqlite::Error::FromSqlConversionFailure(at + 1, rusqlite::types::Type::Text, e.into())
+        })?,
+        attempts: r.get(at + 2)?,
+        next_attempt: r.get(at + 3)?,
+        last_reply: r.get(at + 4)?,
+        route: route.parse().map_err(|e: String| {
+            rusqlite::Error::FromSqlConversionFailure(at + 5, rusqlite::types::Type::Text, e.into())
+        })?,
+    })
+}
+
+/// The header section of a stored message (up to the empty line).
+fn header_block(data: &[u8]) -> String {
+    let end = data
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map(|p| p + 2)
+        .unwrap_or(data.len());
+    String::from_utf8_lossy(&data[..end]).into_owned()
+}
+
+pub fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}

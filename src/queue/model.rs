@@ -1,0 +1,247 @@
+//! What the store keeps, in mail terms.
+
+use std::fmt;
+use std::str::FromStr;
+
+use rand::Rng;
+
+/// A message's queue id: 14 characters, time-ordered, unique in practice.
+///
+/// Seconds since 2020 in 6 base-32 digits (good for 34 years), then 8 random
+/// base-32 digits (40 bits): ids sort by arrival and never collide in a queue.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct QueueId(String);
+
+const ALPHABET: &[u8; 32] = b"0123456789BCDFGHJKLMNPQRSTVWXYZa";
+
+impl QueueId {
+    pub fn generate() -> QueueId {
+        let secs = (super::unix_now() - 1_577_836_800).max(0) as u64;
+        let mut s = String::with_capacity(14);
+        for i in (0..6).rev() {
+            s.push(ALPHABET[((secs >> (5 * i)) & 31) as usize] as char);
+        }
+        let mut rng = rand::rng();
+        for _ in 0..8 {
+            s.push(ALPHABET[rng.random_range(0..32)] as char);
+        }
+        QueueId(s)
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for QueueId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Where a recipient's copy goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    /// Forwarded to the upstream relay.
+    Upstream,
+    /// A mailbox on this gateway.
+    Local,
+    /// Kept for a hub domain until its branch asks (ETRN).
+    Hold,
+}
+
+impl Route {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Route::Upstream => "upstream",
+            Route::Local => "local",
+            Route::Hold => "hold",
+        }
+    }
+}
+
+impl FromStr for Route {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Ok(match s {
+            "upstream" => Route::Upstream,
+            "local" => Route::Local,
+            "hold" => Route::Hold,
+            _ => return Err(format!("unknown route {s}")),
+        })
+    }
+}
+
+/// A recipient's state in the queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RecipientState {
+    Queued,
+    Deferred,
+    Held,
+    Delivered,
+    Bounced,
+    Expired,
+}
+
+impl RecipientState {
+    pub const ALL: [RecipientState; 6] = [
+        RecipientState::Queued,
+        RecipientState::Deferred,
+        RecipientState::Held,
+        RecipientState::Delivered,
+        RecipientState::Bounced,
+        RecipientState::Expired,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RecipientState::Queued => "queued",
+            RecipientState::Deferred => "deferred",
+            RecipientState::Held => "held",
+            RecipientState::Delivered => "delivered",
+            RecipientState::Bounced => "bounced",
+            RecipientState::Expired => "expired",
+        }
+    }
+
+    /// Delivered, bounced or expired: nothing more will happen.
+    pub fn is_final(self) -> bool {
+        matches!(
+            self,
+            RecipientState::Delivered | RecipientState::Bounced | RecipientState::Expired
+        )
+    }
+}
+
+impl fmt::Display for RecipientState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for RecipientState {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        RecipientState::ALL
+            .into_iter()
+            .find(|st| st.as_str().eq_ignore_ascii_case(s))
+            .ok_or_else(|| {
+                format!("unknown state `{s}`: expected queued, deferred, held, delivered, bounced or expired")
+            })
+    }
+}
+
+/// A message accepted by a session, ready to be committed.
+#[derive(Debug, Clone)]
+pub struct NewMessage {
+    pub id: QueueId,
+    pub received_at: i64,
+    /// Empty for the null sender.
+    pub sender: String,
+    pub client_addr: String,
+    pub client_helo: String,
+    pub auth_user: Option<String>,
+    pub protocol: String,
+    pub body_type: Option<String>,
+    pub smtputf8: bool,
+    pub dsn_ret: Option<String>,
+    pub dsn_envid: Option<String>,
+    pub recipients: Vec<NewRecipient>,
+    /// The whole message, CRLF line ends, Received header first.
+    pub body: Vec<u8>,
+}
+
+#[derive(Debug, Clone)]
+pub struct NewRecipient {
+    pub address: String,
+    pub domain: String,
+    pub route: Route,
+    pub dsn_notify: Option<String>,
+    pub dsn_orcpt: Option<String>,
+}
+
+impl NewRecipient {
+    /// The state a recipient starts in: hold-domain mail waits for ETRN.
+    pub fn initial_state(&self) -> RecipientState {
+        match self.route {
+            Route::Hold => RecipientState::Held,
+            Route::Upstream | Route::Local => RecipientState::Queued,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct RecipientStatus {
+    pub address: String,
+    pub route: Route,
+    pub state: RecipientState,
+    pub attempts: u32,
+    pub next_attempt: i64,
+    pub last_reply: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct MessageSummary {
+    pub id: String,
+    pub received_at: i64,
+    pub size: i64,
+    pub sender: String,
+    pub protocol: String,
+    pub recipients: Vec<RecipientStatus>,
+}
+
+#[derive(Debug, Clone)]
+pub struct MessageDetail {
+    pub summary: MessageSummary,
+    pub client_addr: String,
+    pub client_helo: String,
+    pub auth_user: Option<String>,
+    pub body_type: Option<String>,
+    pub smtputf8: bool,
+    pub dsn_ret: Option<String>,
+    pub dsn_envid: Option<String>,
+    /// The header section as stored; None once the body is gone.
+    pub headers: Option<String>,
+    pub history: Vec<HistoryEntry>,
+}
+
+#[derive(Debug, Clone)]
+pub struct HistoryEntry {
+    pub at: i64,
+    pub recipient: Option<u32>,
+    pub event: String,
+    pub detail: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct UserRow {
+    pub name: String,
+    pub created_at: i64,
+    pub updated_at: i64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn queue_ids_are_unique_and_ordered_by_time() {
+        let ids: std::collections::HashSet<_> = (0..10_000).map(|_| QueueId::generate()).collect();
+        assert_eq!(ids.len(), 10_000);
+        let a = QueueId::generate();
+        assert_eq!(a.as_str().len(), 14);
+        assert!(a.as_str().bytes().all(|b| ALPHABET.contains(&b)));
+        // the time prefix is ordered: ALPHABET is in ASCII order
+        let mut sorted = ALPHABET.to_vec();
+        sorted.sort();
+        assert_eq!(&sorted[..], &ALPHABET[..]);
+    }
+
+    #[test]
+    fn states_round_trip() {
+        for s in RecipientState::ALL {
+            assert_eq!(s.as_str().parse::<RecipientState>().unwrap(), s);
+        }
+        assert!("lost".parse::<RecipientState>().is_err());
+    }
+}

@@ -1,0 +1,257 @@
+//! The one writer: a thread that owns the write connection and commits in
+//! groups.
+//!
+//! Sessions send their message and wait for the answer. The thread takes
+//! every request that is waiting, writes them all in one transaction and
+//! commits once (one fsync for the lot), then answers each. A session hears
+//! "committed" only after the commit that holds its own message returned.
+
+use std::path::{Path, PathBuf};
+use std::thread;
+
+use rusqlite::{params, Connection};
+use tokio::sync::{mpsc, oneshot};
+
+use super::{connect, sql_err, NewMessage, StoreError};
+
+/// Requests in one transaction at most: bounds the time one commit takes.
+const MAX_BATCH: usize = 512;
+
+enum Request {
+    Insert(Box<NewMessage>, oneshot::Sender<Result<(), StoreError>>),
+}
+
+/// A handle to the writer thread; cheap to clone.
+#[derive(Clone)]
+pub struct Writer {
+    tx: mpsc::UnboundedSender<Request>,
+}
+
+/// Joined at shutdown, after every handle is dropped, so the last commits end.
+pub struct WriterThread(thread::JoinHandle<()>);
+
+impl WriterThread {
+    pub fn join(self) {
+        let _ = self.0.join();
+    }
+}
+
+impl Writer {
+    /// Starts the writer on its own connection to `path` (already migrated
+    /// by [`super::Store::open`]).
+    pub fn start(path: &Path) -> Result<(Writer, WriterThread), StoreError> {
+        let conn = connect(path)?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        let path = path.to_path_buf();
+        let handle = thread::Builder::new()
+            .name("store-writer".into())
+            .spawn(move || run(conn, path, rx))
+            .map_err(|source| StoreError::Io {
+                path: PathBuf::from("store-writer thread"),
+                source,
+            })?;
+        Ok((Writer { tx }, WriterThread(handle)))
+    }
+
+    /// Commits `msg` durably; returns once it is on disk.
+    pub async fn insert(&self, msg: NewMessage) -> Result<(), StoreError> {
+        let (done, wait) = oneshot::channel();
+        self.tx
+            .send(Request::Insert(Box::new(msg), done))
+            .map_err(|_| StoreError::WriterGone)?;
+        wait.await.map_err(|_| StoreError::WriterGone)?
+    }
+}
+
+fn run(mut conn: Connection, path: PathBuf, mut rx: mpsc::UnboundedReceiver<Request>) {
+    let mut batch = Vec::with_capacity(MAX_BATCH);
+    while let Some(first) = rx.blocking_recv() {
+        batch.push(first);
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(r) => batch.push(r),
+                Err(_) => break,
+            }
+        }
+        let result = commit(&mut conn, &path, &batch);
+        for req in batch.drain(..) {
+            let Request::Insert(_, done) = req;
+            let answer = match &result {
+                Ok(()) => Ok(()),
+                Err(e) => Err(clone_err(e, &path)),
+            };
+            let _ = done.send(answer);
+        }
+    }
+}
+
+fn commit(conn: &mut Connection, path: &Path, batch: &[Request]) -> Result<(), StoreError> {
+    let tx = conn.transaction().map_err(sql_err(path))?;
+    for req in batch {
+        let Request::Insert(m, _) = req;
+        insert(&tx, m).map_err(sql_err(path))?;
+    }
+    // Dropping `tx` on error rolls the whole batch back; every session in it
+    // hears the error and answers 4xx, so nothing is acknowledged unstored.
+    tx.commit().map_err(sql_err(path))
+}
+
+fn insert(tx: &rusqlite::Transaction<'_>, m: &NewMessage) -> rusqlite::Result<()> {
+    tx.prepare_cached(
+        "INSERT INTO messages (id, received_at, sender, size, client_addr, client_helo,
+                               auth_user, protocol, body_type, smtputf8, dsn_ret, dsn_envid)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+    )?
+    .execute(params![
+        m.id.as_str(),
+        m.received_at,
+        m.sender,
+        m.body.len() as i64,
+        m.client_addr,
+        m.client_helo,
+        m.auth_user,
+        m.protocol,
+        m.body_type,
+        m.smtputf8,
+        m.dsn_ret,
+        m.dsn_envid,
+    ])?;
+    tx.prepare_cached("INSERT INTO bodies (message_id, data) VALUES (?1, ?2)")?
+        .execute(params![m.id.as_str(), m.body])?;
+    let mut rcpt = tx.prepare_cached(
+        "INSERT INTO recipients (message_id, idx, address, domain, route, state,
+                                 next_attempt, dsn_notify, dsn_orcpt, updated_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?7)",
+    )?;
+    for (i, r) in m.recipients.iter().enumerate() {
+        rcpt.execute(params![
+            m.id.as_str(),
+            i as i64,
+            r.address,
+            r.domain,
+            r.route.as_str(),
+            r.initial_state().as_str(),
+            m.received_at,
+            r.dsn_notify,
+            r.dsn_orcpt,
+        ])?;
+    }
+    tx.prepare_cached(
+        "INSERT INTO history (message_id, at, event, detail) VALUES (?1, ?2, 'received', ?3)",
+    )?
+    .execute(params![
+        m.id.as_str(),
+        m.received_at,
+        format!(
+            "from {} via {}{}",
+            m.client_addr,
+            m.protocol,
+            m.auth_user
+                .as_deref()
+                .map(|u| format!(" as {u}"))
+                .unwrap_or_default()
+        ),
+    ])?;
+    Ok(())
+}
+
+/// rusqlite errors are not Clone; rebuild one per waiting session.
+fn clone_err(e: &StoreError, path: &Path) -> StoreError {
+    match e {
+        StoreError::Sqlite {
+            source: rusqlite::Error::SqliteFailure(code, msg),
+            ..
+        } => StoreError::Sqlite {
+            path: path.to_path_buf(),
+            source: rusqlite::Error::SqliteFailure(*code, msg.clone()),
+        },
+        other => StoreError::Failed(other.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::*;
+
+    fn msg(n: usize) -> NewMessage {
+        NewMessage {
+            id: QueueId::generate(),
+            received_at: unix_now(),
+            sender: format!("s{n}@x.example"),
+            client_addr: "127.0.0.1".into(),
+            client_helo: "h".into(),
+            auth_user: None,
+            protocol: "ESMTP".into(),
+            body_type: None,
+            smtputf8: false,
+            dsn_ret: None,
+            dsn_envid: None,
+            recipients: vec![
+                NewRecipient {
+                    address: "a@up.example".into(),
+                    domain: "up.example".into(),
+                    route: Route::Upstream,
+                    dsn_notify: None,
+                    dsn_orcpt: None,
+                },
+                NewRecipient {
+                    address: "b@hold.example".into(),
+                    domain: "hold.example".into(),
+                    route: Route::Hold,
+                    dsn_notify: Some("FAILURE".into()),
+                    dsn_orcpt: Some("rfc822;b@hold.example".into()),
+                },
+            ],
+            body: b"Subject: t\r\n\r\nhello\r\n".to_vec(),
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_inserts_are_all_committed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("q.sqlite");
+        let store = Store::open(&path).unwrap();
+        let (writer, thread) = Writer::start(&path).unwrap();
+        let mut tasks = Vec::new();
+        for n in 0..200 {
+            let w = writer.clone();
+            tasks.push(tokio::spawn(async move { w.insert(msg(n)).await }));
+        }
+        for t in tasks {
+            t.await.unwrap().unwrap();
+        }
+        drop(writer);
+        thread.join();
+        let list = store.list(None).unwrap();
+        assert_eq!(list.len(), 200);
+        assert!(list.iter().all(|m| m.recipients.len() == 2));
+        let held = store.list(Some(RecipientState::Held)).unwrap();
+        assert_eq!(held.len(), 200);
+        let m = &list[0];
+        assert_eq!(m.recipients[0].state, RecipientState::Queued);
+        assert_eq!(m.recipients[1].state, RecipientState::Held);
+        let detail = store.show(&m.id).unwrap().unwrap();
+        assert_eq!(detail.headers.as_deref(), Some("Subject: t\r\n"));
+        assert_eq!(detail.history.len(), 1);
+        assert_eq!(
+            store.body(&m.id).unwrap().unwrap(),
+            b"Subject: t\r\n\r\nhello\r\n"
+        );
+    }
+
+    #[test]
+    fn reopening_keeps_the_schema_version() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("q.sqlite");
+        drop(Store::open(&path).unwrap());
+        let store = Store::open(&path).unwrap();
+        store.add_user("alice", "hash").unwrap();
+        assert!(matches!(
+            store.add_user("ALICE", "h2"),
+            Err(StoreError::UserExists(_))
+        ));
+        assert!(store.user_exists("Alice").unwrap());
+        store.delete_user("alice").unwrap();
+        assert!(!store.user_exists("alice").unwrap());
+    }
+}

@@ -1,0 +1,252 @@
+//! Bytes in, lines and raw octets out; replies buffered until the client's
+//! input is drained (RFC 2920 §3.1: a server answers a pipelined group in
+//! one write, and must flush before it waits for more input).
+
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+
+use super::reply::Reply;
+
+/// One command line, or why there is none.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Line {
+    /// The line without its CRLF.
+    Text(Vec<u8>),
+    /// Longer than the limit; the whole line was discarded.
+    TooLong,
+    /// Ended by a bare LF or held a bare CR.
+    BareLf,
+    /// The client closed the connection.
+    Eof,
+}
+
+pub struct Codec<S> {
+    stream: S,
+    rbuf: Vec<u8>,
+    rpos: usize,
+    wbuf: Vec<u8>,
+}
+
+const READ_CHUNK: usize = 16 * 1024;
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Codec<S> {
+    pub fn new(stream: S) -> Codec<S> {
+        Codec {
+            stream,
+            rbuf: Vec::with_capacity(1024),
+            rpos: 0,
+            wbuf: Vec::with_capacity(512),
+        }
+    }
+
+    /// Queues a reply; it is sent before the next read that has to wait.
+    pub fn reply(&mut self, r: &Reply) {
+        r.write_to(&mut self.wbuf);
+    }
+
+    /// Sends queued replies now.
+    pub async fn flush(&mut self) -> io::Result<()> {
+        if !self.wbuf.is_empty() {
+            self.stream.write_all(&self.wbuf).await?;
+            self.wbuf.clear();
+        }
+        self.stream.flush().await
+    }
+
+    /// Input received and not yet consumed.
+    pub fn buffered(&self) -> &[u8] {
+        &self.rbuf[self.rpos..]
+    }
+
+    pub fn consume(&mut self, n: usize) {
+        self.rpos += n;
+        if self.rpos == self.rbuf.len() {
+            self.rbuf.clear();
+            self.rpos = 0;
+        }
+    }
+
+    /// Drops everything the client sent ahead (STARTTLS, RFC 3207 §4.2 and
+    /// the injection attacks of CVE-2011-0411).
+    pub fn discard_input(&mut self) -> usize {
+        let n = self.rbuf.len() - self.rpos;
+        self.rbuf.clear();
+        self.rpos = 0;
+        n
+    }
+
+    /// Reads more input, after sending any queued replies. Returns 0 at EOF.
+    pub async fn fill(&mut self) -> io::Result<usize> {
+        self.flush().await?;
+        if self.rpos > 0 {
+            self.rbuf.drain(..self.rpos);
+            self.rpos = 0;
+        }
+        let start = self.rbuf.len();
+        self.rbuf.resize(start + READ_CHUNK, 0);
+        let n = self.stream.read(&mut self.rbuf[start..]).await;
+        self.rbuf.truncate(start + *n.as_ref().unwrap_or(&0));
+        n
+    }
+
+    /// The next line of at most `max` octets including CRLF.
+    pub async fn read_line(&mut self, max: usize) -> io::Result<Line> {
+        let mut discarding = false;
+        loop {
+            let buf = self.buffered();
+            if let Some(lf) = buf.iter().position(|&b| b == b'\n') {
+                let line = &buf[..lf];
+                let result = if discarding || lf + 1 > max {
+                    Line::TooLong
+                } else if line.last() != Some(&b'\r') || line[..lf - 1].contains(&b'\r') {
+                    Line::BareLf
+                } else {
+                    Line::Text(line[..lf - 1].to_vec())
+                };
+                self.consume(lf + 1);
+                return Ok(result);
+            }
+            if buf.len() >= max {
+                discarding = true;
+                self.discard_input();
+            }
+            if self.fill().await? == 0 {
+                return Ok(Line::Eof);
+            }
+        }
+    }
+
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.stream
+    }
+
+    pub fn get_ref(&self) -> &S {
+        &self.stream
+    }
+}
+
+/// A connection that may be switched to TLS in the middle (STARTTLS).
+pub enum Conn<S> {
+    Plain(S),
+    Tls(Box<tokio_rustls::server::TlsStream<S>>),
+    /// Only while switching.
+    Gone,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
+    /// TLS version and cipher suite, for the Received header.
+    pub fn tls_info(&self) -> Option<(String, String)> {
+        match self {
+            Conn::Tls(t) => {
+                let (_, c) = t.get_ref();
+                let v = c
+                    .protocol_version()
+                    .and_then(|v| v.as_str())
+                    .unwrap_or("TLS")
+                    .replace('_', ".");
+                let s = c
+                    .negotiated_cipher_suite()
+                    .and_then(|s| s.suite().as_str())
+                    .unwrap_or("unknown")
+                    .to_string();
+                Some((v, s))
+            }
+            _ => None,
+        }
+    }
+}
+
+macro_rules! delegate {
+    ($self:ident, $s:ident => $e:expr) => {
+        match $self.get_mut() {
+            Conn::Plain($s) => $e,
+            Conn::Tls($s) => $e,
+            Conn::Gone => Poll::Ready(Err(io::Error::from(io::ErrorKind::NotConnected))),
+        }
+    };
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for Conn<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        delegate!(self, s => Pin::new(s).poll_read(cx, buf))
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Conn<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        delegate!(self, s => Pin::new(s).poll_write(cx, buf))
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        delegate!(self, s => Pin::new(s).poll_flush(cx))
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        delegate!(self, s => Pin::new(s).poll_shutdown(cx))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn lines_and_limits() {
+        let (client, server) = tokio::io::duplex(4096);
+        let mut c = Codec::new(server);
+        let mut client = client;
+        let mut long = vec![b'x'; 600];
+        long.extend_from_slice(b"\r\n");
+        client.write_all(b"EHLO a\r\nNOOP\nRSET\r\n").await.unwrap();
+        client.write_all(&long).await.unwrap();
+        client.write_all(b"QU\rIT\r\nQUIT\r\n").await.unwrap();
+        drop(client);
+        assert_eq!(
+            c.read_line(512).await.unwrap(),
+            Line::Text(b"EHLO a".to_vec())
+        );
+        assert_eq!(c.read_line(512).await.unwrap(), Line::BareLf);
+        assert_eq!(
+            c.read_line(512).await.unwrap(),
+            Line::Text(b"RSET".to_vec())
+        );
+        assert_eq!(c.read_line(512).await.unwrap(), Line::TooLong);
+        assert_eq!(c.read_line(512).await.unwrap(), Line::BareLf);
+        assert_eq!(
+            c.read_line(512).await.unwrap(),
+            Line::Text(b"QUIT".to_vec())
+        );
+        assert_eq!(c.read_line(512).await.unwrap(), Line::Eof);
+    }
+
+    #[tokio::test]
+    async fn replies_wait_until_input_is_drained() {
+        let (mut client, server) = tokio::io::duplex(4096);
+        let mut c = Codec::new(server);
+        client.write_all(b"NOOP\r\nNOOP\r\n").await.unwrap();
+        assert!(matches!(c.read_line(512).await.unwrap(), Line::Text(_)));
+        c.reply(&super::super::reply::ok());
+        assert!(matches!(c.read_line(512).await.unwrap(), Line::Text(_)));
+        c.reply(&super::super::reply::ok());
+        // Nothing was written yet: both replies go in the flush before the next read.
+        let mut probe = [0u8; 64];
+        let nothing = tokio::time::timeout(
+            std::time::Duration::from_millis(50),
+            client.read(&mut probe),
+        )
+        .await;
+        assert!(nothing.is_err());
+        c.flush().await.unwrap();
+        let n = client.read(&mut probe).await.unwrap();
+        assert_eq!(&probe[..n], b"250 2.0.0 Ok\r\n250 2.0.0 Ok\r\n");
+    }
+}

@@ -1,0 +1,377 @@
+//! Every reply the SMTP server sends, in one place. Each carries an RFC 3463
+//! enhanced status code (RFC 2034), and its text says what to do about it.
+
+use std::borrow::Cow;
+use std::fmt::Write as _;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reply {
+    pub code: u16,
+    /// Enhanced status code, e.g. "5.7.1"; empty for the greeting and EHLO.
+    pub status: &'static str,
+    pub lines: Vec<Cow<'static, str>>,
+}
+
+impl Reply {
+    pub fn new(code: u16, status: &'static str, text: impl Into<Cow<'static, str>>) -> Reply {
+        Reply {
+            code,
+            status,
+            lines: vec![text.into()],
+        }
+    }
+
+    pub fn multi(code: u16, lines: Vec<Cow<'static, str>>) -> Reply {
+        Reply {
+            code,
+            status: "",
+            lines,
+        }
+    }
+
+    pub fn is_positive(&self) -> bool {
+        self.code < 400
+    }
+
+    /// Appends the reply in wire form to `out`.
+    pub fn write_to(&self, out: &mut Vec<u8>) {
+        let mut s = String::new();
+        let last = self.lines.len().saturating_sub(1);
+        for (i, line) in self.lines.iter().enumerate() {
+            let sep = if i == last { ' ' } else { '-' };
+            let _ = write!(s, "{}{}", self.code, sep);
+            if !self.status.is_empty() {
+                let _ = write!(s, "{} ", self.status);
+            }
+            s.push_str(line);
+            s.push_str("\r\n");
+        }
+        out.extend_from_slice(s.as_bytes());
+    }
+
+    /// One line for logs.
+    pub fn summary(&self) -> String {
+        let text = self.lines.last().map(|l| l.as_ref()).unwrap_or("");
+        if self.status.is_empty() {
+            format!("{} {}", self.code, text)
+        } else {
+            format!("{} {} {}", self.code, self.status, text)
+        }
+    }
+}
+
+pub fn greeting(host: &str) -> Reply {
+    Reply::multi(220, vec![format!("{host} ESMTP outpost").into()])
+}
+
+pub fn ok() -> Reply {
+    Reply::new(250, "2.0.0", "Ok")
+}
+pub fn sender_ok() -> Reply {
+    Reply::new(250, "2.1.0", "Sender ok")
+}
+pub fn recipient_ok() -> Reply {
+    Reply::new(250, "2.1.5", "Recipient ok")
+}
+pub fn queued(id: &str) -> Reply {
+    Reply::new(250, "2.0.0", format!("Ok: queued as {id}"))
+}
+pub fn bye(host: &str) -> Reply {
+    Reply::new(221, "2.0.0", format!("{host} closing connection"))
+}
+pub fn start_data() -> Reply {
+    Reply::new(354, "", "End data with <CR><LF>.<CR><LF>")
+}
+pub fn bdat_ok(n: usize) -> Reply {
+    Reply::new(250, "2.0.0", format!("{n} octets received"))
+}
+pub fn ready_tls() -> Reply {
+    Reply::new(220, "2.0.0", "Ready to start TLS")
+}
+pub fn auth_ok() -> Reply {
+    Reply::new(235, "2.7.0", "Authentication successful")
+}
+pub fn vrfy() -> Reply {
+    Reply::new(
+        252,
+        "2.5.0",
+        "Cannot verify the user, but will accept the message and attempt delivery",
+    )
+}
+pub fn expn() -> Reply {
+    Reply::new(502, "5.5.1", "EXPN is not available here")
+}
+pub fn help() -> Reply {
+    Reply::new(
+        214,
+        "2.0.0",
+        "Commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT HELP VRFY STARTTLS AUTH",
+    )
+}
+
+// ---- sequence and syntax ----------------------------------------------------
+
+pub fn syntax(text: &'static str) -> Reply {
+    Reply::new(501, "5.5.4", text)
+}
+pub fn unknown_command() -> Reply {
+    Reply::new(500, "5.5.1", "Unknown command")
+}
+pub fn line_too_long() -> Reply {
+    Reply::new(
+        500,
+        "5.5.2",
+        "Command line too long (512 octets at most, RFC 5321 §4.5.3.1.4)",
+    )
+}
+pub fn bare_lf_in_command() -> Reply {
+    Reply::new(
+        500,
+        "5.5.2",
+        "Command lines must end with CRLF, not a bare LF or CR",
+    )
+}
+pub fn nul_in_command() -> Reply {
+    Reply::new(500, "5.5.2", "NUL octets are not allowed in commands")
+}
+pub fn non_ascii_address() -> Reply {
+    Reply::new(
+        553,
+        "5.6.7",
+        "Non-ASCII address: send MAIL FROM with SMTPUTF8 to use one",
+    )
+}
+pub fn http_refused() -> Reply {
+    Reply::new(500, "5.5.1", "This is an SMTP server, not a web server")
+}
+pub fn need_helo() -> Reply {
+    Reply::new(503, "5.5.1", "Send EHLO (or HELO) first")
+}
+pub fn need_mail() -> Reply {
+    Reply::new(503, "5.5.1", "Send MAIL FROM first")
+}
+pub fn nested_mail() -> Reply {
+    Reply::new(
+        503,
+        "5.5.1",
+        "A transaction is open already: finish it or send RSET",
+    )
+}
+pub fn need_rcpt() -> Reply {
+    Reply::new(554, "5.5.1", "No valid recipients")
+}
+pub fn bdat_then_data() -> Reply {
+    Reply::new(
+        503,
+        "5.5.1",
+        "DATA cannot follow BDAT in one transaction: send RSET",
+    )
+}
+pub fn too_many_errors() -> Reply {
+    Reply::new(421, "4.7.0", "Too many errors, closing connection")
+}
+pub fn tls_already() -> Reply {
+    Reply::new(503, "5.5.1", "TLS is already active")
+}
+pub fn tls_unavailable() -> Reply {
+    Reply::new(
+        454,
+        "4.7.0",
+        "TLS not available: no certificate is configured",
+    )
+}
+pub fn chunking_pipelined_starttls() -> Reply {
+    Reply::new(
+        503,
+        "5.5.1",
+        "STARTTLS during a transaction: send RSET first",
+    )
+}
+
+// ---- limits -----------------------------------------------------------------
+
+pub fn too_big_declared(limit: u64) -> Reply {
+    Reply::new(
+        552,
+        "5.3.4",
+        format!("Message size exceeds the limit of {limit} octets"),
+    )
+}
+pub fn too_big(limit: usize) -> Reply {
+    Reply::new(
+        552,
+        "5.3.4",
+        format!("Message size exceeds the limit of {limit} octets; nothing was queued"),
+    )
+}
+pub fn too_many_recipients(max: usize) -> Reply {
+    Reply::new(
+        452,
+        "4.5.3",
+        format!(
+            "Too many recipients (at most {max} per message); send the rest in another message"
+        ),
+    )
+}
+pub fn timeout() -> Reply {
+    Reply::new(
+        421,
+        "4.4.2",
+        "Timeout waiting for the client, closing connection",
+    )
+}
+pub fn too_many_connections() -> Reply {
+    Reply::new(421, "4.7.0", "Too many connections, try again later")
+}
+pub fn too_many_from_you() -> Reply {
+    Reply::new(
+        421,
+        "4.7.0",
+        "Too many connections from your address, try again later",
+    )
+}
+pub fn shutting_down(host: &str) -> Reply {
+    Reply::new(
+        421,
+        "4.3.2",
+        format!("{host} shutting down, try again later"),
+    )
+}
+
+// ---- content ----------------------------------------------------------------
+
+pub fn bare_lf() -> Reply {
+    Reply::new(
+        550,
+        "5.5.2",
+        "Message refused: it contains a bare LF; lines must end with CRLF (RFC 5321 §2.3.8), nothing was queued",
+    )
+}
+pub fn bare_cr() -> Reply {
+    Reply::new(
+        550,
+        "5.5.2",
+        "Message refused: it contains a bare CR; lines must end with CRLF (RFC 5321 §2.3.8), nothing was queued",
+    )
+}
+pub fn nul_in_data() -> Reply {
+    Reply::new(
+        554,
+        "5.6.0",
+        "Message refused: it contains NUL octets; nothing was queued",
+    )
+}
+pub fn data_line_too_long() -> Reply {
+    Reply::new(
+        554,
+        "5.6.0",
+        "Message refused: a line is longer than 1000 octets (RFC 5321 §4.5.3.1.6); nothing was queued",
+    )
+}
+
+// ---- policy -----------------------------------------------------------------
+
+pub fn relay_denied() -> Reply {
+    Reply::new(
+        554,
+        "5.7.1",
+        "Relaying denied: your address is not in relay.networks; authenticate on the submission port to send outside",
+    )
+}
+pub fn unknown_user() -> Reply {
+    Reply::new(550, "5.1.1", "No such user here")
+}
+pub fn bad_address() -> Reply {
+    Reply::new(
+        553,
+        "5.1.3",
+        "Address not accepted: use a plain user@domain address",
+    )
+}
+pub fn auth_required() -> Reply {
+    Reply::new(
+        530,
+        "5.7.0",
+        "Authentication required: AUTH before MAIL on this port",
+    )
+}
+pub fn encryption_required() -> Reply {
+    Reply::new(
+        538,
+        "5.7.11",
+        "Encryption required for requested authentication mechanism: STARTTLS first",
+    )
+}
+pub fn auth_failed() -> Reply {
+    Reply::new(535, "5.7.8", "Authentication credentials invalid")
+}
+pub fn auth_too_many() -> Reply {
+    Reply::new(
+        421,
+        "4.7.0",
+        "Too many failed authentications, closing connection",
+    )
+}
+pub fn auth_already() -> Reply {
+    Reply::new(503, "5.5.1", "Already authenticated")
+}
+pub fn auth_mechanism() -> Reply {
+    Reply::new(
+        504,
+        "5.5.4",
+        "Unsupported authentication mechanism: use PLAIN or LOGIN",
+    )
+}
+pub fn auth_cancelled() -> Reply {
+    Reply::new(501, "5.0.0", "Authentication cancelled")
+}
+pub fn auth_bad_base64() -> Reply {
+    Reply::new(
+        501,
+        "5.5.2",
+        "Cannot decode the response: it must be base64",
+    )
+}
+pub fn auth_not_offered() -> Reply {
+    Reply::new(503, "5.5.1", "AUTH is not offered on this connection")
+}
+pub fn auth_in_transaction() -> Reply {
+    Reply::new(503, "5.5.1", "AUTH is not allowed during a transaction")
+}
+pub fn smtputf8_unsupported_param(param: &str) -> Reply {
+    Reply::new(555, "5.5.4", format!("Unsupported parameter {param}"))
+}
+pub fn bad_param(text: String) -> Reply {
+    Reply::new(501, "5.5.4", text)
+}
+
+// ---- failures on our side ---------------------------------------------------
+
+pub fn store_failed() -> Reply {
+    Reply::new(
+        451,
+        "4.3.0",
+        "Local error in storing the message; try again later",
+    )
+}
+pub fn store_full() -> Reply {
+    Reply::new(452, "4.3.1", "Insufficient system storage; try again later")
+}
+pub fn temp_lookup_failed() -> Reply {
+    Reply::new(451, "4.3.0", "Temporary lookup failure; try again later")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wire_form() {
+        let mut out = Vec::new();
+        queued("ABC").write_to(&mut out);
+        assert_eq!(out, b"250 2.0.0 Ok: queued as ABC\r\n");
+        let mut out = Vec::new();
+        Reply::multi(250, vec!["host".into(), "PIPELINING".into()]).write_to(&mut out);
+        assert_eq!(out, b"250-host\r\n250 PIPELINING\r\n");
+    }
+}

@@ -1,0 +1,197 @@
+//! Accept loops, connection limits and a clean stop.
+//!
+//! [`run`] takes listeners that are already bound and a future that says
+//! "stop": it never binds sockets or installs signal handlers itself, so
+//! tests and `serve` drive it the same way.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
+use tokio_rustls::TlsAcceptor;
+use tracing::{error, info, warn};
+
+use crate::config::{canonical_ip, Config, Listen};
+use crate::queue::{Store, Writer};
+
+use super::reply::{self, Reply};
+use super::session::{phase_reached, Session};
+
+/// Where the server is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Phase {
+    Running,
+    /// Stop signal received: no new sessions; idle sessions get 421.
+    Draining,
+    /// Grace period over: every session gets 421 and closes.
+    Stopped,
+}
+
+/// What every session shares.
+pub struct Shared {
+    pub config: Arc<Config>,
+    pub store: Arc<Store>,
+    pub writer: Writer,
+    pub tls: Option<TlsAcceptor>,
+    slots: Arc<Semaphore>,
+    per_client: Mutex<HashMap<IpAddr, usize>>,
+}
+
+impl Shared {
+    pub fn new(
+        config: Arc<Config>,
+        store: Arc<Store>,
+        writer: Writer,
+        tls: Option<TlsAcceptor>,
+    ) -> Shared {
+        Shared {
+            slots: Arc::new(Semaphore::new(config.smtp.max_connections)),
+            per_client: Mutex::new(HashMap::new()),
+            config,
+            store,
+            writer,
+            tls,
+        }
+    }
+
+    /// Takes a connection slot for `ip`, or says why not.
+    fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<Slot, Reply> {
+        let permit = self
+            .slots
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| reply::too_many_connections())?;
+        let ip = canonical_ip(ip);
+        let mut map = self.per_client.lock().unwrap_or_else(|p| p.into_inner());
+        let n = map.entry(ip).or_insert(0);
+        if *n >= self.config.smtp.max_connections_per_client {
+            return Err(reply::too_many_from_you());
+        }
+        *n += 1;
+        Ok(Slot {
+            shared: self.clone(),
+            ip,
+            _permit: permit,
+        })
+    }
+}
+
+/// A session's place in the connection limits, given back on drop.
+struct Slot {
+    shared: Arc<Shared>,
+    ip: IpAddr,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut map = self
+            .shared
+            .per_client
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = map.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// Serves SMTP on `listeners` until `stop` resolves, then drains: idle
+/// sessions are closed with 421 at once, sessions with a transaction open get
+/// `smtp.shutdown_grace` to finish, and then 421 too. Returns when every
+/// session has ended, so every commit has been answered.
+pub async fn run(
+    shared: Arc<Shared>,
+    listeners: Vec<(TcpListener, Listen)>,
+    stop: impl Future<Output = ()>,
+) {
+    let (phase_tx, phase_rx) = watch::channel(Phase::Running);
+    // Each session holds a sender; recv() returns None once all are gone.
+    let (alive_tx, mut alive_rx) = mpsc::channel::<()>(1);
+    for (listener, listen) in listeners {
+        tokio::spawn(accept_loop(
+            shared.clone(),
+            listener,
+            listen,
+            phase_rx.clone(),
+            alive_tx.clone(),
+        ));
+    }
+    drop(alive_tx);
+    stop.await;
+    info!("stopping: no new sessions; waiting for messages in flight");
+    let _ = phase_tx.send(Phase::Draining);
+    let grace = shared.config.smtp.shutdown_grace;
+    if tokio::time::timeout(grace, alive_rx.recv()).await.is_err() {
+        warn!(grace = ?grace, "shutdown grace period over: closing the remaining sessions with 421");
+        let _ = phase_tx.send(Phase::Stopped);
+        if tokio::time::timeout(Duration::from_secs(10), alive_rx.recv())
+            .await
+            .is_err()
+        {
+            error!("sessions did not end after 421; stopping anyway");
+        }
+    }
+}
+
+async fn accept_loop(
+    shared: Arc<Shared>,
+    listener: TcpListener,
+    listen: Listen,
+    mut phase: watch::Receiver<Phase>,
+    alive: mpsc::Sender<()>,
+) {
+    let mut backoff = Duration::from_millis(10);
+    loop {
+        let accepted = tokio::select! {
+            biased;
+            _ = phase_reached(&mut phase, Phase::Draining) => break,
+            r = listener.accept() => r,
+        };
+        let (stream, peer) = match accepted {
+            Ok(a) => {
+                backoff = Duration::from_millis(10);
+                a
+            }
+            Err(e) => {
+                // Out of file descriptors and the like: wait, then try again.
+                error!(listener = %listen.address, error = %e, "accept failed");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        match shared.admit(peer.ip()) {
+            Ok(slot) => {
+                let session =
+                    Session::new(shared.clone(), listen.clone(), peer, stream, phase.clone());
+                let alive = alive.clone();
+                tokio::spawn(async move {
+                    session.run().await;
+                    drop(slot);
+                    drop(alive);
+                });
+            }
+            Err(r) => {
+                warn!(peer = %peer, reply = %r.summary(), "connection refused");
+                tokio::spawn(refuse(stream, peer, r));
+            }
+        }
+    }
+}
+
+async fn refuse(mut stream: TcpStream, _peer: SocketAddr, r: Reply) {
+    let mut out = Vec::new();
+    r.write_to(&mut out);
+    let _ = tokio::time::timeout(Duration::from_secs(5), stream.write_all(&out)).await;
+    let _ = stream.shutdown().await;
+}

@@ -1,0 +1,832 @@
+//! One SMTP session: commands in, replies out, accepted messages to the store.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use smtp_proto::{self as proto, Request};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::sync::watch;
+use tracing::{debug, info, warn};
+
+use crate::auth;
+use crate::config::{Listen, ListenMode};
+use crate::queue::{unix_now, NewMessage, NewRecipient, QueueId, Route};
+
+use super::codec::{Codec, Conn, Line};
+use super::data::{Canonical, ContentError, DotReader};
+use super::policy;
+use super::reply::{self, Reply};
+use super::server::{Phase, Shared};
+
+/// RFC 5321 §4.5.3.1.4: a command line is at most 512 octets with CRLF.
+const MAX_COMMAND: usize = 512;
+/// RFC 4954 §4: an AUTH response line may be up to 12288 octets.
+const MAX_AUTH_LINE: usize = 12288;
+/// How long a TLS handshake may take.
+const TLS_TIMEOUT: Duration = Duration::from_secs(30);
+
+enum Flow {
+    Go,
+    Close,
+}
+
+/// The open mail transaction (between MAIL and the end of the message).
+struct Transaction {
+    sender: String,
+    body_type: Option<String>,
+    smtputf8: bool,
+    dsn_ret: Option<String>,
+    dsn_envid: Option<String>,
+    recipients: Vec<NewRecipient>,
+    /// Set by the first BDAT chunk.
+    bdat: Option<(QueueId, Canonical)>,
+}
+
+pub struct Session<S> {
+    shared: Arc<Shared>,
+    listen: Listen,
+    peer: SocketAddr,
+    codec: Codec<Conn<S>>,
+    phase: watch::Receiver<Phase>,
+    helo: Option<String>,
+    esmtp: bool,
+    auth_user: Option<String>,
+    auth_failures: u32,
+    errors: u32,
+    tx: Option<Transaction>,
+}
+
+/// Resolves when the server's phase reaches `at_least`.
+pub async fn phase_reached(rx: &mut watch::Receiver<Phase>, at_least: Phase) {
+    loop {
+        if *rx.borrow_and_update() >= at_least {
+            return;
+        }
+        if rx.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
+    pub fn new(
+        shared: Arc<Shared>,
+        listen: Listen,
+        peer: SocketAddr,
+        stream: S,
+        phase: watch::Receiver<Phase>,
+    ) -> Self {
+        Session {
+            shared,
+            listen,
+            peer,
+            codec: Codec::new(Conn::Plain(stream)),
+            phase,
+            helo: None,
+            esmtp: false,
+            auth_user: None,
+            auth_failures: 0,
+            errors: 0,
+            tx: None,
+        }
+    }
+
+    pub async fn run(mut self) {
+        debug!(peer = %self.peer, listener = %self.listen.address, mode = %self.listen.mode, "connect");
+        if self.listen.mode.implicit_tls() && !self.start_tls().await {
+            return;
+        }
+        let greeting = reply::greeting(&self.shared.config.hostname);
+        self.codec.reply(&greeting);
+        loop {
+            if self.errors >= self.shared.config.smtp.max_errors {
+                warn!(peer = %self.peer, errors = self.errors, "too many protocol errors, closing");
+                self.codec.reply(&reply::too_many_errors());
+                break;
+            }
+            let flow = match self.next_line(MAX_COMMAND).await {
+                Some(Line::Text(line)) => self.command(line).await,
+                Some(Line::TooLong) => self.error(reply::line_too_long()),
+                Some(Line::BareLf) => self.error(reply::bare_lf_in_command()),
+                Some(Line::Eof) | None => Flow::Close,
+            };
+            if let Flow::Close = flow {
+                break;
+            }
+        }
+        let _ = self.codec.flush().await;
+        let _ = self.codec.get_mut().shutdown().await;
+        debug!(peer = %self.peer, "disconnect");
+    }
+
+    /// Waits for a line; None when the session must end (the reason has
+    /// been queued as a reply and logged).
+    async fn next_line(&mut self, max: usize) -> Option<Line> {
+        let stop_at = if self.tx.is_some() {
+            Phase::Stopped
+        } else {
+            Phase::Draining
+        };
+        let timeout = self.shared.config.smtp.command_timeout;
+        let mut phase = self.phase.clone();
+        tokio::select! {
+            biased;
+            _ = phase_reached(&mut phase, stop_at) => {
+                self.codec.reply(&reply::shutting_down(&self.shared.config.hostname));
+                None
+            }
+            r = tokio::time::timeout(timeout, self.codec.read_line(max)) => match r {
+                Ok(Ok(line)) => Some(line),
+                Ok(Err(e)) => {
+                    debug!(peer = %self.peer, error = %e, "connection error");
+                    None
+                }
+                Err(_) => {
+                    info!(peer = %self.peer, "timeout waiting for a command");
+                    self.codec.reply(&reply::timeout());
+                    None
+                }
+            }
+        }
+    }
+
+    /// Reads more message content; false when the session must end.
+    async fn fill_data(&mut self) -> bool {
+        let timeout = self.shared.config.smtp.data_timeout;
+        let mut phase = self.phase.clone();
+        tokio::select! {
+            biased;
+            _ = phase_reached(&mut phase, Phase::Stopped) => {
+                warn!(peer = %self.peer, "shutdown deadline reached while receiving a message; nothing was queued");
+                self.codec.reply(&reply::shutting_down(&self.shared.config.hostname));
+                false
+            }
+            r = tokio::time::timeout(timeout, self.codec.fill()) => match r {
+                Ok(Ok(0)) | Ok(Err(_)) => {
+                    info!(peer = %self.peer, "connection lost while receiving a message; nothing was queued");
+                    false
+                }
+                Ok(Ok(_)) => true,
+                Err(_) => {
+                    info!(peer = %self.peer, "timeout waiting for message data; nothing was queued");
+                    self.codec.reply(&reply::timeout());
+                    false
+                }
+            }
+        }
+    }
+
+    fn error(&mut self, r: Reply) -> Flow {
+        self.errors += 1;
+        self.codec.reply(&r);
+        Flow::Go
+    }
+
+    fn reply(&mut self, r: Reply) -> Flow {
+        self.codec.reply(&r);
+        Flow::Go
+    }
+
+    async fn command(&mut self, mut line: Vec<u8>) -> Flow {
+        if line.contains(&0) {
+            return self.error(reply::nul_in_command());
+        }
+        if looks_like_http(&line) {
+            warn!(peer = %self.peer, "HTTP request on the SMTP port, closing");
+            self.codec.reply(&reply::http_refused());
+            return Flow::Close;
+        }
+        line.extend_from_slice(b"\r\n");
+        let request = match Request::parse(&mut line.iter()) {
+            Ok(r) => r.into_owned(),
+            Err(e) => return self.error(parse_error(e)),
+        };
+        match request {
+            Request::Ehlo { host } => self.helo(host, true),
+            Request::Helo { host } => self.helo(host, false),
+            Request::Mail { from } => self.mail(from),
+            Request::Rcpt { to } => self.rcpt(to).await,
+            Request::Data => self.data().await,
+            Request::Bdat {
+                chunk_size,
+                is_last,
+            } => self.bdat(chunk_size, is_last).await,
+            Request::Rset => {
+                self.tx = None;
+                self.reply(reply::ok())
+            }
+            Request::Noop { .. } => self.reply(reply::ok()),
+            Request::Quit => {
+                self.codec.reply(&reply::bye(&self.shared.config.hostname));
+                Flow::Close
+            }
+            Request::Help { .. } => self.reply(reply::help()),
+            Request::Vrfy { .. } => self.reply(reply::vrfy()),
+            Request::Expn { .. } => self.reply(reply::expn()),
+            Request::StartTls => self.starttls().await,
+            Request::Auth {
+                mechanism,
+                initial_response,
+            } => self.auth(mechanism, initial_response).await,
+            Request::Lhlo { .. }
+            | Request::Etrn { .. }
+            | Request::Atrn { .. }
+            | Request::Burl { .. } => self.error(reply::unknown_command()),
+        }
+    }
+
+    fn tls_active(&self) -> bool {
+        matches!(self.codec.get_ref(), Conn::Tls(_))
+    }
+
+    /// AUTH is offered over TLS, or in the clear only where the listener
+    /// allows it (by default: loopback listeners).
+    fn auth_offered(&self) -> bool {
+        self.tls_active() || self.listen.plaintext_auth_allowed()
+    }
+
+    fn may_relay(&self) -> bool {
+        self.auth_user.is_some()
+            || (self.listen.mode == ListenMode::Relay
+                && self.shared.config.relay.may_relay(self.peer.ip()))
+    }
+
+    fn helo(&mut self, host: String, esmtp: bool) -> Flow {
+        if host.is_empty() || !host.bytes().all(|b| b.is_ascii_graphic()) {
+            return self.error(reply::syntax(
+                "Send EHLO with your host name or address literal",
+            ));
+        }
+        self.tx = None;
+        self.helo = Some(host.chars().take(255).collect());
+        self.esmtp = esmtp;
+        let config = &self.shared.config;
+        let mut lines: Vec<std::borrow::Cow<'static, str>> = vec![format!(
+            "{} greets {}",
+            config.hostname,
+            self.helo.as_deref().unwrap_or("")
+        )
+        .into()];
+        if esmtp {
+            lines.push("PIPELINING".into());
+            lines.push(format!("SIZE {}", config.relay.max_message_size).into());
+            lines.push("8BITMIME".into());
+            lines.push("SMTPUTF8".into());
+            lines.push("ENHANCEDSTATUSCODES".into());
+            lines.push("CHUNKING".into());
+            lines.push("DSN".into());
+            if self.shared.tls.is_some() && !self.tls_active() {
+                lines.push("STARTTLS".into());
+            }
+            if self.auth_offered() && self.auth_user.is_none() {
+                lines.push("AUTH PLAIN LOGIN".into());
+            }
+            lines.push("HELP".into());
+        }
+        self.reply(Reply::multi(250, lines))
+    }
+
+    fn mail(&mut self, from: proto::MailFrom<String>) -> Flow {
+        if self.helo.is_none() {
+            return self.error(reply::need_helo());
+        }
+        if self.tx.is_some() {
+            return self.error(reply::nested_mail());
+        }
+        if self.listen.mode != ListenMode::Relay && self.auth_user.is_none() {
+            return self.reply(reply::auth_required());
+        }
+        let smtputf8 = from.flags & proto::MAIL_SMTPUTF8 != 0;
+        if !from.address.is_ascii() && !smtputf8 {
+            return self.reply(reply::non_ascii_address());
+        }
+        if !from.address.is_empty() && policy::split(&from.address).is_none() {
+            return self.reply(Reply::new(
+                553,
+                "5.1.7",
+                "Sender address must be user@domain or <>",
+            ));
+        }
+        for (set, name) in [
+            (
+                from.flags & proto::MAIL_BODY_BINARYMIME != 0,
+                "BODY=BINARYMIME",
+            ),
+            (from.flags & proto::MAIL_REQUIRETLS != 0, "REQUIRETLS"),
+            (
+                from.hold_for != 0 || from.hold_until != 0,
+                "HOLDFOR/HOLDUNTIL",
+            ),
+            (from.by != 0, "BY"),
+            (from.mtrk.is_some(), "MTRK"),
+        ] {
+            if set {
+                return self.reply(reply::smtputf8_unsupported_param(name));
+            }
+        }
+        let max = self.shared.config.relay.max_message_size;
+        if from.size as u64 > max {
+            info!(peer = %self.peer, declared = from.size, limit = max, "refused: SIZE over the limit");
+            return self.reply(reply::too_big_declared(max));
+        }
+        let body_type = if from.flags & proto::MAIL_BODY_8BITMIME != 0 {
+            Some("8BITMIME".to_string())
+        } else if from.flags & proto::MAIL_BODY_7BIT != 0 {
+            Some("7BIT".to_string())
+        } else {
+            None
+        };
+        let dsn_ret = if from.flags & proto::MAIL_RET_FULL != 0 {
+            Some("FULL".to_string())
+        } else if from.flags & proto::MAIL_RET_HDRS != 0 {
+            Some("HDRS".to_string())
+        } else {
+            None
+        };
+        self.tx = Some(Transaction {
+            sender: from.address,
+            body_type,
+            smtputf8,
+            dsn_ret,
+            dsn_envid: from.env_id,
+            recipients: Vec::new(),
+            bdat: None,
+        });
+        self.reply(reply::sender_ok())
+    }
+
+    async fn rcpt(&mut self, to: proto::RcptTo<String>) -> Flow {
+        let may_relay = self.may_relay();
+        let max = self.shared.config.relay.max_recipients;
+        let Some(tx) = self.tx.as_ref() else {
+            return self.error(reply::need_mail());
+        };
+        if tx.bdat.is_some() {
+            return self.error(reply::bdat_then_data());
+        }
+        if !to.address.is_ascii() && !tx.smtputf8 {
+            return self.reply(reply::non_ascii_address());
+        }
+        if tx.recipients.len() >= max {
+            return self.reply(reply::too_many_recipients(max));
+        }
+        let accepted = match policy::route_recipient(&self.shared.config, &to.address, may_relay) {
+            Ok(a) => a,
+            Err(r) => {
+                info!(peer = %self.peer, rcpt = %to.address, reply = %r.summary(), "recipient refused");
+                return self.reply(r);
+            }
+        };
+        if accepted.route == Route::Local {
+            match self.local_name_exists(&accepted.local_part).await {
+                Ok(true) => {}
+                Ok(false) => {
+                    info!(peer = %self.peer, rcpt = %accepted.address, "recipient refused: no such local user");
+                    return self.reply(reply::unknown_user());
+                }
+                Err(e) => {
+                    warn!(peer = %self.peer, error = %e, "account lookup failed");
+                    return self.reply(reply::temp_lookup_failed());
+                }
+            }
+        }
+        let tx = self.tx.as_mut().expect("checked above");
+        if !tx
+            .recipients
+            .iter()
+            .any(|r| r.address.eq_ignore_ascii_case(&accepted.address))
+        {
+            tx.recipients.push(NewRecipient {
+                address: accepted.address,
+                domain: accepted.domain,
+                route: accepted.route,
+                dsn_notify: notify_string(to.flags),
+                dsn_orcpt: to.orcpt.map(|o| format!("rfc822;{o}")),
+            });
+        }
+        self.reply(reply::recipient_ok())
+    }
+
+    async fn local_name_exists(&self, local_part: &str) -> Result<bool, crate::queue::StoreError> {
+        let config = &self.shared.config;
+        if policy::always_exists(local_part)
+            || config
+                .local
+                .aliases
+                .keys()
+                .any(|k| k.eq_ignore_ascii_case(local_part))
+        {
+            return Ok(true);
+        }
+        let store = self.shared.store.clone();
+        let name = local_part.to_string();
+        tokio::task::spawn_blocking(move || store.user_exists(&name))
+            .await
+            .unwrap_or(Ok(false))
+    }
+
+    /// Checks that DATA or BDAT may start; returns the reply if not.
+    fn content_allowed(&self) -> Option<Reply> {
+        match &self.tx {
+            None => Some(reply::need_mail()),
+            Some(tx) if tx.recipients.is_empty() => Some(reply::need_rcpt()),
+            Some(_) => None,
+        }
+    }
+
+    async fn data(&mut self) -> Flow {
+        if let Some(r) = self.content_allowed() {
+            return self.error(r);
+        }
+        if self.tx.as_ref().is_some_and(|t| t.bdat.is_some()) {
+            return self.error(reply::bdat_then_data());
+        }
+        let id = QueueId::generate();
+        let limit = self.shared.config.relay.max_message_size as usize;
+        let mut reader = DotReader::with_prefix(limit, self.received_header(&id));
+        self.codec.reply(&reply::start_data());
+        loop {
+            let input = self.codec.buffered();
+            if let Some(n) = reader.feed(input) {
+                self.codec.consume(n);
+                break;
+            }
+            let n = input.len();
+            self.codec.consume(n);
+            if !self.fill_data().await {
+                return Flow::Close;
+            }
+        }
+        let size = reader.size();
+        self.finish_message(id, reader.finish(), size).await
+    }
+
+    async fn bdat(&mut self, chunk: usize, last: bool) -> Flow {
+        // The chunk is read whatever the answer, so the dialog stays in step.
+        let refused = self.content_allowed();
+        let mut sink = match (&refused, self.tx.as_mut().and_then(|t| t.bdat.take())) {
+            (None, Some(open)) => Some(open),
+            (None, None) => {
+                let id = QueueId::generate();
+                let limit = self.shared.config.relay.max_message_size as usize;
+                Some((
+                    id.clone(),
+                    Canonical::with_prefix(limit, self.received_header(&id)),
+                ))
+            }
+            (Some(_), _) => None,
+        };
+        let mut left = chunk;
+        while left > 0 {
+            if self.codec.buffered().is_empty() && !self.fill_data().await {
+                return Flow::Close;
+            }
+            let input = self.codec.buffered();
+            let take = input.len().min(left);
+            if let Some((_, c)) = sink.as_mut() {
+                c.extend(&input[..take]);
+            }
+            self.codec.consume(take);
+            left -= take;
+        }
+        if let Some(r) = refused {
+            return self.error(r);
+        }
+        let (id, content) = sink.expect("set when not refused");
+        if !last {
+            let tx = self.tx.as_mut().expect("content_allowed checked");
+            tx.bdat = Some((id, content));
+            return self.reply(reply::bdat_ok(chunk));
+        }
+        let size = content.size();
+        self.finish_message(id, content.finish(), size).await
+    }
+
+    /// Ends the transaction: commits the message, or says why not.
+    async fn finish_message(
+        &mut self,
+        id: QueueId,
+        content: Result<Vec<u8>, ContentError>,
+        size: usize,
+    ) -> Flow {
+        let tx = self.tx.take().expect("a transaction is open");
+        let body = match content {
+            Ok(body) => body,
+            Err(e) => {
+                let r = match e {
+                    ContentError::BareLf => reply::bare_lf(),
+                    ContentError::BareCr => reply::bare_cr(),
+                    ContentError::Nul => reply::nul_in_data(),
+                    ContentError::LineTooLong => reply::data_line_too_long(),
+                    ContentError::TooBig => {
+                        reply::too_big(self.shared.config.relay.max_message_size as usize)
+                    }
+                };
+                warn!(peer = %self.peer, from = %tx.sender, size, reply = %r.summary(), "message refused");
+                return self.reply(r);
+            }
+        };
+        let msg = NewMessage {
+            id: id.clone(),
+            received_at: unix_now(),
+            sender: tx.sender,
+            client_addr: self.peer.ip().to_string(),
+            client_helo: self.helo.clone().unwrap_or_default(),
+            auth_user: self.auth_user.clone(),
+            protocol: self.protocol(),
+            body_type: tx.body_type,
+            smtputf8: tx.smtputf8,
+            dsn_ret: tx.dsn_ret,
+            dsn_envid: tx.dsn_envid,
+            recipients: tx.recipients,
+            body,
+        };
+        let (sender, nrcpt, stored) = (msg.sender.clone(), msg.recipients.len(), msg.body.len());
+        match self.shared.writer.insert(msg).await {
+            Ok(()) => {
+                info!(peer = %self.peer, queue_id = %id, from = %sender, rcpts = nrcpt, size = stored, "queued");
+                self.reply(reply::queued(id.as_str()))
+            }
+            Err(e) => {
+                let r = if e.is_full() {
+                    reply::store_full()
+                } else {
+                    reply::store_failed()
+                };
+                tracing::error!(peer = %self.peer, queue_id = %id, error = %e, "could not store the message");
+                self.reply(r)
+            }
+        }
+    }
+
+    /// RFC 3848 protocol names.
+    fn protocol(&self) -> String {
+        let mut p = String::from(if self.esmtp { "ESMTP" } else { "SMTP" });
+        if self.esmtp && self.tls_active() {
+            p.push('S');
+        }
+        if self.esmtp && self.auth_user.is_some() {
+            p.push('A');
+        }
+        p
+    }
+
+    /// The trace header this gateway adds (RFC 5321 §4.4). Names the TLS
+    /// version and cipher and the account, never a password.
+    fn received_header(&self, id: &QueueId) -> Vec<u8> {
+        let config = &self.shared.config;
+        let mut h = format!(
+            "Received: from {} ([{}])\r\n\tby {} (outpost) with {} id {}",
+            self.helo.as_deref().unwrap_or("unknown"),
+            self.peer.ip(),
+            config.hostname,
+            self.protocol(),
+            id
+        );
+        if let Some((version, cipher)) = self.codec.get_ref().tls_info() {
+            h.push_str(&format!("\r\n\t(using {version} with cipher {cipher})"));
+        }
+        if let Some(user) = &self.auth_user {
+            h.push_str(&format!("\r\n\t(authenticated as {user})"));
+        }
+        if let Some(tx) = &self.tx {
+            if let [only] = tx.recipients.as_slice() {
+                h.push_str(&format!("\r\n\tfor <{}>", only.address));
+            }
+        }
+        h.push_str(&format!(";\r\n\t{}\r\n", chrono::Local::now().to_rfc2822()));
+        h.into_bytes()
+    }
+
+    async fn starttls(&mut self) -> Flow {
+        if self.tls_active() {
+            return self.error(reply::tls_already());
+        }
+        if self.shared.tls.is_none() {
+            return self.reply(reply::tls_unavailable());
+        }
+        self.codec.reply(&reply::ready_tls());
+        if self.codec.flush().await.is_err() {
+            return Flow::Close;
+        }
+        let dropped = self.codec.discard_input();
+        if dropped > 0 {
+            warn!(peer = %self.peer, octets = dropped, "discarded input pipelined after STARTTLS");
+        }
+        if !self.start_tls().await {
+            return Flow::Close;
+        }
+        // RFC 3207 §4.2: forget everything learnt before TLS.
+        self.helo = None;
+        self.esmtp = false;
+        self.tx = None;
+        self.auth_user = None;
+        Flow::Go
+    }
+
+    /// Runs the TLS handshake on the plain stream. False when it failed.
+    async fn start_tls(&mut self) -> bool {
+        let Some(acceptor) = self.shared.tls.clone() else {
+            return false;
+        };
+        let Conn::Plain(stream) = std::mem::replace(self.codec.get_mut(), Conn::Gone) else {
+            return false;
+        };
+        match tokio::time::timeout(TLS_TIMEOUT, acceptor.accept(stream)).await {
+            Ok(Ok(tls)) => {
+                *self.codec.get_mut() = Conn::Tls(Box::new(tls));
+                let (v, c) = self.codec.get_ref().tls_info().unwrap_or_default();
+                debug!(peer = %self.peer, version = %v, cipher = %c, "TLS established");
+                true
+            }
+            Ok(Err(e)) => {
+                info!(peer = %self.peer, error = %e, "TLS handshake failed");
+                false
+            }
+            Err(_) => {
+                info!(peer = %self.peer, "TLS handshake timed out");
+                false
+            }
+        }
+    }
+
+    async fn auth(&mut self, mechanism: u64, initial: String) -> Flow {
+        if self.auth_user.is_some() {
+            return self.error(reply::auth_already());
+        }
+        if self.tx.is_some() {
+            return self.error(reply::auth_in_transaction());
+        }
+        if !self.auth_offered() {
+            return self.reply(reply::encryption_required());
+        }
+        let creds = match mechanism {
+            proto::AUTH_PLAIN => {
+                let response = if initial.is_empty() {
+                    match self.challenge("").await {
+                        Ok(r) => r,
+                        Err(flow) => return flow,
+                    }
+                } else {
+                    initial
+                };
+                match auth::decode_b64(&response) {
+                    Some(d) => auth::parse_plain(&d),
+                    None => return self.error(reply::auth_bad_base64()),
+                }
+            }
+            proto::AUTH_LOGIN => {
+                let user = if initial.is_empty() {
+                    match self.challenge("VXNlcm5hbWU6").await {
+                        Ok(r) => r,
+                        Err(flow) => return flow,
+                    }
+                } else {
+                    initial
+                };
+                let pass = match self.challenge("UGFzc3dvcmQ6").await {
+                    Ok(r) => r,
+                    Err(flow) => return flow,
+                };
+                match (auth::decode_b64(&user), auth::decode_b64(&pass)) {
+                    (Some(u), Some(p)) => match (String::from_utf8(u), String::from_utf8(p)) {
+                        (Ok(u), Ok(p)) if !u.is_empty() => Some((u, p)),
+                        _ => None,
+                    },
+                    _ => return self.error(reply::auth_bad_base64()),
+                }
+            }
+            _ => return self.error(reply::auth_mechanism()),
+        };
+        let ok_user = match creds {
+            Some((user, pass)) => {
+                let store = self.shared.store.clone();
+                let name = user.clone();
+                let ok = tokio::task::spawn_blocking(move || {
+                    let hash = store.password_hash(&name).ok().flatten();
+                    auth::verify_password(hash.as_deref(), &pass)
+                })
+                .await
+                .unwrap_or(false);
+                if ok {
+                    Ok(user)
+                } else {
+                    Err(Some(user))
+                }
+            }
+            None => Err(None),
+        };
+        match ok_user {
+            Ok(user) => {
+                info!(peer = %self.peer, user = %user, "authenticated");
+                self.auth_user = Some(user);
+                self.reply(reply::auth_ok())
+            }
+            Err(user) => {
+                self.auth_failures += 1;
+                warn!(peer = %self.peer, user = user.as_deref().unwrap_or("?"), failures = self.auth_failures, "authentication failed");
+                tokio::time::sleep(self.shared.config.smtp.auth_failure_delay).await;
+                if self.auth_failures >= self.shared.config.smtp.max_auth_failures {
+                    self.codec.reply(&reply::auth_too_many());
+                    return Flow::Close;
+                }
+                self.reply(reply::auth_failed())
+            }
+        }
+    }
+
+    /// Sends a 334 challenge and reads the client's answer. `*` cancels.
+    async fn challenge(&mut self, text: &'static str) -> Result<String, Flow> {
+        self.codec.reply(&Reply::new(334, "", text));
+        match self.next_line(MAX_AUTH_LINE).await {
+            Some(Line::Text(l)) if l == b"*" => Err(self.error(reply::auth_cancelled())),
+            Some(Line::Text(l)) => {
+                String::from_utf8(l).map_err(|_| self.error(reply::auth_bad_base64()))
+            }
+            Some(Line::TooLong) => Err(self.error(Reply::new(
+                500,
+                "5.5.6",
+                "Authentication exchange line is too long",
+            ))),
+            Some(Line::BareLf) => Err(self.error(reply::bare_lf_in_command())),
+            Some(Line::Eof) | None => Err(Flow::Close),
+        }
+    }
+}
+
+fn looks_like_http(line: &[u8]) -> bool {
+    const VERBS: [&[u8]; 6] = [
+        b"GET ",
+        b"POST ",
+        b"HEAD ",
+        b"PUT ",
+        b"CONNECT ",
+        b"OPTIONS ",
+    ];
+    VERBS
+        .iter()
+        .any(|v| line.len() >= v.len() && line[..v.len()].eq_ignore_ascii_case(v))
+}
+
+fn parse_error(e: proto::Error) -> Reply {
+    match e {
+        proto::Error::UnknownCommand => reply::unknown_command(),
+        proto::Error::SyntaxError { syntax } => {
+            Reply::new(501, "5.5.4", format!("Syntax: {syntax}"))
+        }
+        proto::Error::InvalidSenderAddress => Reply::new(553, "5.1.7", "Invalid sender address"),
+        proto::Error::InvalidRecipientAddress => {
+            Reply::new(553, "5.1.3", "Invalid recipient address")
+        }
+        proto::Error::InvalidParameter { param } => {
+            reply::bad_param(format!("Invalid value for {param}"))
+        }
+        proto::Error::UnsupportedParameter { param } => reply::smtputf8_unsupported_param(&param),
+        proto::Error::NeedsMoreData { .. }
+        | proto::Error::ResponseTooLong
+        | proto::Error::InvalidResponse { .. } => reply::syntax("Syntax error"),
+    }
+}
+
+/// NOTIFY= as stored: "NEVER" or a comma list (RFC 3461 §4.1).
+fn notify_string(flags: u64) -> Option<String> {
+    if flags & proto::RCPT_NOTIFY_NEVER != 0 {
+        return Some("NEVER".into());
+    }
+    let parts: Vec<&str> = [
+        (proto::RCPT_NOTIFY_SUCCESS, "SUCCESS"),
+        (proto::RCPT_NOTIFY_FAILURE, "FAILURE"),
+        (proto::RCPT_NOTIFY_DELAY, "DELAY"),
+    ]
+    .iter()
+    .filter(|(f, _)| flags & f != 0)
+    .map(|(_, n)| *n)
+    .collect();
+    (!parts.is_empty()).then(|| parts.join(","))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn notify() {
+        assert_eq!(notify_string(0), None);
+        assert_eq!(
+            notify_string(proto::RCPT_NOTIFY_NEVER),
+            Some("NEVER".into())
+        );
+        assert_eq!(
+            notify_string(proto::RCPT_NOTIFY_FAILURE | proto::RCPT_NOTIFY_DELAY),
+            Some("FAILURE,DELAY".into())
+        );
+    }
+
+    #[test]
+    fn http() {
+        assert!(looks_like_http(b"GET / HTTP/1.1"));
+        assert!(looks_like_http(b"post /x HTTP/1.0"));
+        assert!(!looks_like_http(b"GETX"));
+    }
+}

@@ -1,0 +1,139 @@
+//! The server certificate: loaded from `[tls]`, or made on first start when
+//! `self_signed = true` and the files are missing.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use rustls::ServerConfig;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+
+use crate::config::TlsConfig;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("tls.certificate {path}: {detail}")]
+    Certificate { path: String, detail: String },
+    #[error("tls.key {path}: {detail}")]
+    Key { path: String, detail: String },
+    #[error("making a self-signed certificate: {0}")]
+    Generate(String),
+    #[error("tls: {0}")]
+    Rustls(#[from] rustls::Error),
+}
+
+/// What happened to the certificate at start, for the log.
+pub enum Provenance {
+    Loaded,
+    MadeSelfSigned,
+}
+
+/// Loads (or makes) the certificate and builds the rustls server config.
+pub fn server_config(
+    cfg: &TlsConfig,
+    hostname: &str,
+) -> Result<(Arc<ServerConfig>, Provenance), TlsError> {
+    let mut provenance = Provenance::Loaded;
+    if cfg.self_signed && !cfg.certificate.exists() && !cfg.key.exists() {
+        make_self_signed(&cfg.certificate, &cfg.key, hostname)?;
+        provenance = Provenance::MadeSelfSigned;
+    }
+    let cert_path = cfg.certificate.display().to_string();
+    let certs = CertificateDer::pem_file_iter(&cfg.certificate)
+        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| TlsError::Certificate {
+            path: cert_path.clone(),
+            detail: format!(
+                "{e}{}",
+                if cfg.self_signed {
+                    ""
+                } else {
+                    " (or set tls.self_signed = true to make one)"
+                }
+            ),
+        })?;
+    if certs.is_empty() {
+        return Err(TlsError::Certificate {
+            path: cert_path,
+            detail: "no PEM certificate in the file".into(),
+        });
+    }
+    let key = PrivateKeyDer::from_pem_file(&cfg.key).map_err(|e| TlsError::Key {
+        path: cfg.key.display().to_string(),
+        detail: e.to_string(),
+    })?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)?;
+    Ok((Arc::new(config), provenance))
+}
+
+fn make_self_signed(cert: &Path, key: &Path, hostname: &str) -> Result<(), TlsError> {
+    let names = vec![hostname.to_string(), "localhost".to_string()];
+    let ck =
+        rcgen::generate_simple_self_signed(names).map_err(|e| TlsError::Generate(e.to_string()))?;
+    for p in [cert, key] {
+        if let Some(dir) = p.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| TlsError::Generate(format!("{}: {e}", dir.display())))?;
+        }
+    }
+    write_private(key, ck.signing_key.serialize_pem().as_bytes()).map_err(|e| TlsError::Key {
+        path: key.display().to_string(),
+        detail: e.to_string(),
+    })?;
+    std::fs::write(cert, ck.cert.pem()).map_err(|e| TlsError::Certificate {
+        path: cert.display().to_string(),
+        detail: e.to_string(),
+    })?;
+    Ok(())
+}
+
+/// Writes a file only its owner can read.
+fn write_private(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(data)?;
+    f.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn self_signed_is_made_once_and_private() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = TlsConfig {
+            certificate: dir.path().join("tls/cert.pem"),
+            key: dir.path().join("tls/key.pem"),
+            self_signed: true,
+        };
+        let (_, p) = server_config(&cfg, "gw.example").unwrap();
+        assert!(matches!(p, Provenance::MadeSelfSigned));
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&cfg.key).unwrap().permissions().mode();
+        assert_eq!(mode & 0o077, 0);
+        let (_, p) = server_config(&cfg, "gw.example").unwrap();
+        assert!(matches!(p, Provenance::Loaded));
+    }
+
+    #[test]
+    fn missing_certificate_names_the_key() {
+        let cfg = TlsConfig {
+            certificate: "/nonexistent/cert.pem".into(),
+            key: "/nonexistent/key.pem".into(),
+            self_signed: false,
+        };
+        let e = server_config(&cfg, "x").err().unwrap().to_string();
+        assert!(e.contains("tls.certificate /nonexistent/cert.pem"), "{e}");
+        assert!(e.contains("self_signed"), "{e}");
+    }
+}
