@@ -368,6 +368,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         if !to.address.is_ascii() && !tx.smtputf8 {
             return self.reply(reply::non_ascii_address());
         }
+        let notify_any =
+            proto::RCPT_NOTIFY_SUCCESS | proto::RCPT_NOTIFY_FAILURE | proto::RCPT_NOTIFY_DELAY;
+        if to.flags & proto::RCPT_NOTIFY_NEVER != 0 && to.flags & notify_any != 0 {
+            // RFC 3461 §4.1: NEVER stands alone.
+            return self.error(reply::bad_param(
+                "NOTIFY=NEVER cannot be combined with other values".into(),
+            ));
+        }
         if tx.recipients.len() >= max {
             return self.reply(reply::too_many_recipients(max));
         }

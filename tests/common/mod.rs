@@ -1,0 +1,346 @@
+//! Runs the real `outpost` binary on 127.0.0.1 with a temporary directory,
+//! and cleans up by PID.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_outpost");
+
+/// A free port on 127.0.0.1 (bound, then released for the daemon).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Waits for `cond` with a deadline; panics with `what` when it never holds.
+pub fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+pub struct Gateway {
+    pub dir: tempfile::TempDir,
+    pub relay: u16,
+    pub submission: u16,
+    pub submissions: u16,
+    pub config_path: PathBuf,
+    child: Option<Child>,
+}
+
+impl Gateway {
+    /// Writes a config (relay, submission, submissions on free ports; the
+    /// local domain branch.example; `extra` appended) and starts the daemon.
+    pub fn start(extra: &str) -> Gateway {
+        let g = Gateway::configure(extra);
+        g.spawned()
+    }
+
+    pub fn configure(extra: &str) -> Gateway {
+        let dir = tempfile::tempdir().unwrap();
+        let (relay, submission, submissions) = (free_port(), free_port(), free_port());
+        let d = dir.path().display();
+        let mut config = format!(
+            r#"hostname = "gw.test"
+[store]
+path = "{d}/queue.sqlite"
+[[listen]]
+address = "127.0.0.1:{relay}"
+mode = "relay"
+[[listen]]
+address = "127.0.0.1:{submission}"
+mode = "submission"
+plaintext_auth = false
+[[listen]]
+address = "127.0.0.1:{submissions}"
+mode = "submissions"
+[tls]
+certificate = "{d}/cert.pem"
+key = "{d}/key.pem"
+self_signed = true
+[control]
+socket = "{d}/control.sock"
+"#
+        );
+        if !extra.contains("[local]") {
+            config.push_str("[local]\ndomains = [\"branch.example\"]\n");
+        }
+        if !extra.contains("[smtp]") {
+            config.push_str("[smtp]\nauth_failure_delay = \"100ms\"\n");
+        }
+        config.push_str(extra);
+        let config_path = dir.path().join("outpost.toml");
+        std::fs::write(&config_path, config).unwrap();
+        Gateway {
+            dir,
+            relay,
+            submission,
+            submissions,
+            config_path,
+            child: None,
+        }
+    }
+
+    fn spawned(mut self) -> Gateway {
+        self.spawn();
+        self
+    }
+
+    pub fn spawn(&mut self) {
+        assert!(self.child.is_none());
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("log"))
+            .unwrap();
+        let child = Command::new(BIN)
+            .args(["serve", "--config"])
+            .arg(&self.config_path)
+            .env("OUTPOST_LOG", "debug")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let port = self.relay;
+        let start = Instant::now();
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("outpost exited at start ({status}):\n{}", self.log());
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "outpost did not listen:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("log")).unwrap_or_default()
+    }
+
+    /// SIGTERM and wait for the exit; returns the exit code.
+    pub fn stop(&mut self) -> Option<i32> {
+        let mut child = self.child.take()?;
+        unsafe_kill(child.id(), "TERM");
+        wait_child(&mut child, Duration::from_secs(60))
+    }
+
+    /// SIGKILL, no chance to clean up.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            unsafe_kill(child.id(), "KILL");
+            wait_child(&mut child, Duration::from_secs(10));
+        }
+    }
+
+    pub fn restart(&mut self) {
+        self.stop();
+        self.spawn();
+    }
+
+    /// Runs `outpost ARGS --config <this config>`.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        self.cli_stdin(args, None)
+    }
+
+    pub fn cli_stdin(&self, args: &[&str], stdin: Option<&str>) -> Output {
+        let mut child = Command::new(BIN)
+            .args(args)
+            .arg("--config")
+            .arg(&self.config_path)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        if let Some(s) = stdin {
+            child.stdin.take().unwrap().write_all(s.as_bytes()).unwrap();
+        }
+        drop(child.stdin.take());
+        child.wait_with_output().unwrap()
+    }
+
+    pub fn add_user(&self, name: &str, password: &str) {
+        let out = self.cli_stdin(
+            &["user", "add", name, "--password-stdin"],
+            Some(&format!("{password}\n")),
+        );
+        assert!(
+            out.status.success(),
+            "user add: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// `queue list --json`, parsed.
+    pub fn queue(&self) -> Vec<serde_json::Value> {
+        let out = self.cli(&["queue", "list", "--json"]);
+        assert!(
+            out.status.success(),
+            "queue list: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice::<serde_json::Value>(&out.stdout)
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .clone()
+    }
+
+    pub fn queue_ids(&self) -> Vec<String> {
+        self.queue()
+            .iter()
+            .map(|m| m["id"].as_str().unwrap().to_string())
+            .collect()
+    }
+
+    /// The stored message, through the store itself.
+    pub fn body(&self, id: &str) -> Vec<u8> {
+        let store = outpost::queue::Store::open(&self.dir.path().join("queue.sqlite")).unwrap();
+        store.body(id).unwrap().expect("body stored")
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+fn unsafe_kill(pid: u32, sig: &str) {
+    let _ = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status();
+}
+
+fn wait_child(child: &mut Child, timeout: Duration) -> Option<i32> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            return st.code();
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("outpost did not exit within {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A line-oriented SMTP client over a plain socket, for byte-exact cases.
+pub struct Client {
+    pub reader: BufReader<TcpStream>,
+    pub stream: TcpStream,
+}
+
+impl Client {
+    pub fn connect(port: u16) -> Client {
+        Client::connect_from(port, None)
+    }
+
+    /// Connects from a chosen local address (e.g. 127.0.0.2).
+    pub fn connect_from(port: u16, local: Option<&str>) -> Client {
+        let stream = match local {
+            None => TcpStream::connect(("127.0.0.1", port)).unwrap(),
+            Some(ip) => {
+                let sock = socket2_bind(ip);
+                sock.connect(&SocketAddr::from(([127, 0, 0, 1], port)).into())
+                    .unwrap();
+                sock.into()
+            }
+        };
+        stream
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        let reader = BufReader::new(stream.try_clone().unwrap());
+        let mut c = Client { reader, stream };
+        let greeting = c.reply();
+        assert!(greeting.starts_with("220 "), "greeting: {greeting}");
+        c
+    }
+
+    pub fn send(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).unwrap();
+    }
+
+    /// Reads one whole reply (all its lines), joined with \n.
+    pub fn reply(&mut self) -> String {
+        let mut all = String::new();
+        loop {
+            let mut line = String::new();
+            let n = self.reader.read_line(&mut line).unwrap_or(0);
+            if n == 0 {
+                all.push_str("<EOF>");
+                return all;
+            }
+            all.push_str(line.trim_end_matches(['\r', '\n']));
+            if line.len() < 4 || line.as_bytes()[3] != b'-' {
+                return all;
+            }
+            all.push('\n');
+        }
+    }
+
+    /// Sends a command line and returns the reply.
+    pub fn cmd(&mut self, line: &str) -> String {
+        self.send(format!("{line}\r\n").as_bytes());
+        self.reply()
+    }
+
+    /// True when the server closed the connection.
+    pub fn closed(&mut self) -> bool {
+        let mut b = [0u8; 1];
+        matches!(self.reader.read(&mut b), Ok(0))
+    }
+
+    /// A whole transaction; returns the final reply.
+    pub fn send_mail(&mut self, from: &str, to: &[&str], data: &[u8]) -> String {
+        let r = self.cmd(&format!("MAIL FROM:<{from}>"));
+        assert!(r.starts_with("250"), "MAIL: {r}");
+        for t in to {
+            let r = self.cmd(&format!("RCPT TO:<{t}>"));
+            assert!(r.starts_with("250"), "RCPT {t}: {r}");
+        }
+        let r = self.cmd("DATA");
+        assert!(r.starts_with("354"), "DATA: {r}");
+        self.send(data);
+        self.send(b".\r\n");
+        self.reply()
+    }
+}
+
+/// The queue id in a "250 2.0.0 Ok: queued as ID" reply.
+pub fn queued_id(reply: &str) -> Option<String> {
+    reply
+        .strip_prefix("250 2.0.0 Ok: queued as ")
+        .map(|s| s.trim().to_string())
+}
+
+fn socket2_bind(ip: &str) -> socket2::Socket {
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    let local: SocketAddr = format!("{ip}:0").parse().unwrap();
+    sock.bind(&local.into()).unwrap();
+    sock
+}
