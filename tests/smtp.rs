@@ -14,22 +14,46 @@ fn relayed_message_is_stored_with_exact_envelope_and_body() {
     let g = Gateway::start("");
     let mut c = Client::connect(g.relay);
     c.cmd("EHLO client.test");
-    let content = b"Subject: exact\r\nFrom: s@client.test\r\n\r\nline\r\n..dot-stuffed\r\n\r\nend\r\n";
-    let r = c.send_mail("s@client.test", &["a@elsewhere.example", "B@Other.Example"], content);
+    let content =
+        b"Subject: exact\r\nFrom: s@client.test\r\n\r\nline\r\n..dot-stuffed\r\n\r\nend\r\n";
+    let r = c.send_mail(
+        "s@client.test",
+        &["a@elsewhere.example", "B@Other.Example"],
+        content,
+    );
     let id = queued_id(&r).unwrap_or_else(|| panic!("not queued: {r}"));
     let q = g.queue();
     assert_eq!(q.len(), 1);
     let m = &q[0];
     assert_eq!(m["id"], id.as_str());
     assert_eq!(m["sender"], "s@client.test");
-    let rcpts: Vec<_> = m["recipients"].as_array().unwrap().iter().map(|r| r["address"].as_str().unwrap()).collect();
+    let rcpts: Vec<_> = m["recipients"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["address"].as_str().unwrap())
+        .collect();
     assert_eq!(rcpts, ["a@elsewhere.example", "B@Other.Example"]);
-    assert!(m["recipients"].as_array().unwrap().iter().all(|r| r["state"] == "queued" && r["attempts"] == 0));
+    assert!(m["recipients"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|r| r["state"] == "queued" && r["attempts"] == 0));
     let body = g.body(&id);
-    let unstuffed = b"Subject: exact\r\nFrom: s@client.test\r\n\r\nline\r\n.dot-stuffed\r\n\r\nend\r\n";
-    assert!(body.ends_with(unstuffed), "{}", String::from_utf8_lossy(&body));
+    let unstuffed =
+        b"Subject: exact\r\nFrom: s@client.test\r\n\r\nline\r\n.dot-stuffed\r\n\r\nend\r\n";
+    assert!(
+        body.ends_with(unstuffed),
+        "{}",
+        String::from_utf8_lossy(&body)
+    );
     let header = String::from_utf8_lossy(&body[..body.len() - unstuffed.len()]).to_string();
-    assert!(header.starts_with("Received: from client.test ([127.0.0.1])\r\n\tby gw.test (outpost) with ESMTP id "), "{header}");
+    assert!(
+        header.starts_with(
+            "Received: from client.test ([127.0.0.1])\r\n\tby gw.test (outpost) with ESMTP id "
+        ),
+        "{header}"
+    );
     assert!(header.contains(&id));
     assert_eq!(m["size"].as_u64().unwrap() as usize, body.len());
 }
@@ -40,7 +64,11 @@ fn restart_leaves_the_queue_unchanged() {
     let mut c = Client::connect(g.relay);
     c.cmd("EHLO client.test");
     for i in 0..5 {
-        let r = c.send_mail(&format!("s{i}@client.test"), &["a@elsewhere.example"], b"Subject: r\r\n\r\nx\r\n");
+        let r = c.send_mail(
+            &format!("s{i}@client.test"),
+            &["a@elsewhere.example"],
+            b"Subject: r\r\n\r\nx\r\n",
+        );
         assert!(queued_id(&r).is_some(), "{r}");
     }
     drop(c);
@@ -76,7 +104,10 @@ fn kill_9_during_load_loses_no_acknowledged_message() {
                     if !replies[2].starts_with("354") {
                         return;
                     }
-                    c.send(format!("Subject: load {w}/{n}\r\n\r\n{}\r\n.\r\n", "x".repeat(900)).as_bytes());
+                    c.send(
+                        format!("Subject: load {w}/{n}\r\n\r\n{}\r\n.\r\n", "x".repeat(900))
+                            .as_bytes(),
+                    );
                     let r = c.reply();
                     match queued_id(&r) {
                         Some(id) => acked.lock().unwrap().push(id),
@@ -86,7 +117,9 @@ fn kill_9_during_load_loses_no_acknowledged_message() {
             })
         })
         .collect();
-    wait_for("300 acknowledged messages", Duration::from_secs(60), || acked.lock().unwrap().len() >= 300);
+    wait_for("300 acknowledged messages", Duration::from_secs(60), || {
+        acked.lock().unwrap().len() >= 300
+    });
     g.kill9();
     stop.store(true, Ordering::Relaxed);
     for w in workers {
@@ -96,10 +129,17 @@ fn kill_9_during_load_loses_no_acknowledged_message() {
     g.spawn();
     let present: std::collections::HashSet<String> = g.queue_ids().into_iter().collect();
     let lost: Vec<_> = acked.iter().filter(|id| !present.contains(*id)).collect();
-    assert!(lost.is_empty(), "{} of {} acknowledged messages lost: {lost:?}", lost.len(), acked.len());
+    assert!(
+        lost.is_empty(),
+        "{} of {} acknowledged messages lost: {lost:?}",
+        lost.len(),
+        acked.len()
+    );
     // Every stored message is whole: its body ends with the content sent.
     for id in acked.iter().take(20) {
-        assert!(g.body(id).ends_with(format!("{}\r\n", "x".repeat(900)).as_bytes()));
+        assert!(g
+            .body(id)
+            .ends_with(format!("{}\r\n", "x".repeat(900)).as_bytes()));
     }
 }
 
@@ -115,7 +155,10 @@ fn sigterm_finishes_messages_in_flight_and_closes_idle_sessions() {
     assert!(busy.cmd("DATA").starts_with("354"));
     busy.send(b"Subject: in flight\r\n\r\nfirst half\r\n");
     let pid = g.pid();
-    std::process::Command::new("kill").arg(pid.to_string()).status().unwrap();
+    std::process::Command::new("kill")
+        .arg(pid.to_string())
+        .status()
+        .unwrap();
     // The idle session hears 421 at once.
     let r = idle.reply();
     assert!(r.starts_with("421 4.3.2"), "idle session got: {r}");
@@ -144,7 +187,10 @@ fn shutdown_grace_ends_with_421_and_nothing_half_stored() {
     busy.cmd("RCPT TO:<a@elsewhere.example>");
     assert!(busy.cmd("DATA").starts_with("354"));
     busy.send(b"Subject: never finished\r\n\r\n");
-    std::process::Command::new("kill").arg(g.pid().to_string()).status().unwrap();
+    std::process::Command::new("kill")
+        .arg(g.pid().to_string())
+        .status()
+        .unwrap();
     let r = busy.reply();
     assert!(r.starts_with("421 4.3.2"), "{r}");
     assert_eq!(g.stop(), Some(0));
@@ -178,7 +224,9 @@ fn connections_per_client_are_limited() {
     assert!(line.starts_with("421 4.7.0"), "{line}");
     slots.pop();
     // The slot is given back when a session ends.
-    wait_for("a free slot", Duration::from_secs(10), || greeted().is_some());
+    wait_for("a free slot", Duration::from_secs(10), || {
+        greeted().is_some()
+    });
 }
 
 #[test]
@@ -202,7 +250,11 @@ fn check_config_names_file_line_and_fix() {
 
     let g = Gateway::configure("");
     let out = g.cli(&["check-config"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let text = String::from_utf8_lossy(&out.stdout);
     // Defaults are filled in and printed.
     assert!(text.contains("max_recipients = 100"), "{text}");
@@ -231,12 +283,18 @@ fn user_commands() {
     let out = g.cli_stdin(&["user", "add", "alice", "--password-stdin"], Some("x\n"));
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("exists"));
-    let out = g.cli_stdin(&["user", "add", "bad name", "--password-stdin"], Some("x\n"));
+    let out = g.cli_stdin(
+        &["user", "add", "bad name", "--password-stdin"],
+        Some("x\n"),
+    );
     assert_eq!(out.status.code(), Some(64));
     g.add_user("bob", "pw2");
     let out = g.cli(&["user", "list"]);
     assert_eq!(String::from_utf8_lossy(&out.stdout), "alice\nbob\n");
-    let out = g.cli_stdin(&["user", "passwd", "alice", "--password-stdin"], Some("pw3\n"));
+    let out = g.cli_stdin(
+        &["user", "passwd", "alice", "--password-stdin"],
+        Some("pw3\n"),
+    );
     assert!(out.status.success());
     let store = outpost::queue::Store::open(&g.path("queue.sqlite")).unwrap();
     let hash = store.password_hash("alice").unwrap().unwrap();
@@ -255,9 +313,17 @@ fn queue_show_and_state_filter() {
     let g = Gateway::start("[hub]\nhold_domains = [\"other.example\"]\n");
     let mut c = Client::connect(g.relay);
     c.cmd("EHLO client.test");
-    let r = c.send_mail("s@client.test", &["a@elsewhere.example"], b"Subject: one\r\n\r\nx\r\n");
+    let r = c.send_mail(
+        "s@client.test",
+        &["a@elsewhere.example"],
+        b"Subject: one\r\n\r\nx\r\n",
+    );
     let up = queued_id(&r).unwrap();
-    let r = c.send_mail("s@client.test", &["b@other.example"], b"Subject: two\r\n\r\nx\r\n");
+    let r = c.send_mail(
+        "s@client.test",
+        &["b@other.example"],
+        b"Subject: two\r\n\r\nx\r\n",
+    );
     let held = queued_id(&r).unwrap();
     let out = g.cli(&["queue", "show", &held]);
     assert!(out.status.success());
@@ -265,14 +331,25 @@ fn queue_show_and_state_filter() {
     assert!(text.contains("from:        <s@client.test>"), "{text}");
     assert!(text.contains("b@other.example (held)"), "{text}");
     assert!(text.contains("Subject: two"), "{text}");
-    assert!(text.contains("received: from 127.0.0.1 via ESMTP"), "{text}");
+    assert!(
+        text.contains("received: from 127.0.0.1 via ESMTP"),
+        "{text}"
+    );
     let out = g.cli(&["queue", "list", "--json", "--state", "held"]);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let ids: Vec<_> = v.as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap()).collect();
+    let ids: Vec<_> = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
     assert_eq!(ids, [held.as_str()]);
     let out = g.cli(&["queue", "list"]);
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains(&up) && text.contains(&held) && text.contains("-- 2 messages"), "{text}");
+    assert!(
+        text.contains(&up) && text.contains(&held) && text.contains("-- 2 messages"),
+        "{text}"
+    );
     let out = g.cli(&["queue", "show", "NOSUCHID"]);
     assert_eq!(out.status.code(), Some(66));
 }
