@@ -24,7 +24,12 @@ use queue::{Store, Writer};
 use smtp::server::{self, Shared};
 
 /// Runs the gateway until `stop` resolves, then drains and returns.
-pub async fn serve(config: Config, stop: impl Future<Output = ()>) -> anyhow::Result<()> {
+/// `ready` is called once every listener is bound (main.rs tells systemd).
+pub async fn serve(
+    config: Config,
+    ready: impl FnOnce(),
+    stop: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
     let config = Arc::new(config);
     let store = Arc::new(Store::open(&config.store.path).context("store.path")?);
     let (writer, writer_thread) = Writer::start(&config.store.path)?;
@@ -66,6 +71,7 @@ pub async fn serve(config: Config, stop: impl Future<Output = ()>) -> anyhow::Re
     }
     let shared = Arc::new(Shared::new(config.clone(), store, writer, tls));
     info!(hostname = %config.hostname, store = %config.store.path.display(), "outpost ready");
+    ready();
     server::run(shared, listeners, stop).await;
     // Every session has ended; the last handle to the writer goes with
     // `shared`, and joining the thread waits for its last commit.

@@ -46,7 +46,7 @@ fn serve(cli: &Cli) -> ExitCode {
             return ExitCode::from(exit::SOFTWARE);
         }
     };
-    let result = runtime.block_on(outpost::serve(config, stop_signal()));
+    let result = runtime.block_on(outpost::serve(config, notify_ready, stop_signal()));
     match result {
         Ok(()) => ExitCode::from(exit::OK),
         Err(e) => {
@@ -55,6 +55,15 @@ fn serve(cli: &Cli) -> ExitCode {
             ExitCode::from(exit::CONFIG)
         }
     }
+}
+
+/// Tells systemd (Type=notify) that the listeners are up. Outside systemd
+/// NOTIFY_SOCKET is unset and this does nothing.
+fn notify_ready() {
+    let _ = sd_notify::notify(&[
+        sd_notify::NotifyState::Ready,
+        sd_notify::NotifyState::Status("accepting mail"),
+    ]);
 }
 
 /// Resolves on SIGTERM or SIGINT.
@@ -66,4 +75,5 @@ async fn stop_signal() {
         _ = term.recv() => tracing::info!("SIGTERM received"),
         _ = int.recv() => tracing::info!("SIGINT received"),
     }
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
 }

@@ -353,3 +353,54 @@ fn queue_show_and_state_filter() {
     let out = g.cli(&["queue", "show", "NOSUCHID"]);
     assert_eq!(out.status.code(), Some(66));
 }
+
+#[test]
+fn serve_tells_systemd_when_ready_and_when_stopping() {
+    let mut g = Gateway::configure("");
+    let sock_path = g.path("notify.sock");
+    let sock = std::os::unix::net::UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    g.spawn_with_env(&[("NOTIFY_SOCKET", sock_path.to_str().unwrap())]);
+    let mut buf = [0u8; 512];
+    let n = sock.recv(&mut buf).unwrap();
+    let msg = String::from_utf8_lossy(&buf[..n]).to_string();
+    assert!(msg.contains("READY=1"), "{msg}");
+    // Ready means listening: a client is greeted at once.
+    Client::connect(g.relay);
+    std::process::Command::new("kill")
+        .arg(g.pid().to_string())
+        .status()
+        .unwrap();
+    let n = sock.recv(&mut buf).unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).contains("STOPPING=1"));
+    assert_eq!(g.stop(), Some(0));
+}
+
+#[test]
+fn json_logs_carry_peer_and_queue_id() {
+    let g = Gateway::start("[log]\nformat = \"json\"\n");
+    let mut c = Client::connect(g.relay);
+    c.cmd("EHLO client.test");
+    let id = queued_id(&c.send_mail(
+        "s@client.test",
+        &["a@elsewhere.example"],
+        b"Subject: j\r\n\r\nx\r\n",
+    ))
+    .unwrap();
+    wait_for("the queued log line", Duration::from_secs(10), || {
+        g.log().contains(&id)
+    });
+    let line = g
+        .log()
+        .lines()
+        .find(|l| l.contains(&id))
+        .unwrap()
+        .to_string();
+    let v: serde_json::Value =
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
+    assert_eq!(v["message"], "queued");
+    assert_eq!(v["queue_id"], id.as_str());
+    assert!(v["peer"].as_str().unwrap().starts_with("127.0.0.1:"));
+    assert_eq!(v["from"], "s@client.test");
+}

@@ -96,6 +96,10 @@ socket = "{d}/control.sock"
     }
 
     pub fn spawn(&mut self) {
+        self.spawn_with_env(&[]);
+    }
+
+    pub fn spawn_with_env(&mut self, env: &[(&str, &str)]) {
         assert!(self.child.is_none());
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -106,6 +110,7 @@ socket = "{d}/control.sock"
             .args(["serve", "--config"])
             .arg(&self.config_path)
             .env("OUTPOST_LOG", "debug")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
