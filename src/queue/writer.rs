@@ -73,30 +73,42 @@ fn run(mut conn: Connection, path: PathBuf, mut rx: mpsc::UnboundedReceiver<Requ
                 Err(_) => break,
             }
         }
-        let result = commit(&mut conn, &path, &batch);
-        for req in batch.drain(..) {
+        let results = commit(&mut conn, &path, &batch);
+        for (req, result) in batch.drain(..).zip(results) {
             let Request::Insert(_, done) = req;
-            let answer = match &result {
-                Ok(()) => Ok(()),
-                Err(e) => Err(clone_err(e, &path)),
-            };
-            let _ = done.send(answer);
+            let _ = done.send(result);
         }
     }
 }
 
-fn commit(conn: &mut Connection, path: &Path, batch: &[Request]) -> Result<(), StoreError> {
-    let tx = conn.transaction().map_err(sql_err(path))?;
+/// Writes the batch in one transaction. Each message has its own savepoint,
+/// so one that cannot be written fails alone; a failed commit fails all.
+fn commit(conn: &mut Connection, path: &Path, batch: &[Request]) -> Vec<Result<(), StoreError>> {
+    let mut results: Vec<Result<(), StoreError>> = Vec::with_capacity(batch.len());
+    let mut tx = match conn.transaction() {
+        Ok(tx) => tx,
+        Err(e) => return batch.iter().map(|_| Err(copy_err(&e, path))).collect(),
+    };
     for req in batch {
         let Request::Insert(m, _) = req;
-        insert(&tx, m).map_err(sql_err(path))?;
+        let r = (|| {
+            let sp = tx.savepoint()?;
+            insert(&sp, m)?;
+            sp.commit()
+        })();
+        results.push(r.map_err(sql_err(path)));
     }
-    // Dropping `tx` on error rolls the whole batch back; every session in it
+    // Dropping an uncommitted `tx` rolls the batch back; every session in it
     // hears the error and answers 4xx, so nothing is acknowledged unstored.
-    tx.commit().map_err(sql_err(path))
+    if let Err(e) = tx.commit() {
+        for r in results.iter_mut().filter(|r| r.is_ok()) {
+            *r = Err(copy_err(&e, path));
+        }
+    }
+    results
 }
 
-fn insert(tx: &rusqlite::Transaction<'_>, m: &NewMessage) -> rusqlite::Result<()> {
+fn insert(tx: &rusqlite::Savepoint<'_>, m: &NewMessage) -> rusqlite::Result<()> {
     tx.prepare_cached(
         "INSERT INTO messages (id, received_at, sender, size, client_addr, client_helo,
                                auth_user, protocol, body_type, smtputf8, dsn_ret, dsn_envid)
@@ -156,16 +168,13 @@ fn insert(tx: &rusqlite::Transaction<'_>, m: &NewMessage) -> rusqlite::Result<()
 }
 
 /// rusqlite errors are not Clone; rebuild one per waiting session.
-fn clone_err(e: &StoreError, path: &Path) -> StoreError {
+fn copy_err(e: &rusqlite::Error, path: &Path) -> StoreError {
     match e {
-        StoreError::Sqlite {
-            source: rusqlite::Error::SqliteFailure(code, msg),
-            ..
-        } => StoreError::Sqlite {
+        rusqlite::Error::SqliteFailure(code, msg) => StoreError::Sqlite {
             path: path.to_path_buf(),
             source: rusqlite::Error::SqliteFailure(*code, msg.clone()),
         },
-        other => StoreError::Failed(other.to_string()),
+        other => StoreError::Failed(format!("database {}: {other}", path.display())),
     }
 }
 
@@ -237,6 +246,23 @@ mod tests {
             store.body(&m.id).unwrap().unwrap(),
             b"Subject: t\r\n\r\nhello\r\n"
         );
+    }
+
+    #[tokio::test]
+    async fn a_failing_message_fails_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("q.sqlite");
+        let store = Store::open(&path).unwrap();
+        let (writer, _thread) = Writer::start(&path).unwrap();
+        let first = msg(1);
+        let mut dup = msg(2);
+        dup.id = first.id.clone();
+        writer.insert(first).await.unwrap();
+        // Two at once: the duplicate id fails, the other is committed.
+        let (a, b) = tokio::join!(writer.insert(dup), writer.insert(msg(3)));
+        assert!(a.is_err());
+        b.unwrap();
+        assert_eq!(store.list(None).unwrap().len(), 2);
     }
 
     #[test]

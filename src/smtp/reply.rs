@@ -160,11 +160,11 @@ pub fn nested_mail() -> Reply {
 pub fn need_rcpt() -> Reply {
     Reply::new(554, "5.5.1", "No valid recipients")
 }
-pub fn bdat_then_data() -> Reply {
+pub fn bdat_in_progress() -> Reply {
     Reply::new(
         503,
         "5.5.1",
-        "DATA cannot follow BDAT in one transaction: send RSET",
+        "A BDAT transfer is in progress: finish it with BDAT LAST, or send RSET",
     )
 }
 pub fn too_many_errors() -> Reply {

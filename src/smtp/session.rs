@@ -363,7 +363,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             return self.error(reply::need_mail());
         };
         if tx.bdat.is_some() {
-            return self.error(reply::bdat_then_data());
+            return self.error(reply::bdat_in_progress());
         }
         if !to.address.is_ascii() && !tx.smtputf8 {
             return self.reply(reply::non_ascii_address());
@@ -448,7 +448,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             return self.error(r);
         }
         if self.tx.as_ref().is_some_and(|t| t.bdat.is_some()) {
-            return self.error(reply::bdat_then_data());
+            return self.error(reply::bdat_in_progress());
         }
         let id = QueueId::generate();
         let limit = self.shared.config.relay.max_message_size as usize;
