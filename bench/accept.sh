@@ -26,12 +26,12 @@
 # Every process started here is stopped by PID on exit; temp dirs are removed.
 #
 # Environment (defaults in brackets):
-#   COUNT [3000]  SESSIONS [10]  RUNS [3]  SIZES ["1024 10240"] (body bytes, smtp-source -l)
+#   COUNT [10000]  SESSIONS [10]  RUNS [3]  SIZES ["1024 10240"] (body bytes, smtp-source -l)
 #   HOLD_SESSIONS [100]  KEEP_DIR [unset: raw results are deleted with the temp dir]
 #   CPU_PY [/work/shared/bench/cpu.py; an embedded copy is used if it is missing]
 set -eu
 
-COUNT=${COUNT:-3000}
+COUNT=${COUNT:-10000}
 SESSIONS=${SESSIONS:-10}
 RUNS=${RUNS:-3}
 SIZES=${SIZES:-1024 10240}
@@ -268,8 +268,12 @@ pf_busy() { find "$PF/spool/incoming" "$PF/spool/active" -type f 2>/dev/null | w
 pf_purge() { postsuper -c "$PF/conf" -d ALL >/dev/null 2>&1 || true; : >"$PF/maillog"; sync; sleep 1; }
 
 # ------------------------------------------------------------------ one load run
-run_source() {  # run_source PORT SIZE -> ELAPSED; fails if smtp-source did
+cpu_children() { # children CPU seconds of this shell, from the builtin `times` output in $1
+    awk 'NR==2{n=0; for(i=1;i<=2;i++){split($i,a,"m"); sub("s","",a[2]); n+=a[1]*60+a[2]}; printf "%.3f", n}' "$1"
+}
+run_source() {  # run_source PORT SIZE -> ELAPSED, CLIENT_PCT; fails if smtp-source did
     local port=$1 size=$2 t0 t1 rc=0
+    times >"$T/times0"      # builtin, no fork: only smtp-source is reaped until times1
     t0=$(now)
     "$SMTP_SOURCE" -4 -s "$SESSIONS" -m "$COUNT" -l "$size" -f bench@source.example \
         -t sink@dest.example -M bench-client "127.0.0.1:$port" 2>"$T/src.err" &
@@ -277,21 +281,24 @@ run_source() {  # run_source PORT SIZE -> ELAPSED; fails if smtp-source did
     wait "$SRC_PID" || rc=$?
     SRC_PID=
     t1=$(now)
+    times >"$T/times1"
     if [ "$rc" -ne 0 ] || grep -qiE 'fatal|error' "$T/src.err"; then
         tail -5 "$T/src.err" >&2; return 1
     fi
     ELAPSED=$(awk -v a="$t0" -v b="$t1" 'BEGIN{printf "%.3f", b-a}')
+    CLIENT_PCT=$(awk -v a="$(cpu_children "$T/times0")" -v b="$(cpu_children "$T/times1")" -v e="$ELAPSED" \
+        'BEGIN{printf "%.0f", 100*(b-a)/e}')
 }
 
-printf 'server\tsize\tround\tcount\telapsed_s\tmsgs_per_s\tcpu_ms_per_msg\tcpu_settled_ms_per_msg\tsys_busy_pct\tqueued\trss_after_kb\n' >"$T/results.tsv"
+printf 'server\tsize\tround\tcount\telapsed_s\tmsgs_per_s\tcpu_ms_per_msg\tcpu_settled_ms_per_msg\tsys_busy_pct\tclient_cpu_pct\tqueued\trss_after_kb\n' >"$T/results.tsv"
 record() {  # server size round cpu_s cpu_settled_s busy queued rss
     local rate
     rate=$(awk -v n="$COUNT" -v e="$ELAPSED" 'BEGIN{printf "%.1f", n/e}')
-    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$COUNT" "$ELAPSED" "$rate" \
+    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$COUNT" "$ELAPSED" "$rate" \
         "$(awk -v c="$4" -v n="$COUNT" 'BEGIN{printf "%.3f", c*1000/n}')" \
         "$(awk -v c="$5" -v n="$COUNT" 'BEGIN{printf "%.3f", c*1000/n}')" \
-        "$6" "$7" "$8" >>"$T/results.tsv"
-    log "$1 size=$2 round=$3: $rate msgs/s, $(awk -v c="$4" -v n="$COUNT" 'BEGIN{printf "%.2f", c*1000/n}') ms CPU/msg, machine busy $6%, queued $7/$COUNT"
+        "$6" "$CLIENT_PCT" "$7" "$8" >>"$T/results.tsv"
+    log "$1 size=$2 round=$3: $rate msgs/s, $(awk -v c="$4" -v n="$COUNT" 'BEGIN{printf "%.2f", c*1000/n}') ms CPU/msg, machine busy $6%, smtp-source ${CLIENT_PCT}% of a core, queued $7/$COUNT"
 }
 
 run_outpost() {  # size round
@@ -395,14 +402,15 @@ def kib(s): return "%g KiB" % (int(s) / 1024)
 print()
 print("Accept, %s sessions, %s messages per run, one message per connection, medians of %s (Postfix %s, defer_transports=smtp):" % (sess, count, runs, pfv))
 print()
-print("| size | outpost msgs/s | Postfix msgs/s | outpost / Postfix | outpost CPU ms/msg | Postfix CPU ms/msg (incl. qmgr settle) | runs outpost / Postfix msgs/s |")
-print("|---|---|---|---|---|---|---|")
+print("| size | outpost msgs/s | Postfix msgs/s | outpost / Postfix | outpost CPU ms/msg | Postfix CPU ms/msg (incl. qmgr settle) | smtp-source CPU, % of a core, outpost / Postfix | runs outpost / Postfix msgs/s |")
+print("|---|---|---|---|---|---|---|---|")
 for s in sizes:
     o, p = med(pick("outpost", s, "msgs_per_s")), med(pick("postfix", s, "msgs_per_s"))
-    print("| %s | %.0f | %.0f | %.2fx | %.2f | %.2f (%.2f) | %s / %s |" % (
+    print("| %s | %.0f | %.0f | %.2fx | %.2f | %.2f (%.2f) | %.0f / %.0f | %s / %s |" % (
         kib(s), o, p, o / p,
         med(pick("outpost", s, "cpu_ms_per_msg")), med(pick("postfix", s, "cpu_ms_per_msg")),
         med(pick("postfix", s, "cpu_settled_ms_per_msg")),
+        med(pick("outpost", s, "client_cpu_pct")), med(pick("postfix", s, "client_cpu_pct")),
         ", ".join("%.0f" % float(x) for x in pick("outpost", s, "msgs_per_s")),
         ", ".join("%.0f" % float(x) for x in pick("postfix", s, "msgs_per_s"))))
 print()
