@@ -27,6 +27,7 @@ pub struct Config {
     pub store: StoreConfig,
     #[serde(default)]
     pub listen: Vec<Listen>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub tls: Option<TlsConfig>,
     #[serde(default)]
     pub relay: RelayConfig,
@@ -69,6 +70,7 @@ pub struct Listen {
     pub mode: ListenMode,
     /// Offer AUTH (SMTP) or plain-text login before TLS. Defaults to on for
     /// listeners bound to a loopback address only.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub plaintext_auth: Option<bool>,
 }
 
@@ -219,10 +221,33 @@ pub struct UpstreamConfig {
     /// `[host]:port` connects to that host; `host:port` looks up MX records.
     pub server: String,
     pub tls: UpstreamTls,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub ca_file: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub username: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub password_file: Option<PathBuf>,
+    /// Parallel connections to the upstream during a flush.
     pub connections: u32,
+    /// The name the upstream's certificate must carry; defaults to the host
+    /// in `server`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_name: Option<String>,
+    /// A DNS server ("127.0.0.1:53") for MX lookups instead of the system's.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub resolver: Option<SocketAddr>,
+    /// Envelope sender of DSNs; empty (the null sender) unless set, for
+    /// upstreams that refuse <> from an authenticated client.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dsn_sender: Option<String>,
+    #[serde(with = "humantime_serde_compat")]
+    pub connect_timeout: Duration,
+    /// Waiting for a reply to a command (RFC 5321 §4.5.3.2: 5 minutes).
+    #[serde(with = "humantime_serde_compat")]
+    pub command_timeout: Duration,
+    /// Sending a message and waiting for the reply to its end (10 minutes).
+    #[serde(with = "humantime_serde_compat")]
+    pub data_timeout: Duration,
 }
 
 impl Default for UpstreamConfig {
@@ -234,14 +259,66 @@ impl Default for UpstreamConfig {
             username: None,
             password_file: None,
             connections: 1,
+            tls_name: None,
+            resolver: None,
+            dsn_sender: None,
+            connect_timeout: Duration::from_secs(30),
+            command_timeout: Duration::from_secs(300),
+            data_timeout: Duration::from_secs(600),
         }
     }
+}
+
+impl UpstreamConfig {
+    /// Splits `server` into (host, port, literal): `[host]:port` is used as
+    /// is, `host:port` means an MX lookup first. The port defaults to 25.
+    pub fn target(&self) -> Result<(String, u16, bool), String> {
+        let s = self.server.trim();
+        let (host, literal, rest) = if let Some(inner) = s.strip_prefix('[') {
+            let (h, rest) = inner
+                .split_once(']')
+                .ok_or_else(|| format!("`{s}`: missing `]` after the host"))?;
+            (h.to_string(), true, rest)
+        } else {
+            match s.rsplit_once(':') {
+                Some((h, p)) if !h.contains(':') => {
+                    (h.to_string(), false, &s[h.len()..][..p.len() + 1])
+                }
+                _ => (s.to_string(), false, ""),
+            }
+        };
+        let port = match rest.strip_prefix(':') {
+            Some(p) => p
+                .parse()
+                .map_err(|_| format!("`{s}`: `{p}` is not a port number"))?,
+            None if rest.is_empty() => 25,
+            None => return Err(format!("`{s}`: expected \"[host]:port\" or \"host:port\"")),
+        };
+        if host.is_empty() {
+            return Err(format!("`{s}`: no host"));
+        }
+        Ok((host, port, literal))
+    }
+}
+
+/// What to do with a message whose final dot was sent but whose reply never
+/// came (RFC 1047).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Uncertain {
+    /// Send it again on the next flush (a duplicate is possible).
+    Resend,
+    /// Keep it held until the administrator releases or deletes it.
+    Hold,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct FlushConfig {
-    #[serde(with = "humantime_serde_compat::option")]
+    #[serde(
+        with = "humantime_serde_compat::option",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub interval: Option<Duration>,
     pub on_submit: bool,
     pub etrn: Vec<String>,
@@ -260,6 +337,7 @@ pub struct RetryConfig {
     pub max_age_absolute: Duration,
     #[serde(with = "humantime_serde_compat")]
     pub delay_warning: Duration,
+    pub uncertain: Uncertain,
 }
 
 impl Default for RetryConfig {
@@ -271,6 +349,7 @@ impl Default for RetryConfig {
             max_age: Duration::from_secs(5 * 24 * h),
             max_age_absolute: Duration::from_secs(30 * 24 * h),
             delay_warning: Duration::from_secs(4 * h),
+            uncertain: Uncertain::Resend,
         }
     }
 }
@@ -281,6 +360,7 @@ pub struct LocalConfig {
     #[serde(deserialize_with = "domains")]
     pub domains: Vec<String>,
     /// Account that receives mail for `postmaster` in every local domain.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub postmaster: Option<String>,
     /// Extra names: `alias = ["account", "someone@elsewhere.example"]`.
     pub aliases: BTreeMap<String, Vec<String>>,
@@ -534,6 +614,9 @@ impl Config {
         if self.smtp.max_connections == 0 || self.smtp.max_connections_per_client == 0 {
             return Err(("max_connections", "must be at least 1".into()));
         }
+        if let Err(e) = self.upstream.target() {
+            return Err(("server", e));
+        }
         if self.upstream.connections == 0 {
             return Err(("connections", "must be at least 1".into()));
         }
@@ -659,6 +742,33 @@ mod tests {
         assert!(c.relay.may_relay("127.0.0.1".parse().unwrap()));
         assert!(c.relay.may_relay("::ffff:127.0.0.1".parse().unwrap()));
         assert!(!c.relay.may_relay("127.0.0.2".parse().unwrap()));
+    }
+
+    #[test]
+    fn upstream_targets() {
+        let t = |s: &str| {
+            UpstreamConfig {
+                server: s.into(),
+                ..UpstreamConfig::default()
+            }
+            .target()
+        };
+        assert_eq!(
+            t("[127.0.0.1]:2626").unwrap(),
+            ("127.0.0.1".into(), 2626, true)
+        );
+        assert_eq!(
+            t("[smtp.hq.example]").unwrap(),
+            ("smtp.hq.example".into(), 25, true)
+        );
+        assert_eq!(
+            t("hq.example:587").unwrap(),
+            ("hq.example".into(), 587, false)
+        );
+        assert_eq!(t("hq.example").unwrap(), ("hq.example".into(), 25, false));
+        assert_eq!(t("[::1]:25").unwrap(), ("::1".into(), 25, true));
+        assert!(t("hq.example:smtp").is_err());
+        assert!(t("[hq.example").is_err());
     }
 
     #[test]

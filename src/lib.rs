@@ -9,6 +9,7 @@ pub mod auth;
 pub mod cli;
 pub mod config;
 pub mod queue;
+pub mod relay;
 pub mod smtp;
 pub mod tls;
 

@@ -16,13 +16,16 @@ use std::time::Duration;
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 
 pub use model::*;
-pub use writer::Writer;
+pub use writer::{Change, RecipientChange, Writer, WriterThread};
 
 /// Schema migrations, in order. Each is applied once; never edit a shipped one.
-const MIGRATIONS: &[(&str, &str)] = &[(
-    "0001_initial",
-    include_str!("../../schema/0001_initial.sql"),
-)];
+const MIGRATIONS: &[(&str, &str)] = &[
+    (
+        "0001_initial",
+        include_str!("../../schema/0001_initial.sql"),
+    ),
+    ("0002_flush", include_str!("../../schema/0002_flush.sql")),
+];
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -269,6 +272,154 @@ impl Store {
                 r.get(0)
             })
             .optional()
+        })
+    }
+
+    // ---- flushing ---------------------------------------------------------
+
+    /// Every message with recipients still to go upstream (`queued` or
+    /// `deferred`, due or not), oldest first. The flusher picks what is due.
+    pub fn pending_upstream(&self) -> Result<Vec<DueMessage>, StoreError> {
+        self.with(|c| {
+            let mut st = c.prepare_cached(
+                "SELECT m.id, m.received_at, m.up_clock_at_receipt, m.sender, m.body_type, m.smtputf8,
+                        m.dsn_ret, m.dsn_envid,
+                        r.idx, r.address, r.attempts, r.dsn_notify, r.dsn_orcpt, r.warned, r.last_reply,
+                        r.domain, r.next_attempt
+                   FROM recipients r JOIN messages m ON m.id = r.message_id
+                  WHERE r.route = 'upstream' AND r.state IN ('queued', 'deferred')
+                  ORDER BY m.received_at, m.id, r.idx",
+            )?;
+            let mut out: Vec<DueMessage> = Vec::new();
+            let rows = st.query_map([], |r| {
+                Ok((
+                    DueMessage {
+                        id: r.get(0)?,
+                        received_at: r.get(1)?,
+                        up_clock_at_receipt: r.get(2)?,
+                        sender: r.get(3)?,
+                        body_type: r.get(4)?,
+                        smtputf8: r.get(5)?,
+                        dsn_ret: r.get(6)?,
+                        dsn_envid: r.get(7)?,
+                        recipients: Vec::new(),
+                    },
+                    DueRecipient {
+                        idx: r.get(8)?,
+                        address: r.get(9)?,
+                        attempts: r.get(10)?,
+                        notify: r.get(11)?,
+                        orcpt: r.get(12)?,
+                        warned: r.get(13)?,
+                        last_reply: r.get(14)?,
+                        domain: r.get(15)?,
+                        next_attempt: r.get(16)?,
+                    },
+                ))
+            })?;
+            for row in rows {
+                let (m, rcpt) = row?;
+                match out.last_mut() {
+                    Some(last) if last.id == m.id => last.recipients.push(rcpt),
+                    _ => out.push(DueMessage { recipients: vec![rcpt], ..m }),
+                }
+            }
+            Ok(out)
+        })
+    }
+
+    /// The link row, with the link-up clock brought up to `now`.
+    pub fn link(&self, now: i64) -> Result<LinkStatus, StoreError> {
+        self.with(|c| {
+            c.query_row(
+                "SELECT state, since, last_error, last_flush_at, last_flush_result,
+                        up_total + CASE WHEN state = 'up' THEN max(0, ?1 - clock_at) ELSE 0 END
+                   FROM link WHERE id = 1",
+                [now],
+                |r| {
+                    let state: String = r.get(0)?;
+                    Ok(LinkStatus {
+                        state: state.parse().unwrap_or(LinkState::Unknown),
+                        since: r.get(1)?,
+                        last_error: r.get(2)?,
+                        last_flush_at: r.get(3)?,
+                        last_flush_result: r.get(4)?,
+                        up_clock: r.get(5)?,
+                    })
+                },
+            )
+        })
+    }
+
+    /// Recipients by state (of messages that still have a body or are pending),
+    /// the received time of the oldest pending message, and the number of
+    /// recipients whose delivery is uncertain.
+    pub fn counts(&self) -> Result<QueueCounts, StoreError> {
+        self.with(|c| {
+            let mut st = c.prepare_cached(
+                "SELECT state, count(*) FROM recipients
+                  WHERE state IN ('queued', 'deferred', 'held') GROUP BY state",
+            )?;
+            let by_state = st
+                .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?
+                .collect::<Result<Vec<_>, _>>()?;
+            let oldest: Option<i64> = c.query_row(
+                "SELECT min(m.received_at) FROM messages m WHERE EXISTS (
+                    SELECT 1 FROM recipients r WHERE r.message_id = m.id
+                       AND r.state IN ('queued', 'deferred', 'held'))",
+                [],
+                |r| r.get(0),
+            )?;
+            let uncertain: i64 = c.query_row(
+                "SELECT count(*) FROM recipients WHERE uncertain = 1 AND state IN ('queued', 'deferred', 'held')",
+                [],
+                |r| r.get(0),
+            )?;
+            let next_due: Option<i64> = c.query_row(
+                "SELECT min(next_attempt) FROM recipients
+                  WHERE route = 'upstream' AND state IN ('queued', 'deferred')",
+                [],
+                |r| r.get(0),
+            )?;
+            Ok(QueueCounts { by_state, oldest, uncertain, next_due })
+        })
+    }
+
+    /// Pending recipients of `ids` (all pending messages when `ids` is empty),
+    /// for administrative commands.
+    pub fn pending_recipients(
+        &self,
+        ids: &[String],
+    ) -> Result<Vec<(String, u32, RecipientState)>, StoreError> {
+        self.with(|c| {
+            let mut st = c.prepare_cached(
+                "SELECT message_id, idx, state FROM recipients
+                  WHERE state IN ('queued', 'deferred', 'held') ORDER BY message_id, idx",
+            )?;
+            let rows = st.query_map([], |r| {
+                let s: String = r.get(2)?;
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, u32>(1)?,
+                    s.parse().unwrap_or(RecipientState::Queued),
+                ))
+            })?;
+            let mut out = Vec::new();
+            for row in rows {
+                let row = row?;
+                if ids.is_empty() || ids.contains(&row.0) {
+                    out.push(row);
+                }
+            }
+            Ok(out)
+        })
+    }
+
+    /// True when a message with this id exists.
+    pub fn exists(&self, id: &str) -> Result<bool, StoreError> {
+        self.with(|c| {
+            c.prepare_cached("SELECT 1 FROM messages WHERE id = ?1")?
+                .exists([id])
         })
     }
 

@@ -131,6 +131,92 @@ impl FromStr for RecipientState {
     }
 }
 
+/// What is known about the link to the upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LinkState {
+    Up,
+    Down,
+    Unknown,
+}
+
+impl LinkState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LinkState::Up => "up",
+            LinkState::Down => "down",
+            LinkState::Unknown => "unknown",
+        }
+    }
+}
+
+impl FromStr for LinkState {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Ok(match s {
+            "up" => LinkState::Up,
+            "down" => LinkState::Down,
+            "unknown" => LinkState::Unknown,
+            _ => return Err(format!("unknown link state {s}")),
+        })
+    }
+}
+
+impl fmt::Display for LinkState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The link row, as `outpost status` shows it.
+#[derive(Debug, Clone)]
+pub struct LinkStatus {
+    pub state: LinkState,
+    pub since: i64,
+    pub last_error: Option<String>,
+    pub last_flush_at: Option<i64>,
+    pub last_flush_result: Option<String>,
+    /// Seconds the link has been up, in all, as of now.
+    pub up_clock: i64,
+}
+
+/// Pending recipients by state, for `outpost status`.
+#[derive(Debug, Clone, Default)]
+pub struct QueueCounts {
+    pub by_state: Vec<(String, i64)>,
+    /// When the oldest pending message arrived.
+    pub oldest: Option<i64>,
+    pub uncertain: i64,
+    /// The earliest next attempt of an upstream recipient.
+    pub next_due: Option<i64>,
+}
+
+/// A message with recipients due for the upstream.
+#[derive(Debug, Clone)]
+pub struct DueMessage {
+    pub id: String,
+    pub received_at: i64,
+    pub up_clock_at_receipt: i64,
+    pub sender: String,
+    pub body_type: Option<String>,
+    pub smtputf8: bool,
+    pub dsn_ret: Option<String>,
+    pub dsn_envid: Option<String>,
+    pub recipients: Vec<DueRecipient>,
+}
+
+#[derive(Debug, Clone)]
+pub struct DueRecipient {
+    pub idx: u32,
+    pub address: String,
+    pub attempts: u32,
+    pub notify: Option<String>,
+    pub orcpt: Option<String>,
+    pub warned: bool,
+    pub last_reply: Option<String>,
+    pub domain: String,
+    pub next_attempt: i64,
+}
+
 /// A message accepted by a session, ready to be committed.
 #[derive(Debug, Clone)]
 pub struct NewMessage {

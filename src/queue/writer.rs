@@ -12,13 +12,53 @@ use std::thread;
 use rusqlite::{params, Connection};
 use tokio::sync::{mpsc, oneshot};
 
-use super::{connect, sql_err, NewMessage, StoreError};
+use super::{connect, sql_err, LinkState, NewMessage, RecipientState, StoreError};
 
 /// Requests in one transaction at most: bounds the time one commit takes.
 const MAX_BATCH: usize = 512;
 
-enum Request {
-    Insert(Box<NewMessage>, oneshot::Sender<Result<(), StoreError>>),
+/// One change to the store. A request's changes are applied together or
+/// not at all (one savepoint), so e.g. a bounce and its DSN land at once.
+#[derive(Debug, Clone)]
+pub enum Change {
+    /// A new message, from a session or a DSN.
+    Insert(Box<NewMessage>),
+    /// A recipient's new state after an attempt or an administrator's action.
+    Recipient(RecipientChange),
+    /// The link was found up or down at `at`.
+    Link {
+        state: LinkState,
+        error: Option<String>,
+        at: i64,
+    },
+    /// A flush ended.
+    FlushDone { at: i64, result: String },
+    /// A delay warning went out for this recipient.
+    Warned { message_id: String, idx: u32 },
+    /// Delete a message outright (administrator).
+    Delete { message_id: String },
+}
+
+#[derive(Debug, Clone)]
+pub struct RecipientChange {
+    pub message_id: String,
+    pub idx: u32,
+    pub state: RecipientState,
+    /// True when this was a delivery attempt (burns one).
+    pub attempted: bool,
+    pub next_attempt: i64,
+    pub last_reply: Option<String>,
+    pub uncertain: bool,
+    pub warned: bool,
+    pub at: i64,
+    /// History: what happened, and the detail (reply, peer).
+    pub event: &'static str,
+    pub detail: String,
+}
+
+struct Request {
+    changes: Vec<Change>,
+    done: oneshot::Sender<Result<(), StoreError>>,
 }
 
 /// A handle to the writer thread; cheap to clone.
@@ -55,9 +95,14 @@ impl Writer {
 
     /// Commits `msg` durably; returns once it is on disk.
     pub async fn insert(&self, msg: NewMessage) -> Result<(), StoreError> {
+        self.apply(vec![Change::Insert(Box::new(msg))]).await
+    }
+
+    /// Commits `changes` durably and together; returns once on disk.
+    pub async fn apply(&self, changes: Vec<Change>) -> Result<(), StoreError> {
         let (done, wait) = oneshot::channel();
         self.tx
-            .send(Request::Insert(Box::new(msg), done))
+            .send(Request { changes, done })
             .map_err(|_| StoreError::WriterGone)?;
         wait.await.map_err(|_| StoreError::WriterGone)?
     }
@@ -75,8 +120,7 @@ fn run(mut conn: Connection, path: PathBuf, mut rx: mpsc::UnboundedReceiver<Requ
         }
         let results = commit(&mut conn, &path, &batch);
         for (req, result) in batch.drain(..).zip(results) {
-            let Request::Insert(_, done) = req;
-            let _ = done.send(result);
+            let _ = req.done.send(result);
         }
     }
 }
@@ -90,10 +134,11 @@ fn commit(conn: &mut Connection, path: &Path, batch: &[Request]) -> Vec<Result<(
         Err(e) => return batch.iter().map(|_| Err(copy_err(&e, path))).collect(),
     };
     for req in batch {
-        let Request::Insert(m, _) = req;
         let r = (|| {
             let sp = tx.savepoint()?;
-            insert(&sp, m)?;
+            for c in &req.changes {
+                apply(&sp, c)?;
+            }
             sp.commit()
         })();
         results.push(r.map_err(sql_err(path)));
@@ -108,11 +153,87 @@ fn commit(conn: &mut Connection, path: &Path, batch: &[Request]) -> Vec<Result<(
     results
 }
 
+fn apply(tx: &rusqlite::Savepoint<'_>, c: &Change) -> rusqlite::Result<()> {
+    match c {
+        Change::Insert(m) => insert(tx, m),
+        Change::Recipient(r) => recipient(tx, r),
+        Change::Link { state, error, at } => {
+            // Bring the link-up clock up to date, then switch state.
+            tx.prepare_cached(
+                "UPDATE link SET
+                    up_total = up_total + CASE WHEN state = 'up' THEN max(0, ?1 - clock_at) ELSE 0 END,
+                    clock_at = ?1,
+                    since = CASE WHEN state = ?2 THEN since ELSE ?1 END,
+                    state = ?2,
+                    last_error = ?3
+                  WHERE id = 1",
+            )?
+            .execute(params![at, state.as_str(), error])?;
+            Ok(())
+        }
+        Change::FlushDone { at, result } => {
+            tx.prepare_cached(
+                "UPDATE link SET last_flush_at = ?1, last_flush_result = ?2 WHERE id = 1",
+            )?
+            .execute(params![at, result])?;
+            Ok(())
+        }
+        Change::Warned { message_id, idx } => {
+            tx.prepare_cached(
+                "UPDATE recipients SET warned = 1 WHERE message_id = ?1 AND idx = ?2",
+            )?
+            .execute(params![message_id, idx])?;
+            Ok(())
+        }
+        Change::Delete { message_id } => {
+            tx.prepare_cached("DELETE FROM messages WHERE id = ?1")?
+                .execute([message_id])?;
+            Ok(())
+        }
+    }
+}
+
+fn recipient(tx: &rusqlite::Savepoint<'_>, r: &RecipientChange) -> rusqlite::Result<()> {
+    tx.prepare_cached(
+        "UPDATE recipients SET state = ?3, attempts = attempts + ?4, next_attempt = ?5,
+                last_reply = coalesce(?6, last_reply), uncertain = ?7, warned = max(warned, ?8),
+                updated_at = ?9
+          WHERE message_id = ?1 AND idx = ?2",
+    )?
+    .execute(params![
+        r.message_id,
+        r.idx,
+        r.state.as_str(),
+        r.attempted as i64,
+        r.next_attempt,
+        r.last_reply,
+        r.uncertain,
+        r.warned,
+        r.at,
+    ])?;
+    tx.prepare_cached(
+        "INSERT INTO history (message_id, rcpt_idx, at, event, detail) VALUES (?1, ?2, ?3, ?4, ?5)",
+    )?
+    .execute(params![r.message_id, r.idx, r.at, r.event, r.detail])?;
+    // The body goes once every recipient is final (any DSN is in this
+    // same transaction).
+    tx.prepare_cached(
+        "DELETE FROM bodies WHERE message_id = ?1 AND NOT EXISTS (
+            SELECT 1 FROM recipients WHERE message_id = ?1
+               AND state NOT IN ('delivered', 'bounced', 'expired'))",
+    )?
+    .execute([&r.message_id])?;
+    Ok(())
+}
+
 fn insert(tx: &rusqlite::Savepoint<'_>, m: &NewMessage) -> rusqlite::Result<()> {
     tx.prepare_cached(
         "INSERT INTO messages (id, received_at, sender, size, client_addr, client_helo,
-                               auth_user, protocol, body_type, smtputf8, dsn_ret, dsn_envid)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+                               auth_user, protocol, body_type, smtputf8, dsn_ret, dsn_envid,
+                               up_clock_at_receipt)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12,
+                 (SELECT up_total + CASE WHEN state = 'up' THEN max(0, ?2 - clock_at) ELSE 0 END
+                    FROM link WHERE id = 1))",
     )?
     .execute(params![
         m.id.as_str(),

@@ -1,0 +1,922 @@
+//! The SMTP client to the upstream relay.
+//!
+//! Opens a session (greeting, EHLO, STARTTLS, AUTH) and sends batches of
+//! messages over it, pipelined: with CHUNKING, several `MAIL, RCPT…, BDAT
+//! LAST` transactions are in flight back to back; with PIPELINING only, the
+//! next transaction's commands ride behind the previous final dot, so a long
+//! round trip is paid about once per message. Results are per recipient.
+//!
+//! Message bodies are stored canonical (CRLF only), and the DATA path
+//! dot-stuffs every line: nothing sent can end DATA early at the upstream.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::auth;
+
+/// How long each phase may take (RFC 5321 §4.5.3.2 gives the minimums).
+#[derive(Debug, Clone)]
+pub struct Timeouts {
+    pub connect: Duration,
+    /// Greeting, EHLO, STARTTLS, AUTH, MAIL, RCPT and DATA replies.
+    pub command: Duration,
+    /// Writing a message and the reply to its final dot.
+    pub data: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            connect: Duration::from_secs(30),
+            command: Duration::from_secs(300),
+            data: Duration::from_secs(600),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsPolicy {
+    Required,
+    Opportunistic,
+    None,
+}
+
+/// What the client needs to open a session.
+#[derive(Clone)]
+pub struct ClientSettings {
+    /// Our EHLO name.
+    pub helo: String,
+    pub tls: TlsPolicy,
+    /// Verifying config for `required`; a non-verifying one for opportunistic.
+    pub tls_config: Arc<rustls::ClientConfig>,
+    /// The name the certificate must carry.
+    pub tls_name: String,
+    pub auth: Option<(String, String)>,
+    pub timeouts: Timeouts,
+}
+
+/// A reply from the upstream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reply {
+    pub code: u16,
+    pub text: String,
+}
+
+impl Reply {
+    pub fn class(&self) -> u16 {
+        self.code / 100
+    }
+
+    /// The enhanced status code in the reply, if it has one.
+    pub fn status(&self) -> Option<&str> {
+        let first = self.text.split_whitespace().next()?;
+        let mut parts = first.split('.');
+        let ok = parts.next().is_some_and(|c| matches!(c, "2" | "4" | "5"))
+            && parts.clone().count() == 2
+            && parts
+                .all(|p| !p.is_empty() && p.len() <= 3 && p.bytes().all(|b| b.is_ascii_digit()));
+        ok.then_some(first)
+    }
+}
+
+impl std::fmt::Display for Reply {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}", self.code, self.text.replace('\n', " / "))
+    }
+}
+
+/// Why the link is not usable: no attempt is burned for any message.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum LinkError {
+    #[error("cannot resolve {0}")]
+    Dns(String),
+    #[error("cannot connect to {addr}: {error}")]
+    Connect { addr: String, error: String },
+    #[error("TLS with {addr} failed: {error}")]
+    Tls { addr: String, error: String },
+    #[error("{addr} does not offer STARTTLS and upstream.tls = \"required\"")]
+    NoStartTls { addr: String },
+    #[error("{addr} refused the session: {reply}")]
+    Greeting { addr: String, reply: Reply },
+    #[error("authentication at {addr} failed: {reply} (check upstream.username and upstream.password_file)")]
+    Auth { addr: String, reply: Reply },
+    #[error(
+        "{addr} offers no AUTH mechanism we speak (PLAIN, LOGIN) but upstream.username is set"
+    )]
+    NoAuth { addr: String },
+    #[error("timeout waiting for {addr} during {phase}")]
+    Timeout { addr: String, phase: &'static str },
+    #[error("connection to {addr} lost during {phase}: {error}")]
+    Lost {
+        addr: String,
+        phase: &'static str,
+        error: String,
+    },
+    #[error("{addr} sent a malformed reply")]
+    Protocol { addr: String },
+}
+
+/// The extensions the upstream offered in EHLO.
+#[derive(Debug, Clone, Default)]
+pub struct Extensions {
+    pub pipelining: bool,
+    pub chunking: bool,
+    pub size: Option<u64>,
+    pub eightbit: bool,
+    pub smtputf8: bool,
+    pub dsn: bool,
+    pub starttls: bool,
+    pub auth_plain: bool,
+    pub auth_login: bool,
+}
+
+impl Extensions {
+    fn parse(reply: &Reply) -> Extensions {
+        let mut e = Extensions::default();
+        for line in reply.text.lines().skip(1) {
+            let mut words = line.split_whitespace();
+            let kw = words.next().unwrap_or("").to_ascii_uppercase();
+            match kw.as_str() {
+                "PIPELINING" => e.pipelining = true,
+                "CHUNKING" => e.chunking = true,
+                "8BITMIME" => e.eightbit = true,
+                "SMTPUTF8" => e.smtputf8 = true,
+                "DSN" => e.dsn = true,
+                "STARTTLS" => e.starttls = true,
+                "SIZE" => e.size = words.next().and_then(|n| n.parse().ok()).filter(|&n| n > 0),
+                "AUTH" => {
+                    for m in words {
+                        match m.to_ascii_uppercase().as_str() {
+                            "PLAIN" => e.auth_plain = true,
+                            "LOGIN" => e.auth_login = true,
+                            _ => {}
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        e
+    }
+}
+
+/// One recipient of an outgoing message.
+#[derive(Debug, Clone)]
+pub struct OutRecipient {
+    pub address: String,
+    pub notify: Option<String>,
+    pub orcpt: Option<String>,
+}
+
+/// One message to send.
+#[derive(Debug, Clone)]
+pub struct Outgoing {
+    pub sender: String,
+    pub recipients: Vec<OutRecipient>,
+    pub body: Vec<u8>,
+    pub eightbit: bool,
+    pub smtputf8: bool,
+    pub dsn_ret: Option<String>,
+    pub dsn_envid: Option<String>,
+}
+
+/// What happened to one recipient.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Delivered(Reply),
+    Deferred(Reply),
+    Bounced(Reply),
+    /// The final dot was sent and no reply came (RFC 1047).
+    Uncertain(String),
+    /// Not tried: the session ended before this message's turn.
+    Untouched,
+}
+
+enum Stream {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+    /// Only while switching to TLS, or after a failed switch.
+    Gone,
+}
+
+impl Stream {
+    fn io(&mut self) -> std::io::Result<&mut dyn AsyncReadWrite> {
+        match self {
+            Stream::Plain(s) => Ok(s),
+            Stream::Tls(s) => Ok(s.as_mut()),
+            Stream::Gone => Err(std::io::ErrorKind::NotConnected.into()),
+        }
+    }
+}
+
+trait AsyncReadWrite: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> AsyncReadWrite for T {}
+
+/// An open session with the upstream, ready for MAIL.
+pub struct Session {
+    stream: Stream,
+    rbuf: Vec<u8>,
+    pub addr: String,
+    pub ext: Extensions,
+    pub tls: Option<String>,
+    timeouts: Timeouts,
+}
+
+impl Session {
+    /// Connects to `addr` and runs greeting, EHLO, STARTTLS and AUTH.
+    pub async fn open(
+        addr: std::net::SocketAddr,
+        s: &ClientSettings,
+    ) -> Result<Session, LinkError> {
+        let a = addr.to_string();
+        let tcp = match tokio::time::timeout(s.timeouts.connect, TcpStream::connect(addr)).await {
+            Ok(Ok(t)) => t,
+            Ok(Err(e)) => {
+                return Err(LinkError::Connect {
+                    addr: a,
+                    error: e.to_string(),
+                })
+            }
+            Err(_) => {
+                return Err(LinkError::Timeout {
+                    addr: a,
+                    phase: "connect",
+                })
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        let mut sess = Session {
+            stream: Stream::Plain(tcp),
+            rbuf: Vec::new(),
+            addr: a.clone(),
+            ext: Extensions::default(),
+            tls: None,
+            timeouts: s.timeouts.clone(),
+        };
+        let greeting = sess.read_reply("greeting").await?;
+        if greeting.class() != 2 {
+            return Err(LinkError::Greeting {
+                addr: a,
+                reply: greeting,
+            });
+        }
+        sess.ehlo(&s.helo).await?;
+        let want_tls = match s.tls {
+            TlsPolicy::Required => {
+                if !sess.ext.starttls {
+                    return Err(LinkError::NoStartTls { addr: a });
+                }
+                true
+            }
+            TlsPolicy::Opportunistic => sess.ext.starttls,
+            TlsPolicy::None => false,
+        };
+        if want_tls {
+            sess.starttls(s).await?;
+            sess.ehlo(&s.helo).await?;
+        }
+        if let Some((user, pass)) = &s.auth {
+            sess.authenticate(user, pass).await?;
+        }
+        Ok(sess)
+    }
+
+    async fn ehlo(&mut self, helo: &str) -> Result<(), LinkError> {
+        let r = self.command(&format!("EHLO {helo}\r\n"), "EHLO").await?;
+        if r.class() != 2 {
+            return Err(LinkError::Greeting {
+                addr: self.addr.clone(),
+                reply: r,
+            });
+        }
+        self.ext = Extensions::parse(&r);
+        Ok(())
+    }
+
+    async fn starttls(&mut self, s: &ClientSettings) -> Result<(), LinkError> {
+        let r = self.command("STARTTLS\r\n", "STARTTLS").await?;
+        if r.code != 220 {
+            return Err(LinkError::Tls {
+                addr: self.addr.clone(),
+                error: format!("STARTTLS refused: {r}"),
+            });
+        }
+        // Anything the server sent after 220 is not to be trusted (RFC 3207 §4.2).
+        self.rbuf.clear();
+        let name = rustls_pki_types::ServerName::try_from(s.tls_name.clone()).map_err(|e| {
+            LinkError::Tls {
+                addr: self.addr.clone(),
+                error: format!("bad certificate name {}: {e}", s.tls_name),
+            }
+        })?;
+        let Stream::Plain(tcp) = std::mem::replace(&mut self.stream, Stream::Gone) else {
+            return Err(LinkError::Tls {
+                addr: self.addr.clone(),
+                error: "TLS already active".into(),
+            });
+        };
+        let connector = tokio_rustls::TlsConnector::from(s.tls_config.clone());
+        let tls =
+            match tokio::time::timeout(self.timeouts.command, connector.connect(name, tcp)).await {
+                Ok(Ok(t)) => t,
+                Ok(Err(e)) => {
+                    return Err(LinkError::Tls {
+                        addr: self.addr.clone(),
+                        error: describe_tls_error(&e),
+                    })
+                }
+                Err(_) => {
+                    return Err(LinkError::Timeout {
+                        addr: self.addr.clone(),
+                        phase: "TLS handshake",
+                    })
+                }
+            };
+        let (_, conn) = tls.get_ref();
+        self.tls = Some(format!(
+            "{} {}",
+            conn.protocol_version()
+                .and_then(|v| v.as_str())
+                .unwrap_or("TLS")
+                .replace('_', "."),
+            conn.negotiated_cipher_suite()
+                .and_then(|c| c.suite().as_str())
+                .unwrap_or("")
+        ));
+        self.stream = Stream::Tls(Box::new(tls));
+        Ok(())
+    }
+
+    async fn authenticate(&mut self, user: &str, pass: &str) -> Result<(), LinkError> {
+        let r = if self.ext.auth_plain {
+            let token = auth::encode_b64(format!("\0{user}\0{pass}").as_bytes());
+            self.command(&format!("AUTH PLAIN {token}\r\n"), "AUTH")
+                .await?
+        } else if self.ext.auth_login {
+            let r = self.command("AUTH LOGIN\r\n", "AUTH").await?;
+            if r.code != 334 {
+                return Err(LinkError::Auth {
+                    addr: self.addr.clone(),
+                    reply: r,
+                });
+            }
+            let r = self
+                .command(
+                    &format!("{}\r\n", auth::encode_b64(user.as_bytes())),
+                    "AUTH",
+                )
+                .await?;
+            if r.code != 334 {
+                return Err(LinkError::Auth {
+                    addr: self.addr.clone(),
+                    reply: r,
+                });
+            }
+            self.command(
+                &format!("{}\r\n", auth::encode_b64(pass.as_bytes())),
+                "AUTH",
+            )
+            .await?
+        } else {
+            return Err(LinkError::NoAuth {
+                addr: self.addr.clone(),
+            });
+        };
+        if r.class() != 2 {
+            return Err(LinkError::Auth {
+                addr: self.addr.clone(),
+                reply: r,
+            });
+        }
+        Ok(())
+    }
+
+    async fn command(&mut self, line: &str, phase: &'static str) -> Result<Reply, LinkError> {
+        self.write(line.as_bytes(), phase).await?;
+        self.read_reply(phase).await
+    }
+
+    async fn write(&mut self, bytes: &[u8], phase: &'static str) -> Result<(), LinkError> {
+        let limit = if bytes.len() > 4096 {
+            self.timeouts.data
+        } else {
+            self.timeouts.command
+        };
+        let io = &mut self.stream;
+        match tokio::time::timeout(limit, async {
+            let io = io.io()?;
+            io.write_all(bytes).await?;
+            io.flush().await
+        })
+        .await
+        {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(LinkError::Lost {
+                addr: self.addr.clone(),
+                phase,
+                error: e.to_string(),
+            }),
+            Err(_) => Err(LinkError::Timeout {
+                addr: self.addr.clone(),
+                phase,
+            }),
+        }
+    }
+
+    /// Reads one (possibly multi-line) reply.
+    async fn read_reply(&mut self, phase: &'static str) -> Result<Reply, LinkError> {
+        let limit = if phase == "final dot" {
+            self.timeouts.data
+        } else {
+            self.timeouts.command
+        };
+        let deadline = tokio::time::Instant::now() + limit;
+        let mut lines: Vec<String> = Vec::new();
+        let mut code = 0u16;
+        loop {
+            while let Some(lf) = self.rbuf.iter().position(|&b| b == b'\n') {
+                let raw: Vec<u8> = self.rbuf.drain(..=lf).collect();
+                let line = String::from_utf8_lossy(&raw)
+                    .trim_end_matches(['\r', '\n'])
+                    .to_string();
+                let (c, sep, text) =
+                    split_reply_line(&line).ok_or_else(|| LinkError::Protocol {
+                        addr: self.addr.clone(),
+                    })?;
+                if code != 0 && c != code {
+                    return Err(LinkError::Protocol {
+                        addr: self.addr.clone(),
+                    });
+                }
+                code = c;
+                lines.push(text.to_string());
+                if sep != '-' {
+                    return Ok(Reply {
+                        code,
+                        text: lines.join("\n"),
+                    });
+                }
+                if lines.len() > 1000 {
+                    return Err(LinkError::Protocol {
+                        addr: self.addr.clone(),
+                    });
+                }
+            }
+            let mut chunk = [0u8; 4096];
+            let io = &mut self.stream;
+            let n =
+                match tokio::time::timeout_at(deadline, async { io.io()?.read(&mut chunk).await })
+                    .await
+                {
+                    Ok(Ok(0)) => {
+                        return Err(LinkError::Lost {
+                            addr: self.addr.clone(),
+                            phase,
+                            error: "connection closed".into(),
+                        })
+                    }
+                    Ok(Ok(n)) => n,
+                    Ok(Err(e)) => {
+                        return Err(LinkError::Lost {
+                            addr: self.addr.clone(),
+                            phase,
+                            error: e.to_string(),
+                        })
+                    }
+                    Err(_) => {
+                        return Err(LinkError::Timeout {
+                            addr: self.addr.clone(),
+                            phase,
+                        })
+                    }
+                };
+            self.rbuf.extend_from_slice(&chunk[..n]);
+        }
+    }
+
+    /// Ends the session politely.
+    pub async fn quit(mut self) {
+        let _ = tokio::time::timeout(Duration::from_secs(5), async {
+            if self.write(b"QUIT\r\n", "QUIT").await.is_ok() {
+                let _ = self.read_reply("QUIT").await;
+            }
+            if let Ok(io) = self.stream.io() {
+                let _ = io.shutdown().await;
+            }
+        })
+        .await;
+    }
+
+    /// Checks what the upstream said it accepts; a message it cannot take
+    /// is bounced here without being sent.
+    pub fn refuse_before_sending(&self, m: &Outgoing) -> Option<Reply> {
+        if let Some(max) = self.ext.size {
+            if m.body.len() as u64 > max {
+                return Some(Reply {
+                    code: 552,
+                    text: format!(
+                        "5.3.4 message of {} octets is larger than the upstream accepts ({max} octets, its SIZE)",
+                        m.body.len()
+                    ),
+                });
+            }
+        }
+        if m.smtputf8 && !self.ext.smtputf8 {
+            return Some(Reply {
+                code: 553,
+                text: "5.6.7 the message needs SMTPUTF8 (non-ASCII addresses) and the upstream does not offer it".into(),
+            });
+        }
+        if m.eightbit && !self.ext.eightbit {
+            return Some(Reply {
+                code: 554,
+                text:
+                    "5.6.3 the message has 8-bit content and the upstream does not offer 8BITMIME"
+                        .into(),
+            });
+        }
+        None
+    }
+
+    fn envelope(&self, m: &Outgoing, bdat: bool) -> Vec<u8> {
+        let mut out = format!("MAIL FROM:<{}>", m.sender);
+        if let Some(max) = self.ext.size.map(|_| m.body.len()) {
+            out.push_str(&format!(" SIZE={max}"));
+        }
+        if m.eightbit && self.ext.eightbit {
+            out.push_str(" BODY=8BITMIME");
+        }
+        if m.smtputf8 && self.ext.smtputf8 {
+            out.push_str(" SMTPUTF8");
+        }
+        if self.ext.dsn {
+            if let Some(ret) = &m.dsn_ret {
+                out.push_str(&format!(" RET={ret}"));
+            }
+            if let Some(envid) = &m.dsn_envid {
+                out.push_str(&format!(" ENVID={}", xtext(envid)));
+            }
+        }
+        out.push_str("\r\n");
+        for r in &m.recipients {
+            out.push_str(&format!("RCPT TO:<{}>", r.address));
+            if self.ext.dsn {
+                if let Some(n) = &r.notify {
+                    out.push_str(&format!(" NOTIFY={n}"));
+                }
+                if let Some(o) = &r.orcpt {
+                    let (kind, addr) = o.split_once(';').unwrap_or(("rfc822", o));
+                    out.push_str(&format!(" ORCPT={kind};{}", xtext(addr)));
+                }
+            }
+            out.push_str("\r\n");
+        }
+        if bdat {
+            out.push_str(&format!("BDAT {} LAST\r\n", m.body.len()));
+        } else {
+            out.push_str("DATA\r\n");
+        }
+        out.into_bytes()
+    }
+
+    /// Sends `msgs` and returns, per message, one outcome per recipient.
+    /// After a connection loss the session is unusable (`None` returned
+    /// with the outcomes); otherwise it is handed back for more.
+    pub async fn send_batch(mut self, msgs: &[&Outgoing]) -> (Vec<Vec<Outcome>>, Option<Session>) {
+        let mut results: Vec<Vec<Outcome>> = msgs
+            .iter()
+            .map(|m| vec![Outcome::Untouched; m.recipients.len()])
+            .collect();
+        let r = if self.ext.chunking && self.ext.pipelining {
+            self.send_bdat_pipelined(msgs, &mut results).await
+        } else {
+            self.send_data(msgs, &mut results).await
+        };
+        match r {
+            Ok(()) => (results, Some(self)),
+            Err(_) => (results, None),
+        }
+    }
+
+    /// CHUNKING + PIPELINING: keep up to WINDOW transactions in flight.
+    async fn send_bdat_pipelined(
+        &mut self,
+        msgs: &[&Outgoing],
+        results: &mut [Vec<Outcome>],
+    ) -> Result<(), LinkError> {
+        const WINDOW: usize = 16;
+        let mut sent = 0;
+        let mut done = 0;
+        let mut in_flight: Vec<bool> = vec![false; msgs.len()];
+        while done < msgs.len() {
+            let mut buf = Vec::new();
+            while sent < msgs.len() && sent - done < WINDOW && buf.len() < (1 << 20) {
+                let m = msgs[sent];
+                if let Some(r) = self.refuse_before_sending(m) {
+                    results[sent] = vec![Outcome::Bounced(r); m.recipients.len()];
+                } else {
+                    buf.extend_from_slice(&self.envelope(m, true));
+                    buf.extend_from_slice(&m.body);
+                    in_flight[sent] = true;
+                }
+                sent += 1;
+            }
+            if !buf.is_empty() {
+                self.write(&buf, "sending messages").await?;
+            }
+            // Read the replies of the oldest message in flight.
+            while done < sent {
+                if !in_flight[done] {
+                    done += 1;
+                    continue;
+                }
+                let m = msgs[done];
+                let mail = self.read_reply("MAIL").await?;
+                let mut rcpt = Vec::with_capacity(m.recipients.len());
+                for _ in &m.recipients {
+                    rcpt.push(self.read_reply("RCPT").await?);
+                }
+                let last = match self.read_reply("final dot").await {
+                    Ok(r) => r,
+                    Err(e) => {
+                        results[done] = vec![Outcome::Uncertain(e.to_string()); m.recipients.len()];
+                        return Err(e);
+                    }
+                };
+                results[done] = outcomes(&mail, &rcpt, Some(&last));
+                done += 1;
+                if sent < msgs.len() {
+                    break; // refill the window
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// DATA, pipelined when offered: the next message's MAIL/RCPT/DATA are
+    /// sent right behind the final dot.
+    async fn send_data(
+        &mut self,
+        msgs: &[&Outgoing],
+        results: &mut [Vec<Outcome>],
+    ) -> Result<(), LinkError> {
+        let pipelining = self.ext.pipelining;
+        // The envelope of message `i` already sent and awaiting replies.
+        let mut pending: Option<usize> = None;
+        let mut i = 0;
+        loop {
+            let idx = match pending.take() {
+                Some(p) => p,
+                None => {
+                    // Skip messages refused before sending.
+                    while i < msgs.len() {
+                        if let Some(r) = self.refuse_before_sending(msgs[i]) {
+                            results[i] = vec![Outcome::Bounced(r); msgs[i].recipients.len()];
+                            i += 1;
+                        } else {
+                            break;
+                        }
+                    }
+                    if i >= msgs.len() {
+                        return Ok(());
+                    }
+                    if pipelining {
+                        let env = self.envelope(msgs[i], false);
+                        self.write(&env, "MAIL").await?;
+                    }
+                    i += 1;
+                    i - 1
+                }
+            };
+            let m = msgs[idx];
+            let (mail, rcpt, data) = if pipelining {
+                let mail = self.read_reply("MAIL").await?;
+                let mut rcpt = Vec::new();
+                for _ in &m.recipients {
+                    rcpt.push(self.read_reply("RCPT").await?);
+                }
+                (mail, rcpt, self.read_reply("DATA").await?)
+            } else {
+                let env = self.envelope(m, false);
+                let text = String::from_utf8_lossy(&env).into_owned();
+                let mut lines = text.split_inclusive("\r\n");
+                let mail = self.command(lines.next().unwrap_or(""), "MAIL").await?;
+                let mut rcpt = Vec::new();
+                if mail.class() == 2 {
+                    for _ in &m.recipients {
+                        rcpt.push(self.command(lines.next().unwrap_or(""), "RCPT").await?);
+                    }
+                } else {
+                    rcpt = vec![mail.clone(); m.recipients.len()];
+                }
+                let any = rcpt.iter().any(|r| r.class() == 2);
+                let data = if mail.class() == 2 && any {
+                    self.command("DATA\r\n", "DATA").await?
+                } else {
+                    Reply {
+                        code: 554,
+                        text: "5.5.1 no valid recipients (DATA not sent)".into(),
+                    }
+                };
+                (mail, rcpt, data)
+            };
+            if data.code != 354 {
+                results[idx] = outcomes(&mail, &rcpt, Some(&data));
+                // The transaction is not open any more at most servers;
+                // RSET makes sure before the next MAIL.
+                if mail.class() == 2 {
+                    let r = self.command("RSET\r\n", "RSET").await?;
+                    if r.class() != 2 {
+                        return Err(LinkError::Greeting {
+                            addr: self.addr.clone(),
+                            reply: r,
+                        });
+                    }
+                }
+                continue;
+            }
+            let mut buf = dot_stuff(&m.body);
+            buf.extend_from_slice(b".\r\n");
+            // Behind the dot: the next message's envelope (RFC 2920 §3.1).
+            let mut next = None;
+            if pipelining {
+                while i < msgs.len() {
+                    if let Some(r) = self.refuse_before_sending(msgs[i]) {
+                        results[i] = vec![Outcome::Bounced(r); msgs[i].recipients.len()];
+                        i += 1;
+                    } else {
+                        buf.extend_from_slice(&self.envelope(msgs[i], false));
+                        next = Some(i);
+                        i += 1;
+                        break;
+                    }
+                }
+            }
+            if let Err(e) = self.write(&buf, "sending a message").await {
+                // The dot may or may not have gone out.
+                results[idx] = vec![Outcome::Uncertain(e.to_string()); m.recipients.len()];
+                return Err(e);
+            }
+            match self.read_reply("final dot").await {
+                Ok(last) => results[idx] = outcomes(&mail, &rcpt, Some(&last)),
+                Err(e) => {
+                    results[idx] = vec![Outcome::Uncertain(e.to_string()); m.recipients.len()];
+                    return Err(e);
+                }
+            }
+            pending = next;
+        }
+    }
+}
+
+/// Outcomes per recipient from the replies of one transaction.
+fn outcomes(mail: &Reply, rcpt: &[Reply], last: Option<&Reply>) -> Vec<Outcome> {
+    let by_class = |r: &Reply| match r.class() {
+        2 => Outcome::Delivered(r.clone()),
+        4 => Outcome::Deferred(r.clone()),
+        _ => Outcome::Bounced(r.clone()),
+    };
+    if mail.class() != 2 {
+        return rcpt.iter().map(|_| by_class(mail)).collect();
+    }
+    rcpt.iter()
+        .map(|r| {
+            if r.class() != 2 {
+                return by_class(r);
+            }
+            match last {
+                Some(l) => by_class(l),
+                None => Outcome::Untouched,
+            }
+        })
+        .collect()
+}
+
+/// Doubles every dot at the start of a line (RFC 5321 §4.5.2). `body` is
+/// canonical: it ends with CRLF (or is empty) and has no bare CR or LF.
+pub fn dot_stuff(body: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(body.len() + body.len() / 64 + 8);
+    let mut line_start = true;
+    for &b in body {
+        if line_start && b == b'.' {
+            out.push(b'.');
+        }
+        out.push(b);
+        line_start = b == b'\n';
+    }
+    if !line_start {
+        out.extend_from_slice(b"\r\n");
+    }
+    out
+}
+
+/// xtext (RFC 3461 §4): `+`, `=`, controls and non-ASCII as +XX.
+fn xtext(s: &str) -> String {
+    let mut out = String::new();
+    for b in s.bytes() {
+        if (33..=126).contains(&b) && b != b'+' && b != b'=' {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("+{b:02X}"));
+        }
+    }
+    out
+}
+
+fn split_reply_line(line: &str) -> Option<(u16, char, &str)> {
+    if line.len() < 3 || !line.is_char_boundary(3) {
+        return None;
+    }
+    let code: u16 = line[..3].parse().ok()?;
+    if !(200..600).contains(&code) {
+        return None;
+    }
+    let sep = line[3..].chars().next().unwrap_or(' ');
+    let text = line.get(4..).unwrap_or("");
+    Some((code, sep, text))
+}
+
+fn describe_tls_error(e: &std::io::Error) -> String {
+    let inner = e
+        .get_ref()
+        .map(|i| i.to_string())
+        .unwrap_or_else(|| e.to_string());
+    if inner.contains("UnknownIssuer") {
+        format!("{inner}: the certificate is not signed by a trusted CA (set upstream.ca_file to the CA that signed it)")
+    } else if inner.contains("NotValidForName") {
+        format!("{inner}: the certificate does not name the upstream (set upstream.tls_name to a name it carries)")
+    } else if inner.contains("Expired") {
+        format!("{inner}: the certificate has expired")
+    } else {
+        inner
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stuffing() {
+        assert_eq!(dot_stuff(b".\r\n..x\r\na.b\r\n"), b"..\r\n...x\r\na.b\r\n");
+        assert_eq!(dot_stuff(b""), b"");
+        assert_eq!(dot_stuff(b"x"), b"x\r\n");
+    }
+
+    #[test]
+    fn extensions() {
+        let r = Reply {
+            code: 250,
+            text: "hub greets\nPIPELINING\nSIZE 1000\nCHUNKING\nAUTH LOGIN plain\nDSN\n8BITMIME"
+                .into(),
+        };
+        let e = Extensions::parse(&r);
+        assert!(e.pipelining && e.chunking && e.dsn && e.eightbit && e.auth_login && e.auth_plain);
+        assert_eq!(e.size, Some(1000));
+        assert!(!e.starttls && !e.smtputf8);
+    }
+
+    #[test]
+    fn per_recipient_outcomes() {
+        let ok = Reply {
+            code: 250,
+            text: "2.0.0 ok".into(),
+        };
+        let defer = Reply {
+            code: 451,
+            text: "4.3.0 later".into(),
+        };
+        let no = Reply {
+            code: 550,
+            text: "5.1.1 no".into(),
+        };
+        let out = outcomes(&ok, &[ok.clone(), defer.clone(), no.clone()], Some(&ok));
+        assert_eq!(
+            out,
+            vec![
+                Outcome::Delivered(ok.clone()),
+                Outcome::Deferred(defer.clone()),
+                Outcome::Bounced(no.clone())
+            ]
+        );
+        let out = outcomes(&defer, &[ok.clone(), ok.clone()], None);
+        assert_eq!(out, vec![Outcome::Deferred(defer.clone()); 2]);
+        assert_eq!(no.status(), Some("5.1.1"));
+        assert_eq!(
+            Reply {
+                code: 250,
+                text: "ok".into()
+            }
+            .status(),
+            None
+        );
+    }
+
+    #[test]
+    fn xtext_encoding() {
+        assert_eq!(xtext("a+b=c d"), "a+2Bb+3Dc+20d");
+    }
+}

@@ -1,0 +1,878 @@
+//! A flush: send what is due to the upstream, record what happened.
+//!
+//! One flush at a time, across processes: a lock file beside the database,
+//! shared by the daemon and `outpost flush`, so no message is ever sent by
+//! two flushers at once. A link that does not answer (DNS, connect, TLS,
+//! greeting, AUTH, timeout) marks the link down and burns no attempt
+//! (DESIGN rule 6); `retry.max_age` counts only time with the link up.
+
+use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use rand::Rng;
+use serde::Serialize;
+use tokio::sync::mpsc;
+use tracing::{info, warn};
+
+use super::client::{
+    self, ClientSettings, LinkError, OutRecipient, Outcome, Outgoing, Session, TlsPolicy,
+};
+use super::dsn::{self, DsnKind, DsnRecipient, DsnRequest};
+use super::route;
+use crate::config::{Config, Uncertain, UpstreamTls};
+use crate::queue::{
+    unix_now, Change, DueMessage, LinkState, NewMessage, NewRecipient, QueueId, RecipientChange,
+    RecipientState, Route, Store, StoreError, Writer,
+};
+
+/// What to flush.
+#[derive(Debug, Clone, Default, serde::Deserialize, Serialize)]
+pub struct FlushOptions {
+    /// Ignore retry back-off: everything pending is due.
+    #[serde(default)]
+    pub all: bool,
+    /// Only recipients in these domains (all when empty).
+    #[serde(default)]
+    pub domains: Vec<String>,
+}
+
+/// Progress, as `outpost flush` prints it (and `--json` streams it).
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum Event {
+    Start {
+        due: usize,
+    },
+    Link {
+        state: String,
+        upstream: String,
+        tls: Option<String>,
+        error: Option<String>,
+    },
+    Message {
+        id: String,
+        recipients: Vec<RcptResult>,
+    },
+    Done(Summary),
+}
+
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct RcptResult {
+    pub address: String,
+    pub outcome: String,
+    pub reply: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, serde::Deserialize)]
+pub struct Summary {
+    pub delivered: usize,
+    pub deferred: usize,
+    pub bounced: usize,
+    pub expired: usize,
+    pub uncertain: usize,
+    /// Due but not tried (the connection ended first).
+    pub untouched: usize,
+    pub delay_warnings: usize,
+    /// up, down or unknown (nothing was due, so the link was not tried).
+    pub link: String,
+    pub error: Option<String>,
+}
+
+impl Summary {
+    pub fn link_down(&self) -> bool {
+        self.link == "down"
+    }
+}
+
+/// Runs flushes; cheap to clone.
+#[derive(Clone)]
+pub struct Flusher {
+    pub config: Arc<Config>,
+    pub store: Arc<Store>,
+    pub writer: Writer,
+}
+
+/// Messages handed to one connection at a time.
+const BATCH: usize = 32;
+
+impl Flusher {
+    pub fn new(config: Arc<Config>, store: Arc<Store>, writer: Writer) -> Flusher {
+        Flusher {
+            config,
+            store,
+            writer,
+        }
+    }
+
+    /// One whole flush. `progress` sees every event, `Done` last.
+    pub async fn run(
+        &self,
+        opts: &FlushOptions,
+        progress: &mut (dyn FnMut(&Event) + Send),
+    ) -> Summary {
+        let mut summary = Summary {
+            link: "unknown".into(),
+            ..Summary::default()
+        };
+        let _lock = match FlushLock::acquire(&self.config.store.path).await {
+            Ok(l) => l,
+            Err(e) => {
+                summary.error = Some(e);
+                progress(&Event::Done(summary.clone()));
+                return summary;
+            }
+        };
+        let r = self.run_locked(opts, progress, &mut summary).await;
+        if let Err(e) = r {
+            summary.error = Some(e.to_string());
+        }
+        let result = format!(
+            "{} delivered, {} deferred, {} bounced, {} expired{}",
+            summary.delivered,
+            summary.deferred,
+            summary.bounced,
+            summary.expired,
+            summary
+                .error
+                .as_deref()
+                .map(|e| format!("; {e}"))
+                .unwrap_or_default()
+        );
+        let _ = self
+            .writer
+            .apply(vec![Change::FlushDone {
+                at: unix_now(),
+                result,
+            }])
+            .await;
+        progress(&Event::Done(summary.clone()));
+        summary
+    }
+
+    async fn run_locked(
+        &self,
+        opts: &FlushOptions,
+        progress: &mut (dyn FnMut(&Event) + Send),
+        summary: &mut Summary,
+    ) -> Result<(), StoreError> {
+        let now = unix_now();
+        let store = self.store.clone();
+        let (pending, link) = tokio::task::spawn_blocking(move || {
+            Ok::<_, StoreError>((store.pending_upstream()?, store.link(now)?))
+        })
+        .await
+        .map_err(|e| StoreError::Failed(e.to_string()))??;
+        summary.link = link.state.to_string();
+
+        // Age first: expiry and delay warnings do not need the link.
+        let mut due = Vec::new();
+        for m in pending {
+            match self.age(&m, link.up_clock, now) {
+                Aging::Expire(changes, n) => {
+                    self.writer.apply(changes).await?;
+                    summary.expired += n;
+                }
+                Aging::Warn(changes, n) => {
+                    self.writer.apply(changes).await?;
+                    summary.delay_warnings += n;
+                    due.push(m);
+                }
+                Aging::Fine => due.push(m),
+            }
+        }
+        // Then what is due now (or everything with --all), in the domains asked.
+        let due: VecDeque<DueMessage> = due
+            .into_iter()
+            .filter_map(|mut m| {
+                m.recipients.retain(|r| {
+                    (opts.all || r.next_attempt <= now)
+                        && (opts.domains.is_empty()
+                            || opts
+                                .domains
+                                .iter()
+                                .any(|d| d.eq_ignore_ascii_case(&r.domain)))
+                });
+                (!m.recipients.is_empty()).then_some(m)
+            })
+            .collect();
+        progress(&Event::Start { due: due.len() });
+        if due.is_empty() {
+            return Ok(());
+        }
+
+        let upstream = self.config.upstream.server.clone();
+        let (first, settings) = match self.connect().await {
+            Ok(s) => s,
+            Err(e) => {
+                warn!(upstream = %upstream, error = %e, pending = due.len(), "link down: nothing sent, no attempt counted");
+                self.writer
+                    .apply(vec![Change::Link {
+                        state: LinkState::Down,
+                        error: Some(e.to_string()),
+                        at: unix_now(),
+                    }])
+                    .await?;
+                summary.link = "down".into();
+                summary.untouched = due.iter().map(|m| m.recipients.len()).sum();
+                summary.error = Some(e.to_string());
+                progress(&Event::Link {
+                    state: "down".into(),
+                    upstream,
+                    tls: None,
+                    error: Some(e.to_string()),
+                });
+                return Ok(());
+            }
+        };
+        info!(upstream = %first.addr, tls = first.tls.as_deref().unwrap_or("none"), due = due.len(), "link up: flushing");
+        self.writer
+            .apply(vec![Change::Link {
+                state: LinkState::Up,
+                error: None,
+                at: unix_now(),
+            }])
+            .await?;
+        summary.link = "up".into();
+        progress(&Event::Link {
+            state: "up".into(),
+            upstream: first.addr.clone(),
+            tls: first.tls.clone(),
+            error: None,
+        });
+
+        let queue = Arc::new(Mutex::new(due));
+        let (tx, mut rx) = mpsc::unbounded_channel::<WorkerReport>();
+        let mut workers = Vec::new();
+        let n = self.config.upstream.connections.max(1) as usize;
+        let mut first = Some(first);
+        for _ in 0..n {
+            let w = self.clone();
+            let queue = queue.clone();
+            let tx = tx.clone();
+            let session = first.take();
+            let settings = settings.clone();
+            workers.push(tokio::spawn(async move {
+                w.worker(session, settings, queue, tx).await
+            }));
+        }
+        drop(tx);
+        let mut lost: Option<String> = None;
+        while let Some(report) = rx.recv().await {
+            match report {
+                WorkerReport::Message {
+                    id,
+                    results,
+                    counts,
+                } => {
+                    summary.delivered += counts.delivered;
+                    summary.deferred += counts.deferred;
+                    summary.bounced += counts.bounced;
+                    summary.uncertain += counts.uncertain;
+                    summary.untouched += counts.untouched;
+                    progress(&Event::Message {
+                        id,
+                        recipients: results,
+                    });
+                }
+                WorkerReport::Lost(e) => lost = Some(e),
+                WorkerReport::StoreFailed(e) => summary.error = Some(e),
+            }
+        }
+        for w in workers {
+            let _ = w.await;
+        }
+        let left: usize = queue
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|m| m.recipients.len())
+            .sum();
+        summary.untouched += left;
+        if let Some(e) = lost {
+            // The link broke under us: what was not sent stays due.
+            warn!(upstream = %upstream, error = %e, "link lost during the flush");
+            self.writer
+                .apply(vec![Change::Link {
+                    state: LinkState::Down,
+                    error: Some(e.clone()),
+                    at: unix_now(),
+                }])
+                .await?;
+            summary.link = "down".into();
+            summary.error.get_or_insert(e);
+        }
+        Ok(())
+    }
+
+    /// Opens the first session, trying each address in turn.
+    async fn connect(&self) -> Result<(Session, ClientSettings), LinkError> {
+        let targets = route::targets(&self.config.upstream).await?;
+        let mut last = None;
+        for t in &targets {
+            let settings = self.settings(&t.host)?;
+            match Session::open(t.addr, &settings).await {
+                Ok(s) => return Ok((s, settings)),
+                Err(e) => {
+                    info!(upstream = %t.addr, error = %e, "upstream not usable, trying the next");
+                    last = Some(e);
+                }
+            }
+        }
+        Err(last.unwrap_or_else(|| LinkError::Dns("no upstream address".into())))
+    }
+
+    fn settings(&self, host: &str) -> Result<ClientSettings, LinkError> {
+        let up = &self.config.upstream;
+        let cfg_err = |e: String| LinkError::Tls {
+            addr: up.server.clone(),
+            error: e,
+        };
+        let tls_config =
+            crate::tls::client_config(up.tls == UpstreamTls::Required, up.ca_file.as_deref())
+                .map_err(|e| cfg_err(e.to_string()))?;
+        let auth = match (&up.username, &up.password_file) {
+            (Some(user), Some(file)) => Some((
+                user.clone(),
+                read_secret(file).map_err(|e| LinkError::NoAuth { addr: e })?,
+            )),
+            (Some(_), None) => {
+                return Err(LinkError::NoAuth {
+                    addr: "upstream.username is set but upstream.password_file is not".into(),
+                })
+            }
+            _ => None,
+        };
+        Ok(ClientSettings {
+            helo: self.config.hostname.clone(),
+            tls: match up.tls {
+                UpstreamTls::Required => TlsPolicy::Required,
+                UpstreamTls::Opportunistic => TlsPolicy::Opportunistic,
+                UpstreamTls::None => TlsPolicy::None,
+            },
+            tls_config,
+            tls_name: up.tls_name.clone().unwrap_or_else(|| host.to_string()),
+            auth,
+            timeouts: client::Timeouts {
+                connect: up.connect_timeout,
+                command: up.command_timeout,
+                data: up.data_timeout,
+            },
+        })
+    }
+
+    async fn worker(
+        &self,
+        mut session: Option<Session>,
+        settings: ClientSettings,
+        queue: Arc<Mutex<VecDeque<DueMessage>>>,
+        tx: mpsc::UnboundedSender<WorkerReport>,
+    ) {
+        loop {
+            let batch: Vec<DueMessage> = {
+                let mut q = queue.lock().unwrap_or_else(|p| p.into_inner());
+                let n = q.len().min(BATCH);
+                q.drain(..n).collect()
+            };
+            if batch.is_empty() {
+                break;
+            }
+            let s = match session.take() {
+                Some(s) => s,
+                None => match self.connect_more(&settings).await {
+                    Some(s) => s,
+                    None => {
+                        queue
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .extend(batch);
+                        return;
+                    }
+                },
+            };
+            let peer = s.addr.clone();
+            // Bodies are read per batch: memory holds one batch at a time.
+            let store = self.store.clone();
+            let ids: Vec<String> = batch.iter().map(|m| m.id.clone()).collect();
+            let bodies = match tokio::task::spawn_blocking(move || {
+                ids.iter()
+                    .map(|id| store.body(id))
+                    .collect::<Result<Vec<_>, _>>()
+            })
+            .await
+            {
+                Ok(Ok(b)) => b,
+                Ok(Err(e)) => {
+                    let _ = tx.send(WorkerReport::StoreFailed(e.to_string()));
+                    s.quit().await;
+                    return;
+                }
+                Err(e) => {
+                    let _ = tx.send(WorkerReport::StoreFailed(e.to_string()));
+                    return;
+                }
+            };
+            let mut sendable: Vec<(usize, Outgoing)> = Vec::new();
+            for (i, (m, body)) in batch.iter().zip(&bodies).enumerate() {
+                match body {
+                    Some(b) => sendable.push((i, outgoing(m, b.clone()))),
+                    None => warn!(queue_id = %m.id, "message body missing from the store; skipped"),
+                }
+            }
+            let refs: Vec<&Outgoing> = sendable.iter().map(|(_, o)| o).collect();
+            let (results, back) = s.send_batch(&refs).await;
+            for ((i, _), outcomes) in sendable.iter().zip(results) {
+                let m = &batch[*i];
+                let body = bodies[*i].as_deref().unwrap_or_default();
+                let (changes, rcpt_results, counts) = self.record(m, body, &outcomes, &peer);
+                if !changes.is_empty() {
+                    if let Err(e) = self.writer.apply(changes).await {
+                        let _ = tx.send(WorkerReport::StoreFailed(e.to_string()));
+                    }
+                }
+                for r in &rcpt_results {
+                    info!(queue_id = %m.id, rcpt = %r.address, upstream = %peer, outcome = %r.outcome,
+                          reply = r.reply.as_deref().unwrap_or(""), "delivery attempt");
+                }
+                let _ = tx.send(WorkerReport::Message {
+                    id: m.id.clone(),
+                    results: rcpt_results,
+                    counts,
+                });
+            }
+            match back {
+                Some(s) => session = Some(s),
+                None => {
+                    let _ = tx.send(WorkerReport::Lost(format!("connection to {peer} lost")));
+                    return;
+                }
+            }
+        }
+        if let Some(s) = session {
+            s.quit().await;
+        }
+    }
+
+    /// A further parallel connection; None when the upstream will not take one.
+    async fn connect_more(&self, settings: &ClientSettings) -> Option<Session> {
+        let targets = route::targets(&self.config.upstream).await.ok()?;
+        for t in targets {
+            if let Ok(s) = Session::open(t.addr, settings).await {
+                return Some(s);
+            }
+        }
+        None
+    }
+
+    /// What to write after one message's attempt.
+    fn record(
+        &self,
+        m: &DueMessage,
+        body: &[u8],
+        outcomes: &[Outcome],
+        peer: &str,
+    ) -> (Vec<Change>, Vec<RcptResult>, Counts) {
+        let now = unix_now();
+        let mut changes = Vec::new();
+        let mut results = Vec::new();
+        let mut counts = Counts::default();
+        let mut failed: Vec<DsnRecipient> = Vec::new();
+        for (r, o) in m.recipients.iter().zip(outcomes) {
+            let (state, attempted, next, reply, uncertain, event, outcome) = match o {
+                Outcome::Delivered(rep) => {
+                    counts.delivered += 1;
+                    (
+                        RecipientState::Delivered,
+                        true,
+                        now,
+                        Some(rep.to_string()),
+                        false,
+                        "delivered",
+                        "delivered",
+                    )
+                }
+                Outcome::Deferred(rep) => {
+                    counts.deferred += 1;
+                    let next = next_attempt(now, r.attempts + 1, &self.config);
+                    (
+                        RecipientState::Deferred,
+                        true,
+                        next,
+                        Some(rep.to_string()),
+                        false,
+                        "deferred",
+                        "deferred",
+                    )
+                }
+                Outcome::Bounced(rep) => {
+                    counts.bounced += 1;
+                    failed.push(DsnRecipient {
+                        address: r.address.clone(),
+                        orcpt: r.orcpt.clone(),
+                        status: rep
+                            .status()
+                            .map(str::to_string)
+                            .unwrap_or_else(|| format!("{}.0.0", rep.class())),
+                        diagnostic: Some(rep.to_string()),
+                        remote_mta: Some(format!("dns; {peer}")),
+                        last_attempt: Some(now),
+                        will_retry_until: None,
+                    });
+                    (
+                        RecipientState::Bounced,
+                        true,
+                        now,
+                        Some(rep.to_string()),
+                        false,
+                        "bounced",
+                        "bounced",
+                    )
+                }
+                Outcome::Uncertain(why) => {
+                    counts.uncertain += 1;
+                    let text = format!("delivery uncertain: the message was sent but {peer} did not confirm it ({why})");
+                    let state = match self.config.retry.uncertain {
+                        Uncertain::Resend => RecipientState::Queued,
+                        Uncertain::Hold => RecipientState::Held,
+                    };
+                    (state, true, now, Some(text), true, "uncertain", "uncertain")
+                }
+                Outcome::Untouched => {
+                    counts.untouched += 1;
+                    continue;
+                }
+            };
+            results.push(RcptResult {
+                address: r.address.clone(),
+                outcome: outcome.into(),
+                reply: reply.clone(),
+            });
+            changes.push(Change::Recipient(RecipientChange {
+                message_id: m.id.clone(),
+                idx: r.idx,
+                state,
+                attempted,
+                next_attempt: next,
+                detail: format!("{} ({peer})", reply.as_deref().unwrap_or("")),
+                last_reply: reply,
+                uncertain,
+                warned: false,
+                at: now,
+                event,
+            }));
+        }
+        if let Some(dsn) = self.dsn(m, body, DsnKind::Failure, failed, now) {
+            changes.push(dsn);
+        }
+        (changes, results, counts)
+    }
+
+    /// Expiry and delay warnings for one pending message.
+    fn age(&self, m: &DueMessage, up_clock: i64, now: i64) -> Aging {
+        let retry = &self.config.retry;
+        let wall = now - m.received_at;
+        let up_age = up_clock - m.up_clock_at_receipt;
+        if wall > retry.max_age_absolute.as_secs() as i64 || up_age > retry.max_age.as_secs() as i64
+        {
+            let why = if wall > retry.max_age_absolute.as_secs() as i64 {
+                format!(
+                    "4.4.7 message expired: waited {} in all (retry.max_age_absolute)",
+                    human(wall)
+                )
+            } else {
+                format!(
+                    "4.4.7 message expired: not delivered in {} with the link up (retry.max_age)",
+                    human(up_age)
+                )
+            };
+            let mut changes = Vec::new();
+            let mut rcpts = Vec::new();
+            for r in &m.recipients {
+                changes.push(Change::Recipient(RecipientChange {
+                    message_id: m.id.clone(),
+                    idx: r.idx,
+                    state: RecipientState::Expired,
+                    attempted: false,
+                    next_attempt: now,
+                    last_reply: Some(why.clone()),
+                    uncertain: false,
+                    warned: false,
+                    at: now,
+                    event: "expired",
+                    detail: why.clone(),
+                }));
+                rcpts.push(DsnRecipient {
+                    address: r.address.clone(),
+                    orcpt: r.orcpt.clone(),
+                    status: "4.4.7".into(),
+                    diagnostic: r.last_reply.clone(),
+                    remote_mta: None,
+                    last_attempt: None,
+                    will_retry_until: None,
+                });
+            }
+            let n = rcpts.len();
+            changes.extend(self.dsn(m, &[], DsnKind::Failure, rcpts, now));
+            return Aging::Expire(changes, n);
+        }
+        let warn_after = retry.delay_warning.as_secs() as i64;
+        if warn_after > 0 && wall >= warn_after {
+            let cold: Vec<_> = m.recipients.iter().filter(|r| !r.warned).collect();
+            if !cold.is_empty() {
+                let until = m.received_at + retry.max_age_absolute.as_secs() as i64;
+                let mut changes: Vec<Change> = cold
+                    .iter()
+                    .map(|r| Change::Warned {
+                        message_id: m.id.clone(),
+                        idx: r.idx,
+                    })
+                    .collect();
+                let rcpts: Vec<DsnRecipient> = cold
+                    .iter()
+                    .map(|r| DsnRecipient {
+                        address: r.address.clone(),
+                        orcpt: r.orcpt.clone(),
+                        status: "4.4.1".into(),
+                        diagnostic: r.last_reply.clone(),
+                        remote_mta: None,
+                        last_attempt: None,
+                        will_retry_until: Some(until),
+                    })
+                    .collect();
+                let dsn = self.dsn(m, &[], DsnKind::Delay, rcpts, now);
+                let sent = dsn.is_some();
+                changes.extend(dsn);
+                return Aging::Warn(changes, usize::from(sent));
+            }
+        }
+        Aging::Fine
+    }
+
+    /// A DSN to the sender, when one is wanted: never for the null sender
+    /// (no bounce storms), and as NOTIFY asks (absent: failures and delays).
+    /// `body` may be empty: it is then read from the store.
+    fn dsn(
+        &self,
+        m: &DueMessage,
+        body: &[u8],
+        kind: DsnKind,
+        rcpts: Vec<DsnRecipient>,
+        now: i64,
+    ) -> Option<Change> {
+        if m.sender.is_empty() {
+            return None;
+        }
+        let want = match kind {
+            DsnKind::Failure => "FAILURE",
+            DsnKind::Delay => "DELAY",
+        };
+        let rcpts: Vec<DsnRecipient> = rcpts
+            .into_iter()
+            .filter(|d| {
+                let notify = m
+                    .recipients
+                    .iter()
+                    .find(|r| r.address == d.address)
+                    .and_then(|r| r.notify.as_deref());
+                notify.is_none_or(|n| n.split(',').any(|x| x.eq_ignore_ascii_case(want)))
+            })
+            .collect();
+        if rcpts.is_empty() {
+            return None;
+        }
+        let stored;
+        let original = if body.is_empty() {
+            stored = self.store.body(&m.id).ok().flatten().unwrap_or_default();
+            &stored[..]
+        } else {
+            body
+        };
+        let host = &self.config.hostname;
+        let from = format!("MAILER-DAEMON@{host}");
+        let bytes = dsn::build(&DsnRequest {
+            kind,
+            reporting_mta: host,
+            queue_id: &m.id,
+            envid: m.dsn_envid.as_deref(),
+            arrival: m.received_at,
+            to: &m.sender,
+            from: &from,
+            recipients: &rcpts,
+            original,
+            return_full: m.dsn_ret.as_deref() == Some("FULL"),
+            now,
+        });
+        let domain = m
+            .sender
+            .rsplit_once('@')
+            .map(|(_, d)| d.to_ascii_lowercase())
+            .unwrap_or_default();
+        let route = if self.config.is_local_domain(&domain) {
+            Route::Local
+        } else {
+            Route::Upstream
+        };
+        Some(Change::Insert(Box::new(NewMessage {
+            id: QueueId::generate(),
+            received_at: now,
+            sender: self.config.upstream.dsn_sender.clone().unwrap_or_default(),
+            client_addr: "local".into(),
+            client_helo: String::new(),
+            auth_user: None,
+            protocol: "DSN".into(),
+            body_type: Some("8BITMIME".into()),
+            smtputf8: false,
+            dsn_ret: None,
+            dsn_envid: None,
+            recipients: vec![NewRecipient {
+                address: m.sender.clone(),
+                domain,
+                route,
+                dsn_notify: Some("NEVER".into()),
+                dsn_orcpt: None,
+            }],
+            body: bytes,
+        })))
+    }
+}
+
+enum Aging {
+    Fine,
+    /// Changes to commit; recipients expired.
+    Expire(Vec<Change>, usize),
+    /// Changes to commit; warnings sent. The message is still due.
+    Warn(Vec<Change>, usize),
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct Counts {
+    delivered: usize,
+    deferred: usize,
+    bounced: usize,
+    uncertain: usize,
+    untouched: usize,
+}
+
+enum WorkerReport {
+    Message {
+        id: String,
+        results: Vec<RcptResult>,
+        counts: Counts,
+    },
+    Lost(String),
+    StoreFailed(String),
+}
+
+fn outgoing(m: &DueMessage, body: Vec<u8>) -> Outgoing {
+    Outgoing {
+        sender: m.sender.clone(),
+        recipients: m
+            .recipients
+            .iter()
+            .map(|r| OutRecipient {
+                address: r.address.clone(),
+                notify: r.notify.clone(),
+                orcpt: r.orcpt.clone(),
+            })
+            .collect(),
+        eightbit: m.body_type.as_deref() == Some("8BITMIME") || body.iter().any(|&b| b >= 0x80),
+        smtputf8: m.smtputf8,
+        dsn_ret: m.dsn_ret.clone(),
+        dsn_envid: m.dsn_envid.clone(),
+        body,
+    }
+}
+
+/// Exponential back-off from `retry.base`, capped at `retry.max`, with
+/// ±10 % jitter so deferred mail does not all come due at once.
+pub fn next_attempt(now: i64, attempts: u32, config: &Config) -> i64 {
+    let base = config.retry.base.as_secs_f64();
+    let max = config.retry.max.as_secs_f64();
+    let exp = base * 2f64.powi(attempts.saturating_sub(1).min(30) as i32);
+    let delay = exp.min(max);
+    let jitter = rand::rng().random_range(0.9..=1.1);
+    now + (delay * jitter).round().max(1.0) as i64
+}
+
+fn human(secs: i64) -> String {
+    humantime::format_duration(std::time::Duration::from_secs(secs.max(0) as u64)).to_string()
+}
+
+fn read_secret(path: &Path) -> Result<String, String> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = std::fs::metadata(path)
+        .map_err(|e| format!("upstream.password_file {}: {e}", path.display()))?;
+    if meta.permissions().mode() & 0o004 != 0 {
+        warn!(file = %path.display(), "upstream.password_file is readable by every user: chmod 640 it");
+    }
+    let s = std::fs::read_to_string(path)
+        .map_err(|e| format!("upstream.password_file {}: {e}", path.display()))?;
+    Ok(s.lines().next().unwrap_or("").to_string())
+}
+
+/// The exclusive flush lock: `<store path>.flush.lock`, flock(2)ed.
+pub struct FlushLock(#[allow(dead_code)] std::fs::File);
+
+impl FlushLock {
+    pub fn path(store: &Path) -> PathBuf {
+        let mut p = store.as_os_str().to_owned();
+        p.push(".flush.lock");
+        PathBuf::from(p)
+    }
+
+    /// Waits until no other flush runs, here or in another process.
+    pub async fn acquire(store: &Path) -> Result<FlushLock, String> {
+        let path = Self::path(store);
+        tokio::task::spawn_blocking(move || {
+            let f = std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(&path)
+                .map_err(|e| format!("flush lock {}: {e}", path.display()))?;
+            f.lock()
+                .map_err(|e| format!("flush lock {}: {e}", path.display()))?;
+            Ok(FlushLock(f))
+        })
+        .await
+        .map_err(|e| e.to_string())?
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        let c = Config::parse("[retry]\nbase = \"60s\"\nmax = \"10m\"\n", Path::new("t")).unwrap();
+        for _ in 0..50 {
+            let d1 = next_attempt(0, 1, &c);
+            assert!((54..=66).contains(&d1), "{d1}");
+            let d3 = next_attempt(0, 3, &c);
+            assert!((216..=264).contains(&d3), "{d3}");
+            let d20 = next_attempt(0, 20, &c);
+            assert!((540..=660).contains(&d20), "{d20}");
+        }
+    }
+
+    #[tokio::test]
+    async fn flush_lock_is_exclusive() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = dir.path().join("q.sqlite");
+        let a = FlushLock::acquire(&store).await.unwrap();
+        let waiting = tokio::spawn({
+            let store = store.clone();
+            async move { FlushLock::acquire(&store).await.map(|_| ()) }
+        });
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        assert!(!waiting.is_finished(), "a second flush must wait");
+        drop(a);
+        tokio::time::timeout(std::time::Duration::from_secs(5), waiting)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+    }
+}
