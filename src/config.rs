@@ -693,7 +693,11 @@ mod tests {
 
     #[test]
     fn shipped_configs_parse() {
-        for f in ["config/outpost.toml", "config/production.example.toml"] {
+        for f in [
+            "config/outpost.toml",
+            "config/production.example.toml",
+            "config/hub.toml",
+        ] {
             let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(f);
             Config::load(&path).unwrap_or_else(|e| panic!("{e}"));
         }

@@ -8,6 +8,7 @@
 pub mod auth;
 pub mod cli;
 pub mod config;
+pub mod control;
 pub mod queue;
 pub mod relay;
 pub mod smtp;
@@ -18,10 +19,12 @@ use std::sync::Arc;
 
 use anyhow::Context as _;
 use tokio::net::TcpListener;
+use tokio::sync::{watch, Notify};
 use tracing::{info, warn};
 
 use config::Config;
-use queue::{Store, Writer};
+use queue::{LinkState, Store, Writer};
+use relay::flush::{Event, FlushOptions, Flusher};
 use smtp::server::{self, Shared};
 
 /// Runs the gateway until `stop` resolves, then drains and returns.
@@ -70,13 +73,86 @@ pub async fn serve(
     if listeners.is_empty() {
         warn!("no [[listen]] entries: nothing will be accepted");
     }
-    let shared = Arc::new(Shared::new(config.clone(), store, writer, tls));
+    let flusher = Flusher::new(config.clone(), store.clone(), writer.clone());
+    let control = control::bind(&config.control.socket)
+        .with_context(|| format!("control.socket {}", config.control.socket.display()))?;
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let control_task = tokio::spawn(control::serve(
+        control,
+        config.control.socket.clone(),
+        flusher.clone(),
+        stop_rx.clone(),
+    ));
+    let submitted = Arc::new(Notify::new());
+    let mut runner = tokio::spawn(flush_runner(flusher, submitted.clone(), stop_rx));
+    let shared = Arc::new(Shared::new(
+        config.clone(),
+        store,
+        writer,
+        tls,
+        config.flush.on_submit.then_some(submitted),
+    ));
     info!(hostname = %config.hostname, store = %config.store.path.display(), "outpost ready");
     ready();
     server::run(shared, listeners, stop).await;
-    // Every session has ended; the last handle to the writer goes with
-    // `shared`, and joining the thread waits for its last commit.
+    let _ = stop_tx.send(true);
+    let _ = control_task.await;
+    // A flush in progress may finish its batch, within the grace period.
+    if tokio::time::timeout(config.smtp.shutdown_grace, &mut runner)
+        .await
+        .is_err()
+    {
+        warn!("the flush in progress did not end within smtp.shutdown_grace; its last batch may be sent again");
+        runner.abort();
+        let _ = runner.await;
+    }
+    // Every session and the flusher have ended; the last handle to the
+    // writer is gone, and joining the thread waits for its last commit.
     writer_thread.join();
     info!("stopped");
     Ok(())
+}
+
+/// The daemon's flush schedule: `flush.interval`, and right after a
+/// message is accepted (`flush.on_submit`) unless the link is known down.
+/// A burst of submissions wakes it once. `outpost flush` does not come
+/// here: the control socket runs its own flush (the flush lock serialises).
+async fn flush_runner(flusher: Flusher, submitted: Arc<Notify>, mut stop: watch::Receiver<bool>) {
+    let interval = flusher.config.flush.interval;
+    loop {
+        let on_submit = tokio::select! {
+            _ = stop.changed() => return,
+            _ = async {
+                match interval {
+                    Some(i) => tokio::time::sleep(i).await,
+                    None => std::future::pending().await,
+                }
+            } => false,
+            _ = submitted.notified() => true,
+        };
+        if on_submit {
+            let store = flusher.store.clone();
+            let link = tokio::task::spawn_blocking(move || store.link(queue::unix_now())).await;
+            if matches!(link, Ok(Ok(ref l)) if l.state == LinkState::Down) {
+                continue;
+            }
+        }
+        let mut log = |e: &Event| {
+            if let Event::Done(s) = e {
+                info!(
+                    delivered = s.delivered,
+                    deferred = s.deferred,
+                    bounced = s.bounced,
+                    expired = s.expired,
+                    link = %s.link,
+                    error = s.error.as_deref().unwrap_or(""),
+                    trigger = if on_submit { "on_submit" } else { "interval" },
+                    "flush done"
+                );
+            }
+        };
+        // A flush that started runs to its end; `serve` waits for it up to
+        // smtp.shutdown_grace.
+        flusher.run(&FlushOptions::default(), &mut log).await;
+    }
 }

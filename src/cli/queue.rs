@@ -4,9 +4,14 @@ use std::process::ExitCode;
 
 use serde_json::json;
 
-use super::{exit, open_store, QueueCommand};
+use super::status::{age, rfc3339};
+use super::{exit, open_store, QueueCommand, Selection};
 use crate::config::Config;
-use crate::queue::{unix_now, MessageSummary, RecipientState, RecipientStatus};
+use crate::queue::{
+    unix_now, Change, MessageSummary, RecipientChange, RecipientState, RecipientStatus, Route,
+    Store, Writer,
+};
+use crate::relay::flush::Flusher;
 
 pub fn run(config: &Config, cmd: &QueueCommand) -> ExitCode {
     let store = match open_store(config) {
@@ -14,6 +19,11 @@ pub fn run(config: &Config, cmd: &QueueCommand) -> ExitCode {
         Err(code) => return code,
     };
     match cmd {
+        QueueCommand::Delete(sel) => admin(config, store, Admin::Delete, sel),
+        QueueCommand::Hold(sel) => admin(config, store, Admin::Hold, sel),
+        QueueCommand::Release(sel) => admin(config, store, Admin::Release, sel),
+        QueueCommand::Retry(sel) => admin(config, store, Admin::Retry, sel),
+        QueueCommand::Bounce(sel) => admin(config, store, Admin::Bounce, sel),
         QueueCommand::List { json, state } => match store.list(*state) {
             Ok(msgs) => {
                 if *json {
@@ -95,12 +105,6 @@ pub fn run(config: &Config, cmd: &QueueCommand) -> ExitCode {
     }
 }
 
-fn rfc3339(t: i64) -> String {
-    chrono::DateTime::from_timestamp(t, 0)
-        .map(|d| d.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
-        .unwrap_or_default()
-}
-
 /// The shape `queue list --json` keeps for scripts (DESIGN: interface contract).
 fn message_json(m: &MessageSummary) -> serde_json::Value {
     json!({
@@ -119,21 +123,6 @@ fn message_json(m: &MessageSummary) -> serde_json::Value {
             "last_reply": r.last_reply,
         })).collect::<Vec<_>>(),
     })
-}
-
-/// "3d4h", "12m", "40s": the largest two units.
-fn age(secs: i64) -> String {
-    let s = secs.max(0);
-    let (d, h, m) = (s / 86400, s % 86400 / 3600, s % 3600 / 60);
-    if d > 0 {
-        format!("{d}d{h}h")
-    } else if h > 0 {
-        format!("{h}h{m}m")
-    } else if m > 0 {
-        format!("{m}m")
-    } else {
-        format!("{s}s")
-    }
 }
 
 fn size(n: i64) -> String {
@@ -203,6 +192,150 @@ fn render_list(msgs: &[MessageSummary], now: i64) -> String {
         size(total)
     );
     out
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Admin {
+    Delete,
+    Hold,
+    Release,
+    Retry,
+    Bounce,
+}
+
+/// delete / hold / release / retry / bounce, through a writer of our own
+/// (the daemon's may be running: SQLite serialises the two).
+fn admin(config: &Config, store: Store, what: Admin, sel: &Selection) -> ExitCode {
+    let ids: Vec<String> = if sel.all {
+        match store.list(None) {
+            Ok(l) => l.into_iter().map(|m| m.id).collect(),
+            Err(e) => {
+                eprintln!("outpost: {e}");
+                return ExitCode::from(exit::IOERR);
+            }
+        }
+    } else {
+        sel.ids.clone()
+    };
+    for id in &ids {
+        if !store.exists(id).unwrap_or(false) {
+            eprintln!(
+                "outpost: no message {id} in the queue (see `outpost queue list`); nothing changed"
+            );
+            return ExitCode::from(exit::NOINPUT);
+        }
+    }
+    let now = unix_now();
+    let pending = match store.pending_recipients(&ids) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("outpost: {e}");
+            return ExitCode::from(exit::IOERR);
+        }
+    };
+    let change =
+        |id: &str, idx: u32, state: RecipientState, event: &'static str, reply: Option<&str>| {
+            Change::Recipient(RecipientChange {
+                message_id: id.to_string(),
+                idx,
+                state,
+                attempted: false,
+                next_attempt: now,
+                last_reply: reply.map(str::to_string),
+                uncertain: false,
+                warned: false,
+                at: now,
+                event,
+                detail: "by the administrator".into(),
+            })
+        };
+    let store = std::sync::Arc::new(store);
+    let (writer, thread) = match Writer::start(&config.store.path) {
+        Ok(w) => w,
+        Err(e) => {
+            eprintln!("outpost: {e}");
+            return ExitCode::from(exit::CANTCREAT);
+        }
+    };
+    let changes: Vec<Change> = match what {
+        Admin::Delete => ids
+            .iter()
+            .map(|id| Change::Delete {
+                message_id: id.clone(),
+            })
+            .collect(),
+        Admin::Hold => pending
+            .iter()
+            .filter(|(_, _, s, _)| matches!(s, RecipientState::Queued | RecipientState::Deferred))
+            .map(|(id, idx, _, _)| {
+                change(
+                    id,
+                    *idx,
+                    RecipientState::Held,
+                    "held",
+                    Some("held by the administrator"),
+                )
+            })
+            .collect(),
+        // Hub mail held for its branch is released by ETRN, not here.
+        Admin::Release => pending
+            .iter()
+            .filter(|(_, _, s, r)| *s == RecipientState::Held && *r != Route::Hold)
+            .map(|(id, idx, _, _)| change(id, *idx, RecipientState::Queued, "released", None))
+            .collect(),
+        Admin::Retry => pending
+            .iter()
+            .filter(|(_, _, s, _)| matches!(s, RecipientState::Queued | RecipientState::Deferred))
+            .map(|(id, idx, s, _)| change(id, *idx, *s, "retry", None))
+            .collect(),
+        Admin::Bounce => {
+            let flusher = Flusher::new(
+                std::sync::Arc::new(config.clone()),
+                store.clone(),
+                writer.clone(),
+            );
+            match flusher.admin_bounce(&ids) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("outpost: {e}");
+                    return ExitCode::from(exit::IOERR);
+                }
+            }
+        }
+    };
+    let n = changes.len();
+    let rt = tokio::runtime::Builder::new_current_thread().build();
+    let result = match rt {
+        Ok(rt) => rt.block_on(writer.apply(changes)),
+        Err(e) => Err(crate::queue::StoreError::Failed(e.to_string())),
+    };
+    drop(writer);
+    thread.join();
+    match result {
+        Ok(()) => {
+            let verb = match what {
+                Admin::Delete => "deleted",
+                Admin::Hold => "held",
+                Admin::Release => "released",
+                Admin::Retry => "due now",
+                Admin::Bounce => "bounced",
+            };
+            if what == Admin::Delete {
+                println!(
+                    "{} message{} {verb}",
+                    ids.len(),
+                    if ids.len() == 1 { "" } else { "s" }
+                );
+            } else {
+                println!("{n} recipient{} {verb}", if n == 1 { "" } else { "s" });
+            }
+            ExitCode::from(exit::OK)
+        }
+        Err(e) => {
+            eprintln!("outpost: {e}");
+            ExitCode::from(exit::IOERR)
+        }
+    }
 }
 
 #[cfg(test)]

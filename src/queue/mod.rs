@@ -390,18 +390,20 @@ impl Store {
     pub fn pending_recipients(
         &self,
         ids: &[String],
-    ) -> Result<Vec<(String, u32, RecipientState)>, StoreError> {
+    ) -> Result<Vec<(String, u32, RecipientState, Route)>, StoreError> {
         self.with(|c| {
             let mut st = c.prepare_cached(
-                "SELECT message_id, idx, state FROM recipients
+                "SELECT message_id, idx, state, route FROM recipients
                   WHERE state IN ('queued', 'deferred', 'held') ORDER BY message_id, idx",
             )?;
             let rows = st.query_map([], |r| {
                 let s: String = r.get(2)?;
+                let route: String = r.get(3)?;
                 Ok((
                     r.get::<_, String>(0)?,
                     r.get::<_, u32>(1)?,
                     s.parse().unwrap_or(RecipientState::Queued),
+                    route.parse().unwrap_or(Route::Upstream),
                 ))
             })?;
             let mut out = Vec::new();

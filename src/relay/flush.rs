@@ -464,6 +464,26 @@ impl Flusher {
         None
     }
 
+    /// `outpost queue bounce`: return these messages' pending upstream
+    /// recipients to the sender with a DSN, as if the upstream had said 5xx.
+    pub fn admin_bounce(&self, ids: &[String]) -> Result<Vec<Change>, StoreError> {
+        let reply = client::Reply {
+            code: 550,
+            text: "5.0.0 returned to the sender by the administrator".into(),
+        };
+        let mut changes = Vec::new();
+        for m in self
+            .store
+            .pending_upstream()?
+            .iter()
+            .filter(|m| ids.contains(&m.id))
+        {
+            let outcomes = vec![Outcome::Bounced(reply.clone()); m.recipients.len()];
+            changes.extend(self.record(m, &[], &outcomes, &self.config.hostname).0);
+        }
+        Ok(changes)
+    }
+
     /// What to write after one message's attempt.
     fn record(
         &self,

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, watch, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
 use tracing::{error, info, warn};
 
@@ -38,6 +38,8 @@ pub struct Shared {
     pub store: Arc<Store>,
     pub writer: Writer,
     pub tls: Option<TlsAcceptor>,
+    /// Woken after each accepted message when `flush.on_submit` is set.
+    pub submitted: Option<Arc<Notify>>,
     slots: Arc<Semaphore>,
     per_client: Mutex<HashMap<IpAddr, usize>>,
 }
@@ -48,8 +50,10 @@ impl Shared {
         store: Arc<Store>,
         writer: Writer,
         tls: Option<TlsAcceptor>,
+        submitted: Option<Arc<Notify>>,
     ) -> Shared {
         Shared {
+            submitted,
             slots: Arc::new(Semaphore::new(config.smtp.max_connections)),
             per_client: Mutex::new(HashMap::new()),
             config,

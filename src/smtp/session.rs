@@ -554,6 +554,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         match self.shared.writer.insert(msg).await {
             Ok(()) => {
                 info!(peer = %self.peer, queue_id = %id, from = %sender, rcpts = nrcpt, size = stored, "queued");
+                if let Some(n) = &self.shared.submitted {
+                    n.notify_one();
+                }
                 self.reply(reply::queued(id.as_str()))
             }
             Err(e) => {

@@ -1,0 +1,123 @@
+//! `outpost status`: what is stuck and why, at a glance.
+
+use std::process::ExitCode;
+
+use serde_json::json;
+
+use super::{exit, open_store};
+use crate::config::Config;
+use crate::queue::unix_now;
+
+pub fn run(config: &Config, as_json: bool) -> ExitCode {
+    let store = match open_store(config) {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
+    let now = unix_now();
+    let (link, counts) = match store.link(now).and_then(|l| Ok((l, store.counts()?))) {
+        Ok(x) => x,
+        Err(e) => {
+            eprintln!("outpost: {e}");
+            return ExitCode::from(exit::IOERR);
+        }
+    };
+    let count = |s: &str| {
+        counts
+            .by_state
+            .iter()
+            .find(|(k, _)| k == s)
+            .map(|(_, n)| *n)
+            .unwrap_or(0)
+    };
+    let oldest_age = counts.oldest.map(|t| (now - t).max(0));
+    // The next flush: the timer's next tick after the last flush, or when
+    // deferred mail next comes due, whichever is later.
+    let next_timer = config
+        .flush
+        .interval
+        .map(|i| link.last_flush_at.unwrap_or(now) + i.as_secs() as i64);
+    let next_flush = match (next_timer, counts.next_due) {
+        (Some(t), Some(d)) => Some(t.max(d)),
+        (Some(t), None) => Some(t),
+        _ => None,
+    };
+    if as_json {
+        let v = json!({
+            "link": {
+                "state": link.state.as_str(),
+                "since": rfc3339(link.since),
+                "last_error": link.last_error,
+            },
+            "last_flush": link.last_flush_at.map(|at| json!({ "at": rfc3339(at), "result": link.last_flush_result })),
+            "counts": { "queued": count("queued"), "deferred": count("deferred"), "held": count("held") },
+            "uncertain": counts.uncertain,
+            "oldest_age_seconds": oldest_age,
+            "next_flush": next_flush.map(rfc3339),
+            "next_due": counts.next_due.map(rfc3339),
+        });
+        println!("{v}");
+        return ExitCode::from(exit::OK);
+    }
+    println!(
+        "link:        {} since {} ({} ago)",
+        link.state,
+        rfc3339(link.since),
+        age(now - link.since)
+    );
+    if let Some(e) = &link.last_error {
+        println!("last error:  {e}");
+    }
+    match link.last_flush_at {
+        Some(at) => println!(
+            "last flush:  {} ({} ago): {}",
+            rfc3339(at),
+            age(now - at),
+            link.last_flush_result.as_deref().unwrap_or("")
+        ),
+        None => println!("last flush:  never"),
+    }
+    println!(
+        "queue:       {} queued, {} deferred, {} held{}",
+        count("queued"),
+        count("deferred"),
+        count("held"),
+        if counts.uncertain > 0 {
+            format!(
+                " ({} delivery uncertain: see `outpost queue list`)",
+                counts.uncertain
+            )
+        } else {
+            String::new()
+        }
+    );
+    match oldest_age {
+        Some(a) => println!("oldest:      {}", age(a)),
+        None => println!("oldest:      (queue empty)"),
+    }
+    match next_flush {
+        Some(t) if t <= now => println!("next flush:  now (mail is due)"),
+        Some(t) => println!("next flush:  {} (in {})", rfc3339(t), age(t - now)),
+        None => println!("next flush:  on `outpost flush` only (no flush.interval)"),
+    }
+    ExitCode::from(exit::OK)
+}
+
+pub(super) fn rfc3339(t: i64) -> String {
+    chrono::DateTime::from_timestamp(t, 0)
+        .map(|d| d.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
+        .unwrap_or_default()
+}
+
+pub(super) fn age(secs: i64) -> String {
+    let s = secs.max(0);
+    let (d, h, m) = (s / 86400, s % 86400 / 3600, s % 3600 / 60);
+    if d > 0 {
+        format!("{d}d{h}h")
+    } else if h > 0 {
+        format!("{h}h{m}m")
+    } else if m > 0 {
+        format!("{m}m")
+    } else {
+        format!("{s}s")
+    }
+}

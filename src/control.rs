@@ -1,0 +1,137 @@
+//! The control socket: how `outpost flush` reaches the running daemon.
+//!
+//! A Unix socket (mode 0660). The client sends one JSON request line; the
+//! daemon answers with JSON lines, one per flush event, `done` last.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use crate::relay::flush::{Event, FlushOptions, Flusher, Summary};
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Request {
+    Flush(FlushOptions),
+}
+
+/// Binds the socket, replacing a stale one left by a crash.
+pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)?;
+    }
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AddrInUse,
+                format!("{} is in use: is another outpost running?", path.display()),
+            ));
+        }
+        std::fs::remove_file(path)?;
+    }
+    let l = UnixListener::bind(path)?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
+    Ok(l)
+}
+
+/// Serves requests until `stop` changes; removes the socket then.
+pub async fn serve(
+    listener: UnixListener,
+    path: PathBuf,
+    flusher: Flusher,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            _ = stop.changed() => break,
+            r = listener.accept() => match r {
+                Ok((stream, _)) => {
+                    let flusher = flusher.clone();
+                    tokio::spawn(async move {
+                        if let Err(e) = handle(stream, flusher).await {
+                            warn!(error = %e, "control request failed");
+                        }
+                    });
+                }
+                Err(e) => {
+                    warn!(error = %e, "control socket accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+    let _ = std::fs::remove_file(&path);
+}
+
+async fn handle(stream: UnixStream, flusher: Flusher) -> std::io::Result<()> {
+    let (r, mut w) = stream.into_split();
+    let mut line = String::new();
+    BufReader::new(r).read_line(&mut line).await?;
+    let req: Request = serde_json::from_str(&line)
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+    match req {
+        Request::Flush(opts) => {
+            info!(all = opts.all, domains = ?opts.domains, "flush requested on the control socket");
+            // Events go to the client as they happen; a client that went
+            // away does not stop the flush.
+            let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Event>();
+            let run = tokio::spawn(async move {
+                let mut send = |e: &Event| {
+                    let _ = tx.send(e.clone());
+                };
+                flusher.run(&opts, &mut send).await
+            });
+            while let Some(e) = rx.recv().await {
+                let mut s = serde_json::to_string(&e).unwrap_or_default();
+                s.push('\n');
+                if w.write_all(s.as_bytes()).await.is_err() {
+                    break;
+                }
+            }
+            let _ = run.await;
+        }
+    }
+    Ok(())
+}
+
+/// Client side: asks the daemon to flush. `Ok(None)` when no daemon listens.
+pub async fn request_flush(
+    path: &Path,
+    opts: &FlushOptions,
+    progress: &mut (dyn FnMut(&Event) + Send),
+) -> std::io::Result<Option<Summary>> {
+    let stream = match UnixStream::connect(path).await {
+        Ok(s) => s,
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+            ) =>
+        {
+            return Ok(None)
+        }
+        Err(e) => return Err(e),
+    };
+    let (r, mut w) = stream.into_split();
+    let mut req = serde_json::to_string(&Request::Flush(opts.clone()))?;
+    req.push('\n');
+    w.write_all(req.as_bytes()).await?;
+    let mut lines = BufReader::new(r).lines();
+    while let Some(line) = lines.next_line().await? {
+        let e: Event = serde_json::from_str(&line)
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+        progress(&e);
+        if let Event::Done(s) = e {
+            return Ok(Some(s));
+        }
+    }
+    Err(std::io::Error::new(
+        std::io::ErrorKind::UnexpectedEof,
+        "the daemon closed the control socket before the flush ended",
+    ))
+}
