@@ -499,3 +499,83 @@ fn queue_administration() {
     assert!(branch.cli(&["queue", "delete", "--all"]).status.success());
     assert!(branch.queue().is_empty());
 }
+
+/// Takes one message, then answers the next MAIL with 421 and hangs up.
+fn closes_after_one() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for s in l.incoming().flatten() {
+            let mut w = s.try_clone().unwrap();
+            let mut r = BufReader::new(s);
+            let _ = w.write_all(b"220 closing.test ESMTP\r\n");
+            let (mut in_data, mut mails) = (false, 0);
+            let mut line = String::new();
+            loop {
+                line.clear();
+                if r.read_line(&mut line).unwrap_or(0) == 0 {
+                    break;
+                }
+                if in_data {
+                    if line == ".\r\n" {
+                        in_data = false;
+                        let _ = w.write_all(b"250 2.0.0 taken\r\n");
+                    }
+                    continue;
+                }
+                let verb = line.get(..4).unwrap_or("").to_ascii_uppercase();
+                if verb == "MAIL" {
+                    mails += 1;
+                    if mails == 2 {
+                        let _ = w.write_all(b"421 4.3.2 closing.test going down\r\n");
+                        break;
+                    }
+                }
+                let reply: &[u8] = match verb.as_str() {
+                    "EHLO" => b"250-closing.test\r\n250 8BITMIME\r\n",
+                    "DATA" => {
+                        in_data = true;
+                        b"354 go on\r\n"
+                    }
+                    _ => b"250 ok\r\n",
+                };
+                let _ = w.write_all(reply);
+            }
+        }
+    });
+    port
+}
+
+#[test]
+fn a_421_leaves_the_rest_untouched_and_due() {
+    let port = closes_after_one();
+    let mut branch = Gateway::start(&upstream(port, "none"));
+    let a = send(
+        &branch,
+        "s@client.test",
+        &["x@far.example"],
+        b"Subject: a\r\n\r\nx\r\n",
+    );
+    let b = send(
+        &branch,
+        "s@client.test",
+        &["y@far.example"],
+        b"Subject: b\r\n\r\nx\r\n",
+    );
+    branch.stop();
+    let v = json_out(&branch.cli(&["flush", "--json"]));
+    assert_eq!(v["summary"]["delivered"], 1, "{v}");
+    assert_eq!(
+        v["summary"]["deferred"], 0,
+        "a 421 is not a refusal of the message: {v}"
+    );
+    let q = branch.queue();
+    assert_eq!(q.len(), 1);
+    assert!(q[0]["id"] == a.as_str() || q[0]["id"] == b.as_str());
+    let r = &q[0]["recipients"][0];
+    assert_eq!(
+        (r["state"].as_str(), r["attempts"].as_u64()),
+        (Some("queued"), Some(0)),
+        "{r}"
+    );
+}

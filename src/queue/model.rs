@@ -7,8 +7,9 @@ use rand::Rng;
 
 /// A message's queue id: 14 characters, time-ordered, unique in practice.
 ///
-/// Seconds since 2020 in 6 base-32 digits (good for 34 years), then 8 random
-/// base-32 digits (40 bits): ids sort by arrival and never collide in a queue.
+/// Seconds since 2020 in 6 base-32 digits (good for 34 years), the fraction
+/// of the second in 2 (about a millisecond), then 6 random digits (30 bits):
+/// ids sort by arrival, so the flusher sends oldest first.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct QueueId(String);
 
@@ -16,13 +17,18 @@ const ALPHABET: &[u8; 32] = b"0123456789BCDFGHJKLMNPQRSTVWXYZa";
 
 impl QueueId {
     pub fn generate() -> QueueId {
-        let secs = (super::unix_now() - 1_577_836_800).max(0) as u64;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        let secs = now.as_secs().saturating_sub(1_577_836_800);
+        let frac = (now.subsec_nanos() as u64 * 1024) / 1_000_000_000;
+        let stamp = (secs << 10) | frac;
         let mut s = String::with_capacity(14);
-        for i in (0..6).rev() {
-            s.push(ALPHABET[((secs >> (5 * i)) & 31) as usize] as char);
+        for i in (0..8).rev() {
+            s.push(ALPHABET[((stamp >> (5 * i)) & 31) as usize] as char);
         }
         let mut rng = rand::rng();
-        for _ in 0..8 {
+        for _ in 0..6 {
             s.push(ALPHABET[rng.random_range(0..32)] as char);
         }
         QueueId(s)
@@ -314,6 +320,10 @@ mod tests {
     fn queue_ids_are_unique_and_ordered_by_time() {
         let ids: std::collections::HashSet<_> = (0..10_000).map(|_| QueueId::generate()).collect();
         assert_eq!(ids.len(), 10_000);
+        let a = QueueId::generate();
+        std::thread::sleep(std::time::Duration::from_millis(3));
+        let b = QueueId::generate();
+        assert!(a < b, "{a} then {b}");
         let a = QueueId::generate();
         assert_eq!(a.as_str().len(), 14);
         assert!(a.as_str().bytes().all(|b| ALPHABET.contains(&b)));

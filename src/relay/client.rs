@@ -610,9 +610,20 @@ impl Session {
         const WINDOW: usize = 16;
         let mut sent = 0;
         let mut done = 0;
-        let mut in_flight: Vec<bool> = vec![false; msgs.len()];
+        // Handed to the kernel whole, and awaiting replies.
+        let mut written: Vec<bool> = vec![false; msgs.len()];
+        // On a lost connection: a message written whole may have been
+        // taken (RFC 1047), one not written whole cannot have been.
+        let lost = |results: &mut [Vec<Outcome>], written: &[bool], from: usize, e: &LinkError| {
+            for (i, w) in written.iter().enumerate().skip(from) {
+                if *w {
+                    results[i] = vec![Outcome::Uncertain(e.to_string()); msgs[i].recipients.len()];
+                }
+            }
+        };
         while done < msgs.len() {
             let mut buf = Vec::new();
+            let mut in_buf = Vec::new();
             while sent < msgs.len() && sent - done < WINDOW && buf.len() < (1 << 20) {
                 let m = msgs[sent];
                 if let Some(r) = self.refuse_before_sending(m) {
@@ -620,32 +631,49 @@ impl Session {
                 } else {
                     buf.extend_from_slice(&self.envelope(m, true));
                     buf.extend_from_slice(&m.body);
-                    in_flight[sent] = true;
+                    in_buf.push(sent);
                 }
                 sent += 1;
             }
             if !buf.is_empty() {
-                self.write(&buf, "sending messages").await?;
+                if let Err(e) = self.write(&buf, "sending messages").await {
+                    lost(results, &written, done, &e);
+                    return Err(e);
+                }
+                for i in in_buf {
+                    written[i] = true;
+                }
             }
-            // Read the replies of the oldest message in flight.
+            // Read the replies of the oldest messages in flight.
             while done < sent {
-                if !in_flight[done] {
+                if !written[done] {
                     done += 1;
                     continue;
                 }
                 let m = msgs[done];
-                let mail = self.read_reply("MAIL").await?;
-                let mut rcpt = Vec::with_capacity(m.recipients.len());
-                for _ in &m.recipients {
-                    rcpt.push(self.read_reply("RCPT").await?);
-                }
-                let last = match self.read_reply("final dot").await {
+                let replies = async {
+                    let mail = self.read_reply("MAIL").await?;
+                    let mut rcpt = Vec::with_capacity(m.recipients.len());
+                    for _ in &m.recipients {
+                        rcpt.push(self.read_reply("RCPT").await?);
+                    }
+                    let last = self.read_reply("final dot").await?;
+                    Ok::<_, LinkError>((mail, rcpt, last))
+                };
+                let (mail, rcpt, last) = match replies.await {
                     Ok(r) => r,
                     Err(e) => {
-                        results[done] = vec![Outcome::Uncertain(e.to_string()); m.recipients.len()];
+                        lost(results, &written, done, &e);
                         return Err(e);
                     }
                 };
+                written[done] = false;
+                if let Some(e) = self.closing(&mail, &rcpt, &last) {
+                    // 421: the upstream is going away; this message was not
+                    // refused, and what follows it was never looked at.
+                    lost(results, &written, done + 1, &e);
+                    return Err(e);
+                }
                 results[done] = outcomes(&mail, &rcpt, Some(&last));
                 done += 1;
                 if sent < msgs.len() {
@@ -654,6 +682,18 @@ impl Session {
             }
         }
         Ok(())
+    }
+
+    /// A 421 anywhere in a transaction's replies: the server is closing.
+    fn closing(&self, mail: &Reply, rcpt: &[Reply], last: &Reply) -> Option<LinkError> {
+        std::iter::once(mail)
+            .chain(rcpt)
+            .chain(std::iter::once(last))
+            .find(|r| r.code == 421)
+            .map(|r| LinkError::Greeting {
+                addr: self.addr.clone(),
+                reply: r.clone(),
+            })
     }
 
     /// DATA, pipelined when offered: the next message's MAIL/RCPT/DATA are
@@ -723,6 +763,9 @@ impl Session {
                 };
                 (mail, rcpt, data)
             };
+            if let Some(e) = self.closing(&mail, &rcpt, &data) {
+                return Err(e);
+            }
             if data.code != 354 {
                 results[idx] = outcomes(&mail, &rcpt, Some(&data));
                 // The transaction is not open any more at most servers;
@@ -761,6 +804,13 @@ impl Session {
                 return Err(e);
             }
             match self.read_reply("final dot").await {
+                Ok(last) if last.code == 421 => {
+                    // Refused while closing: not taken, try again later.
+                    return Err(LinkError::Greeting {
+                        addr: self.addr.clone(),
+                        reply: last,
+                    });
+                }
                 Ok(last) => results[idx] = outcomes(&mail, &rcpt, Some(&last)),
                 Err(e) => {
                     results[idx] = vec![Outcome::Uncertain(e.to_string()); m.recipients.len()];

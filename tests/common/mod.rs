@@ -118,7 +118,12 @@ socket = "{d}/control.sock"
         self.child = Some(child);
         let port = self.relay;
         let start = Instant::now();
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        // Ready means this process said so (another process could hold the
+        // port) and the port answers.
+        let ready_before = self.log().matches("outpost ready").count();
+        while self.log().matches("outpost ready").count() == ready_before
+            || TcpStream::connect(("127.0.0.1", port)).is_err()
+        {
             if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
                 panic!("outpost exited at start ({status}):\n{}", self.log());
             }
