@@ -35,6 +35,7 @@ pub struct Gateway {
     pub submissions: u16,
     pub config_path: PathBuf,
     child: Option<Child>,
+    started_once: bool,
 }
 
 impl Gateway {
@@ -87,6 +88,7 @@ socket = "{d}/control.sock"
             submissions,
             config_path,
             child: None,
+            started_once: false,
         }
     }
 
@@ -100,7 +102,44 @@ socket = "{d}/control.sock"
     }
 
     pub fn spawn_with_env(&mut self, env: &[(&str, &str)]) {
+        for attempt in 0.. {
+            match self.try_spawn(env) {
+                Ok(()) => return,
+                // Another process took one of our ports between choosing
+                // and binding: choose again (first start only).
+                Err(log)
+                    if attempt < 5 && log.contains("cannot listen on") && !self.started_once =>
+                {
+                    self.new_ports();
+                }
+                Err(log) => panic!("outpost exited at start:\n{log}"),
+            }
+        }
+    }
+
+    fn new_ports(&mut self) {
+        let (r, s, ss) = (free_port(), free_port(), free_port());
+        let config = std::fs::read_to_string(&self.config_path)
+            .unwrap()
+            .replace(
+                &format!("127.0.0.1:{}\"", self.relay),
+                &format!("127.0.0.1:{r}\""),
+            )
+            .replace(
+                &format!("127.0.0.1:{}\"", self.submission),
+                &format!("127.0.0.1:{s}\""),
+            )
+            .replace(
+                &format!("127.0.0.1:{}\"", self.submissions),
+                &format!("127.0.0.1:{ss}\""),
+            );
+        std::fs::write(&self.config_path, config).unwrap();
+        (self.relay, self.submission, self.submissions) = (r, s, ss);
+    }
+
+    fn try_spawn(&mut self, env: &[(&str, &str)]) -> Result<(), String> {
         assert!(self.child.is_none());
+        let ready_before = self.log().matches("outpost ready").count();
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -120,12 +159,12 @@ socket = "{d}/control.sock"
         let start = Instant::now();
         // Ready means this process said so (another process could hold the
         // port) and the port answers.
-        let ready_before = self.log().matches("outpost ready").count();
         while self.log().matches("outpost ready").count() == ready_before
             || TcpStream::connect(("127.0.0.1", port)).is_err()
         {
             if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("outpost exited at start ({status}):\n{}", self.log());
+                self.child = None;
+                return Err(format!("({status})\n{}", self.log()));
             }
             assert!(
                 start.elapsed() < Duration::from_secs(20),
@@ -134,6 +173,8 @@ socket = "{d}/control.sock"
             );
             std::thread::sleep(Duration::from_millis(20));
         }
+        self.started_once = true;
+        Ok(())
     }
 
     pub fn pid(&self) -> u32 {
