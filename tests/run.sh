@@ -9,9 +9,15 @@ command -v swaks >/dev/null || need+=(swaks)
 perl -MNet::SSLeay -e1 2>/dev/null || need+=(libnet-ssleay-perl)
 [ -x /usr/bin/python3 ] || need+=(python3)
 command -v openssl >/dev/null || need+=(openssl)
+/usr/bin/python3 -c 'import aiosmtpd' 2>/dev/null || need+=(python3-aiosmtpd)
+[ -x /usr/sbin/dnsmasq ] || need+=(dnsmasq-base)
+[ -x /usr/sbin/postfix ] || need+=(postfix)
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing: ${need[*]}"
   export DEBIAN_FRONTEND=noninteractive
+  # Postfix as a private instance only: "No configuration" writes no main.cf,
+  # so nothing listens on port 25; the tests run their own instances.
+  echo 'postfix postfix/main_mailer_type select No configuration' | debconf-set-selections
   apt-get install -y -q --no-install-recommends "${need[@]}" >/dev/null 2>&1 || {
     apt-get update -q >/dev/null
     apt-get install -y -q --no-install-recommends "${need[@]}" >/dev/null

@@ -1,6 +1,6 @@
 //! `outpost flush`: through the daemon's control socket, or in-process.
 
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
 use std::sync::Arc;
 
@@ -25,7 +25,17 @@ pub fn run(config: Config, opts: FlushOptions, as_json: bool) -> ExitCode {
     };
     let mut messages = Vec::new();
     let mut link = serde_json::Value::Null;
+    // On a terminal, a progress line on stderr under the per-message lines.
+    let bar = !as_json && std::io::stderr().is_terminal();
+    let (mut due, mut seen) = (0usize, 0usize);
     let mut print = |e: &Event| {
+        if bar {
+            match e {
+                Event::Start { due: d } => due = *d,
+                Event::Message { .. } => seen += 1,
+                _ => {}
+            }
+        }
         if as_json {
             match e {
                 Event::Message { id, recipients } => {
@@ -35,7 +45,19 @@ pub fn run(config: Config, opts: FlushOptions, as_json: bool) -> ExitCode {
                 _ => {}
             }
         } else {
+            if bar {
+                eprint!("\r\x1b[K");
+            }
             print_event(e);
+            if bar && due > 0 && !matches!(e, Event::Done(_)) {
+                let width = 30;
+                let filled = seen * width / due;
+                eprint!(
+                    "[{}{}] {seen}/{due}",
+                    "#".repeat(filled),
+                    " ".repeat(width - filled)
+                );
+            }
         }
     };
     let summary = rt.block_on(async {

@@ -1,0 +1,1086 @@
+//! Flushing to real peers on loopback high ports: an aiosmtpd upstream
+//! (`tests/py/upstream.py`), MX lookups through dnsmasq, a private Postfix
+//! instance as the upstream relay, and the retry clock (delay warnings,
+//! link-aware expiry) driven by configuration.
+//!
+//! `tests/run.sh` installs python3-aiosmtpd, dnsmasq-base and postfix (the
+//! latter preseeded "No configuration": nothing listens on port 25). Every
+//! process a test starts is stopped by PID when its guard is dropped.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::Value;
+
+const PYTHON: &str = "/usr/bin/python3";
+
+// ---------------------------------------------------------------------------
+// Process guards
+
+/// A child process stopped by PID (SIGTERM, then SIGKILL) when dropped.
+struct Proc {
+    name: &'static str,
+    child: Child,
+}
+
+impl Proc {
+    fn spawn(name: &'static str, cmd: &mut Command) -> Proc {
+        let child = cmd
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("{name} cannot start ({e}): tests/run.sh installs it"));
+        Proc { name, child }
+    }
+
+    /// Waits until the process accepts TCP connections on 127.0.0.1:port.
+    fn wait_port(&mut self, port: u16, log: &Path) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                panic!(
+                    "{} exited at start ({st}):\n{}",
+                    self.name,
+                    std::fs::read_to_string(log).unwrap_or_default()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} did not listen on {port}:\n{}",
+                self.name,
+                std::fs::read_to_string(log).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Ok(Some(_)) = self.child.try_wait() {
+            return;
+        }
+        signal(self.child.id(), "TERM");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn signal(pid: u32, sig: &str) {
+    let _ = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .stderr(Stdio::null())
+        .status();
+}
+
+/// True while `pid` runs (a zombie counts as gone).
+fn alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .map(|(_, rest)| !rest.trim_start().starts_with('Z'))
+            .unwrap_or(false),
+        Err(_) => false,
+    }
+}
+
+fn chmod(path: &Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+// ---------------------------------------------------------------------------
+// The aiosmtpd upstream
+
+/// `tests/py/upstream.py` on a loopback port: 'defer' local parts get 451,
+/// 'reject' 550, others 250; messages land in `dir` as NNNN.eml + NNNN.env.
+struct Upstream {
+    port: u16,
+    dir: tempfile::TempDir,
+    _proc: Proc,
+}
+
+impl Upstream {
+    fn start(port: u16) -> Upstream {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("out");
+        std::fs::create_dir(&out).unwrap();
+        let log = dir.path().join("log");
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/py/upstream.py");
+        let mut proc = Proc::spawn(
+            "aiosmtpd (tests/py/upstream.py)",
+            Command::new(PYTHON)
+                .arg(script)
+                .arg(port.to_string())
+                .arg(&out)
+                .stdout(std::fs::File::create(&log).unwrap())
+                .stderr(std::fs::File::create(dir.path().join("err")).unwrap()),
+        );
+        proc.wait_port(port, &dir.path().join("err"));
+        Upstream {
+            port,
+            dir,
+            _proc: proc,
+        }
+    }
+
+    /// Messages received so far: (envelope lines, bytes), in arrival order.
+    fn messages(&self) -> Vec<(Vec<String>, Vec<u8>)> {
+        let out = self.dir.path().join("out");
+        let mut envs: Vec<PathBuf> = std::fs::read_dir(&out)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|x| x == "env"))
+            .collect();
+        envs.sort();
+        envs.iter()
+            .map(|env| {
+                let lines = std::fs::read_to_string(env)
+                    .unwrap()
+                    .lines()
+                    .map(str::to_string)
+                    .collect();
+                (lines, std::fs::read(env.with_extension("eml")).unwrap())
+            })
+            .collect()
+    }
+}
+
+// ---------------------------------------------------------------------------
+// outpost helpers
+
+fn upstream_toml(server: &str) -> String {
+    format!("[upstream]\nserver = \"{server}\"\ntls = \"none\"\n")
+}
+
+fn literal(port: u16) -> String {
+    upstream_toml(&format!("[127.0.0.1]:{port}"))
+}
+
+fn send(g: &Gateway, from: &str, to: &[&str], data: &[u8]) -> String {
+    let mut c = Client::connect(g.relay);
+    let r = c.cmd("EHLO client.test");
+    assert!(r.starts_with("250"), "EHLO: {r}");
+    let r = c.send_mail(from, to, data);
+    let id = queued_id(&r).unwrap_or_else(|| panic!("not queued: {r}"));
+    c.cmd("QUIT");
+    id
+}
+
+/// `outpost flush --json` through the daemon: (exit code, the JSON object).
+fn flush(g: &Gateway) -> (i32, Value) {
+    let out = g.cli(&["flush", "--json"]);
+    (out.status.code().unwrap_or(-1), json_out(&out))
+}
+
+fn json_out(out: &Output) -> Value {
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "not JSON ({e}):\nstdout: {}\nstderr: {}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
+
+fn summary_is(v: &Value, key: &str, want: u64) {
+    assert_eq!(
+        v["summary"][key].as_u64(),
+        Some(want),
+        "summary.{key} in {v:#}"
+    );
+}
+
+/// Queued messages that are DSNs outpost made (protocol "DSN").
+fn dsns(g: &Gateway) -> Vec<Value> {
+    g.queue()
+        .into_iter()
+        .filter(|m| m["protocol"] == "DSN")
+        .collect()
+}
+
+fn message<'a>(q: &'a [Value], id: &str) -> &'a Value {
+    q.iter()
+        .find(|m| m["id"] == id)
+        .unwrap_or_else(|| panic!("{id} not in the queue: {q:#?}"))
+}
+
+fn recipient<'a>(m: &'a Value, address: &str) -> &'a Value {
+    m["recipients"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["address"] == address)
+        .unwrap_or_else(|| panic!("no recipient {address} in {m:#}"))
+}
+
+/// Flush results by recipient address: (outcome, reply).
+fn outcomes(v: &Value) -> BTreeMap<String, (String, String)> {
+    v["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|m| m["recipients"].as_array().unwrap().iter())
+        .map(|r| {
+            (
+                r["address"].as_str().unwrap().to_string(),
+                (
+                    r["outcome"].as_str().unwrap().to_string(),
+                    r["reply"].as_str().unwrap_or("").to_string(),
+                ),
+            )
+        })
+        .collect()
+}
+
+/// Parses a DSN with Python's email package; returns its structure as JSON:
+/// {content_type, report_type, to, parts: [types], returned: text of the
+/// third part, recipients: [{final_recipient, action, status, diagnostic}]}.
+fn parse_dsn(bytes: &[u8]) -> Value {
+    const SCRIPT: &str = r#"
+import email, json, sys
+from email import policy
+m = email.message_from_bytes(open(sys.argv[1], 'rb').read(), policy=policy.compat32)
+parts = m.get_payload() if m.is_multipart() else []
+out = {
+    'content_type': m.get_content_type(),
+    'report_type': m.get_param('report-type'),
+    'to': m['To'],
+    'parts': [p.get_content_type() for p in parts],
+    'returned': '',
+    'recipients': [],
+}
+for p in parts:
+    if p.get_content_type() == 'message/delivery-status':
+        blocks = p.get_payload()
+        for b in blocks[1:]:
+            out['recipients'].append({
+                'final_recipient': b['Final-Recipient'],
+                'action': b['Action'],
+                'status': b['Status'],
+                'diagnostic': b['Diagnostic-Code'],
+            })
+    elif p.get_content_type() in ('text/rfc822-headers', 'message/rfc822'):
+        pl = p.get_payload()
+        out['returned'] = pl if isinstance(pl, str) else pl[0].as_string()
+print(json.dumps(out))
+"#;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("dsn.eml");
+    std::fs::write(&file, bytes).unwrap();
+    let out = Command::new(PYTHON)
+        .args(["-c", SCRIPT])
+        .arg(&file)
+        .output()
+        .expect("/usr/bin/python3");
+    assert!(
+        out.status.success(),
+        "python could not parse the DSN: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        String::from_utf8_lossy(bytes)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// The one recipient block of a parsed DSN, checked field by field.
+fn dsn_block(dsn: &Value, final_recipient: &str, action: &str, status: &str) {
+    let rcpts = dsn["recipients"].as_array().unwrap();
+    assert_eq!(rcpts.len(), 1, "one recipient block: {dsn:#}");
+    let r = &rcpts[0];
+    let fr = r["final_recipient"].as_str().unwrap_or("");
+    assert!(
+        fr.to_ascii_lowercase().contains(final_recipient),
+        "Final-Recipient {fr:?}, want {final_recipient}: {dsn:#}"
+    );
+    assert_eq!(r["action"].as_str().map(str::trim), Some(action), "{dsn:#}");
+    assert_eq!(r["status"].as_str().map(str::trim), Some(status), "{dsn:#}");
+}
+
+fn dsn_structure(dsn: &Value, to: &str) {
+    assert_eq!(dsn["content_type"], "multipart/report", "{dsn:#}");
+    assert_eq!(dsn["report_type"], "delivery-status", "{dsn:#}");
+    assert!(dsn["to"].as_str().unwrap_or("").contains(to), "To: {dsn:#}");
+    let parts: Vec<&str> = dsn["parts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p.as_str().unwrap())
+        .collect();
+    assert_eq!(parts.len(), 3, "{dsn:#}");
+    assert_eq!(parts[1], "message/delivery-status", "{dsn:#}");
+}
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
+}
+
+/// Seconds from now until an RFC 3339 time.
+fn seconds_ahead(rfc3339: &str) -> i64 {
+    let t = chrono::DateTime::parse_from_rfc3339(rfc3339)
+        .unwrap_or_else(|e| panic!("{rfc3339:?} is not RFC 3339: {e}"));
+    t.timestamp() - chrono::Utc::now().timestamp()
+}
+
+const BODY: &[u8] = b"Subject: flush peers\r\nFrom: someone@sender.example\r\n\r\n\
+first line\r\n..a line that starts with a dot\r\n..\r\n\
+\tindented, and a long one: 0123456789012345678901234567890123456789012345678901234567890123456789\r\n\
+last line\r\n";
+
+// ---------------------------------------------------------------------------
+// 1. aiosmtpd upstream: 250 / 451 / 550 per recipient, a DSN for the 550
+
+#[test]
+fn aiosmtpd_per_recipient_outcomes_byte_exact_body_and_failure_dsn() {
+    let up = Upstream::start(free_port());
+    let g = Gateway::start(&format!("{}[retry]\nbase = \"5m\"\n", literal(up.port)));
+    let id = send(
+        &g,
+        "someone@sender.example",
+        &["ok@up.test", "defer1@up.test", "reject1@up.test"],
+        BODY,
+    );
+    let stored = g.body(&id);
+    assert!(
+        contains(
+            &stored,
+            b"\r\n.a line that starts with a dot\r\n.\r\n\tindented"
+        ),
+        "outpost stores the message unstuffed: {:?}",
+        String::from_utf8_lossy(&stored)
+    );
+
+    let (code, v) = flush(&g);
+    assert_eq!(code, 0, "{v:#}");
+    assert_eq!(v["summary"]["link"], "up", "{v:#}");
+    summary_is(&v, "delivered", 1);
+    summary_is(&v, "deferred", 1);
+    summary_is(&v, "bounced", 1);
+    summary_is(&v, "expired", 0);
+    assert_eq!(v["messages"].as_array().unwrap().len(), 1, "{v:#}");
+    assert_eq!(v["messages"][0]["id"], id.as_str());
+    let o = outcomes(&v);
+    assert_eq!(o["ok@up.test"].0, "delivered", "{v:#}");
+    assert!(o["ok@up.test"].1.starts_with("250"), "{v:#}");
+    assert_eq!(o["defer1@up.test"].0, "deferred", "{v:#}");
+    assert!(o["defer1@up.test"].1.contains("451 4.3.0"), "{v:#}");
+    assert_eq!(o["reject1@up.test"].0, "bounced", "{v:#}");
+    assert!(o["reject1@up.test"].1.contains("550 5.1.1"), "{v:#}");
+
+    // The upstream has the message once, for ok@ only, byte for byte.
+    let got = up.messages();
+    assert_eq!(got.len(), 1, "one message at the upstream");
+    assert_eq!(got[0].0, ["someone@sender.example", "ok@up.test"]);
+    assert!(
+        got[0].1 == stored,
+        "the upstream got other bytes than outpost stored:\nstored:   {:?}\nreceived: {:?}",
+        String::from_utf8_lossy(&stored),
+        String::from_utf8_lossy(&got[0].1)
+    );
+
+    // defer1 waits for its next attempt, about retry.base from now.
+    let q = g.queue();
+    let m = message(&q, &id);
+    let d = recipient(m, "defer1@up.test");
+    assert_eq!(d["state"], "deferred", "{m:#}");
+    assert_eq!(d["attempts"], 1, "{m:#}");
+    assert!(d["last_reply"].as_str().unwrap().contains("451"), "{m:#}");
+    let ahead = seconds_ahead(d["next_attempt"].as_str().unwrap());
+    assert!(
+        (240..=360).contains(&ahead),
+        "next attempt {ahead} s ahead, want about 300 (retry.base 5m): {m:#}"
+    );
+    assert_eq!(recipient(m, "ok@up.test")["state"], "delivered", "{m:#}");
+    assert_eq!(recipient(m, "reject1@up.test")["state"], "bounced", "{m:#}");
+
+    // A failure DSN to the sender, from the null sender, about reject1 only.
+    let dsn = dsns(&g);
+    assert_eq!(dsn.len(), 1, "one DSN: {q:#?}");
+    assert_eq!(dsn[0]["sender"], "", "{:#}", dsn[0]);
+    let r = &dsn[0]["recipients"];
+    assert_eq!(r.as_array().unwrap().len(), 1, "{:#}", dsn[0]);
+    assert_eq!(r[0]["address"], "someone@sender.example");
+    assert_eq!(r[0]["route"], "upstream");
+    assert_eq!(r[0]["state"], "queued");
+    let dsn_id = dsn[0]["id"].as_str().unwrap().to_string();
+    let dsn_body = g.body(&dsn_id);
+    let parsed = parse_dsn(&dsn_body);
+    dsn_structure(&parsed, "someone@sender.example");
+    dsn_block(&parsed, "reject1@up.test", "failed", "5.1.1");
+    assert!(
+        parsed["recipients"][0]["diagnostic"]
+            .as_str()
+            .unwrap_or("")
+            .contains("550"),
+        "{parsed:#}"
+    );
+    assert!(
+        parsed["returned"]
+            .as_str()
+            .unwrap()
+            .contains("Subject: flush peers"),
+        "the original's headers come back: {parsed:#}"
+    );
+
+    // The next flush delivers the DSN (defer1 is not due yet), from <>,
+    // and makes no DSN about the DSN.
+    let (code, v) = flush(&g);
+    assert_eq!(code, 0, "{v:#}");
+    summary_is(&v, "delivered", 1);
+    summary_is(&v, "deferred", 0);
+    summary_is(&v, "bounced", 0);
+    assert_eq!(v["messages"][0]["id"], dsn_id.as_str(), "{v:#}");
+    let got = up.messages();
+    assert_eq!(got.len(), 2, "the DSN reached the upstream");
+    assert_eq!(got[1].0, ["", "someone@sender.example"], "null sender");
+    assert!(got[1].1 == dsn_body, "the DSN arrived byte for byte");
+    let q = g.queue();
+    assert_eq!(q.len(), 1, "only the deferred original is left: {q:#?}");
+    assert_eq!(q[0]["id"], id.as_str());
+    assert!(dsns(&g).is_empty());
+}
+
+#[test]
+fn aiosmtpd_dsn_for_a_local_sender_stays_local() {
+    let up = Upstream::start(free_port());
+    let g = Gateway::start(&format!("{}[retry]\nbase = \"5m\"\n", literal(up.port)));
+    let id = send(
+        &g,
+        "postmaster@branch.example",
+        &["ok@up.test", "defer1@up.test", "reject1@up.test"],
+        BODY,
+    );
+    let (code, v) = flush(&g);
+    assert_eq!(code, 0, "{v:#}");
+    summary_is(&v, "delivered", 1);
+    summary_is(&v, "deferred", 1);
+    summary_is(&v, "bounced", 1);
+
+    let dsn = dsns(&g);
+    assert_eq!(dsn.len(), 1, "one DSN: {:#?}", g.queue());
+    assert_eq!(dsn[0]["sender"], "");
+    let r = &dsn[0]["recipients"];
+    assert_eq!(r.as_array().unwrap().len(), 1, "{:#}", dsn[0]);
+    assert_eq!(r[0]["address"], "postmaster@branch.example");
+    assert_eq!(
+        r[0]["route"], "local",
+        "a local sender's DSN goes to the local mailbox"
+    );
+    let dsn_id = dsn[0]["id"].as_str().unwrap().to_string();
+    let parsed = parse_dsn(&g.body(&dsn_id));
+    dsn_structure(&parsed, "postmaster@branch.example");
+    dsn_block(&parsed, "reject1@up.test", "failed", "5.1.1");
+
+    // Flushing again sends nothing upstream: the DSN is not for the upstream.
+    let (code, v) = flush(&g);
+    assert_eq!(code, 0, "{v:#}");
+    summary_is(&v, "delivered", 0);
+    assert_eq!(up.messages().len(), 1, "only the original went upstream");
+    let q = g.queue();
+    let d = message(&q, &dsn_id);
+    assert_eq!(d["recipients"][0]["route"], "local");
+    assert_eq!(d["recipients"][0]["attempts"], 0);
+    assert_eq!(message(&q, &id)["id"], id.as_str(), "defer1 still waits");
+}
+
+#[test]
+fn aiosmtpd_a_bouncing_dsn_gets_no_dsn() {
+    let up = Upstream::start(free_port());
+    let g = Gateway::start(&format!("{}[retry]\nbase = \"5m\"\n", literal(up.port)));
+    // The sender itself is refused by the upstream (local part 'reject').
+    send(
+        &g,
+        "rejectsender@sender.example",
+        &["reject2@up.test"],
+        BODY,
+    );
+    let (code, v) = flush(&g);
+    assert_eq!(code, 0, "{v:#}");
+    summary_is(&v, "bounced", 1);
+    let dsn = dsns(&g);
+    assert_eq!(dsn.len(), 1, "{:#?}", g.queue());
+    assert_eq!(
+        dsn[0]["recipients"][0]["address"],
+        "rejectsender@sender.example"
+    );
+
+    let (code, v) = flush(&g);
+    assert_eq!(code, 0, "{v:#}");
+    summary_is(&v, "bounced", 1);
+    assert_eq!(
+        outcomes(&v)["rejectsender@sender.example"].0,
+        "bounced",
+        "{v:#}"
+    );
+    assert!(up.messages().is_empty());
+    let q = g.queue();
+    assert!(q.is_empty(), "no DSN about a DSN: {q:#?}");
+}
+
+// ---------------------------------------------------------------------------
+// 2. MX lookup through dnsmasq
+
+struct Dnsmasq {
+    port: u16,
+    dir: tempfile::TempDir,
+    _proc: Proc,
+}
+
+impl Dnsmasq {
+    fn start(records: &[&str]) -> Dnsmasq {
+        let port = free_port();
+        let dir = tempfile::tempdir().unwrap();
+        chmod(dir.path(), 0o755);
+        let log = dir.path().join("log");
+        let mut proc = Proc::spawn(
+            "dnsmasq",
+            Command::new("/usr/sbin/dnsmasq")
+                .args([
+                    "--keep-in-foreground",
+                    "--conf-file=/dev/null",
+                    "--no-resolv",
+                    "--no-hosts",
+                    "--no-poll",
+                    "--bind-interfaces",
+                    "--listen-address=127.0.0.1",
+                    "--log-queries",
+                    "--local=/test/",
+                ])
+                .arg(format!("--port={port}"))
+                .arg(format!("--log-facility={}", log.display()))
+                .args(records)
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(dir.path().join("err")).unwrap()),
+        );
+        proc.wait_port(port, &dir.path().join("err"));
+        Dnsmasq {
+            port,
+            dir,
+            _proc: proc,
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("log")).unwrap_or_default()
+    }
+}
+
+#[test]
+fn mx_lookup_through_dnsmasq_delivers_and_null_mx_is_link_down() {
+    let up = Upstream::start(free_port());
+    let dns = Dnsmasq::start(&[
+        "--mx-host=hq.test,mx1.hq.test,10",
+        "--host-record=mx1.hq.test,127.0.0.1",
+        "--mx-host=nullmx.test,.,0",
+    ]);
+    let resolver = format!("resolver = \"127.0.0.1:{}\"\n", dns.port);
+
+    let g = Gateway::start(&format!(
+        "{}{resolver}[retry]\nbase = \"5m\"\n",
+        upstream_toml(&format!("hq.test:{}", up.port))
+    ));
+    let id = send(&g, "someone@sender.example", &["bob@up.test"], BODY);
+    let stored = g.body(&id);
+    let (code, v) = flush(&g);
+    assert_eq!(code, 0, "{v:#}\n{}", g.log());
+    assert_eq!(v["summary"]["link"], "up", "{v:#}");
+    summary_is(&v, "delivered", 1);
+    assert!(
+        v["link"]["upstream"]
+            .as_str()
+            .unwrap_or("")
+            .contains(&format!("127.0.0.1:{}", up.port)),
+        "connected to the MX's address: {v:#}"
+    );
+    let got = up.messages();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].0, ["someone@sender.example", "bob@up.test"]);
+    assert!(got[0].1 == stored, "delivered byte for byte");
+    assert!(g.queue().is_empty());
+    wait_for(
+        "dnsmasq to log the MX query",
+        Duration::from_secs(5),
+        || dns.log().contains("query[MX] hq.test"),
+    );
+
+    // RFC 7505 null MX: the domain takes no mail. The link is down (nothing
+    // sent, no attempt counted) and the error says why.
+    let g2 = Gateway::start(&format!(
+        "{}{resolver}",
+        upstream_toml(&format!("nullmx.test:{}", up.port))
+    ));
+    let id2 = send(&g2, "someone@sender.example", &["bob@up.test"], BODY);
+    let (code, v) = flush(&g2);
+    assert_eq!(code, 75, "link down: {v:#}");
+    assert_eq!(v["summary"]["link"], "down", "{v:#}");
+    summary_is(&v, "delivered", 0);
+    let err = v["summary"]["error"].as_str().unwrap_or("");
+    assert!(
+        err.contains("null MX"),
+        "error {err:?} should name the null MX"
+    );
+    assert_eq!(up.messages().len(), 1, "nothing more reached the upstream");
+    let q = g2.queue();
+    let r = recipient(message(&q, &id2), "bob@up.test");
+    assert_eq!(r["state"], "queued");
+    assert_eq!(r["attempts"], 0, "a link that is down burns no attempt");
+}
+
+// ---------------------------------------------------------------------------
+// 3. Postfix as the upstream relay
+
+/// A private Postfix instance (peers.md section 3): smtpd on 127.0.0.1:port
+/// only, the "filesink" transport writes one .eml (+ .from) per recipient.
+/// Stopped by the master's PID (and its children's) when dropped.
+struct Postfix {
+    port: u16,
+    dir: tempfile::TempDir,
+    started: bool,
+}
+
+impl Postfix {
+    fn new(port: u16) -> Postfix {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        chmod(d, 0o755);
+        std::fs::create_dir(d.join("conf")).unwrap();
+        std::fs::create_dir(d.join("out")).unwrap();
+        chmod(&d.join("out"), 0o1777);
+        std::fs::create_dir(d.join("spool")).unwrap();
+        chmod(&d.join("spool"), 0o755);
+        let p = d.display();
+        std::fs::write(
+            d.join("conf/main.cf"),
+            format!(
+                "compatibility_level = 3.6
+queue_directory = {p}/spool
+data_directory = {p}/data
+maillog_file_prefixes = {p}
+maillog_file = {p}/maillog
+inet_interfaces = loopback-only
+inet_protocols = ipv4
+myhostname = pf.test
+mydestination =
+mynetworks = 127.0.0.0/8
+alias_maps =
+alias_database =
+smtp_dns_support_level = disabled
+smtpd_peername_lookup = no
+filesink_destination_recipient_limit = 1
+"
+            ),
+        )
+        .unwrap();
+        std::fs::write(
+            d.join("conf/master.cf"),
+            format!(
+                "127.0.0.1:{port} inet n - n - - smtpd
+pickup    unix n - n 60 1 pickup
+cleanup   unix n - n - 0 cleanup
+qmgr      unix n - n 300 1 qmgr
+tlsmgr    unix - - n 1000? 1 tlsmgr
+rewrite   unix - - n - - trivial-rewrite
+bounce    unix - - n - 0 bounce
+defer     unix - - n - 0 bounce
+trace     unix - - n - 0 bounce
+verify    unix - - n - 1 verify
+flush     unix n - n 1000? 0 flush
+proxymap  unix - - n - - proxymap
+proxywrite unix - - n - 1 proxymap
+smtp      unix - - n - - smtp
+relay     unix - - n - - smtp
+showq     unix n - n - - showq
+error     unix - - n - - error
+retry     unix - - n - - error
+discard   unix - - n - - discard
+anvil     unix - - n - 1 anvil
+scache    unix - - n - 1 scache
+postlog   unix-dgram n - n - 1 postlogd
+filesink  unix - n n - - pipe
+  flags= user=nobody argv={p}/deliver.sh {p}/out ${{sender}} ${{recipient}} ${{queue_id}}
+"
+            ),
+        )
+        .unwrap();
+        std::fs::write(
+            d.join("deliver.sh"),
+            "#!/bin/sh\n# $1 out dir, $2 sender, $3 recipient, $4 queue id\n\
+             umask 022; cat >\"$1/$4.$3.eml\" && printf '%s\\n' \"$2\" >\"$1/$4.$3.from\"\n",
+        )
+        .unwrap();
+        chmod(&d.join("deliver.sh"), 0o755);
+        Postfix {
+            port,
+            dir,
+            started: false,
+        }
+    }
+
+    fn conf(&self) -> PathBuf {
+        self.dir.path().join("conf")
+    }
+
+    fn postconf(&self, settings: &[&str]) {
+        let out = Command::new("/usr/sbin/postconf")
+            .arg("-c")
+            .arg(self.conf())
+            .arg("-e")
+            .args(settings)
+            .output()
+            .expect("postconf (tests/run.sh installs postfix)");
+        assert!(
+            out.status.success(),
+            "postconf: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    fn start(&mut self) {
+        self.started = true;
+        let out = Command::new("/usr/sbin/postfix")
+            .arg("-c")
+            .arg(self.conf())
+            .arg("start")
+            .output()
+            .expect("postfix (tests/run.sh installs it)");
+        assert!(
+            out.status.success(),
+            "postfix start: {}{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            self.maillog()
+        );
+        let port = self.port;
+        wait_for("Postfix to listen", Duration::from_secs(20), || {
+            TcpStream::connect(("127.0.0.1", port)).is_ok()
+        });
+    }
+
+    fn maillog(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("maillog")).unwrap_or_default()
+    }
+
+    /// Delivered messages by recipient: (envelope sender, bytes). Only
+    /// complete ones: the .from is written after the .eml.
+    fn delivered(&self) -> BTreeMap<String, (String, Vec<u8>)> {
+        let out = self.dir.path().join("out");
+        let mut got = BTreeMap::new();
+        for e in std::fs::read_dir(&out).unwrap() {
+            let path = e.unwrap().path();
+            let name = path.file_name().unwrap().to_string_lossy().to_string();
+            let Some(stem) = name.strip_suffix(".from") else {
+                continue;
+            };
+            let (_queue_id, rcpt) = stem.split_once('.').unwrap();
+            let from = std::fs::read_to_string(&path).unwrap().trim().to_string();
+            let eml = std::fs::read(out.join(format!("{stem}.eml"))).unwrap();
+            got.insert(rcpt.to_string(), (from, eml));
+        }
+        got
+    }
+
+    fn master_pid(&self) -> Option<u32> {
+        std::fs::read_to_string(self.dir.path().join("spool/pid/master.pid"))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    }
+}
+
+impl Drop for Postfix {
+    fn drop(&mut self) {
+        if !self.started {
+            return;
+        }
+        // peers.md pf_stop: by PID, the master, then wait for it and its children.
+        let Some(master) = self.master_pid() else {
+            return;
+        };
+        let kids: Vec<u32> = Command::new("ps")
+            .args(["-o", "pid=", "--ppid", &master.to_string()])
+            .output()
+            .map(|o| {
+                String::from_utf8_lossy(&o.stdout)
+                    .split_whitespace()
+                    .filter_map(|p| p.parse().ok())
+                    .collect()
+            })
+            .unwrap_or_default();
+        signal(master, "TERM");
+        let all: Vec<u32> = std::iter::once(master).chain(kids).collect();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while all.iter().any(|&p| alive(p)) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        for &p in all.iter().filter(|&&p| alive(p)) {
+            signal(p, "KILL");
+        }
+    }
+}
+
+/// Postfix's delivered copy is one Received header of its own, then the
+/// message with LF line ends (dots unstuffed).
+fn postfix_copy_matches(delivered: &[u8], stored: &[u8]) -> bool {
+    let text = delivered;
+    if !text.starts_with(b"Received: ") {
+        return false;
+    }
+    // Skip the Received header and its continuation lines.
+    let mut at = 0;
+    loop {
+        let Some(nl) = text[at..].iter().position(|&b| b == b'\n') else {
+            return false;
+        };
+        at += nl + 1;
+        if !matches!(text.get(at), Some(b' ') | Some(b'\t')) {
+            break;
+        }
+    }
+    let lf: Vec<u8> = String::from_utf8_lossy(stored)
+        .replace("\r\n", "\n")
+        .into_bytes();
+    text[at..] == lf[..]
+}
+
+#[test]
+fn postfix_upstream_takes_twenty_messages_over_one_connection() {
+    let mut pf = Postfix::new(free_port());
+    pf.postconf(&[
+        "default_transport = filesink",
+        "local_header_rewrite_clients =",
+        "smtpd_relay_restrictions = permit_mynetworks, reject",
+        "smtpd_recipient_restrictions = check_recipient_access regexp:{{/^[^@]*defer[^@]*@/ 451 4.3.0 try later},{/^[^@]*reject[^@]*@/ 550 5.1.1 no such user}}",
+    ]);
+    pf.start();
+    let g = Gateway::start(&format!(
+        "{}connections = 1\n[retry]\nbase = \"5m\"\n",
+        literal(pf.port)
+    ));
+
+    // Twenty messages, queued over one session.
+    let mut c = Client::connect(g.relay);
+    c.cmd("EHLO client.test");
+    let mut stored = BTreeMap::new();
+    for i in 0..20 {
+        let rcpt = format!("rcpt{i:02}@up.test");
+        let data = format!(
+            "Subject: message {i}\r\nFrom: someone@sender.example\r\n\r\nbody of {i}\r\n..dot\r\nend\r\n"
+        );
+        let r = c.send_mail("someone@sender.example", &[&rcpt], data.as_bytes());
+        let id = queued_id(&r).unwrap_or_else(|| panic!("not queued: {r}"));
+        stored.insert(rcpt, g.body(&id));
+    }
+    c.cmd("QUIT");
+    assert_eq!(g.queue().len(), 20);
+
+    let (code, v) = flush(&g);
+    assert_eq!(code, 0, "{v:#}\n{}", pf.maillog());
+    assert_eq!(v["summary"]["link"], "up", "{v:#}");
+    summary_is(&v, "delivered", 20);
+    summary_is(&v, "deferred", 0);
+    summary_is(&v, "bounced", 0);
+    summary_is(&v, "untouched", 0);
+    assert!(
+        g.queue().is_empty(),
+        "outpost's queue is empty: {:#?}",
+        g.queue()
+    );
+
+    wait_for(
+        "Postfix to deliver all 20 to the filesink",
+        Duration::from_secs(60),
+        || pf.delivered().len() >= 20,
+    );
+    let got = pf.delivered();
+    assert_eq!(got.len(), 20, "{:?}", got.keys().collect::<Vec<_>>());
+    for (rcpt, body) in &stored {
+        let (from, eml) = got
+            .get(rcpt)
+            .unwrap_or_else(|| panic!("{rcpt} not delivered by Postfix"));
+        assert_eq!(from, "someone@sender.example");
+        assert!(
+            postfix_copy_matches(eml, body),
+            "{rcpt}: Postfix's copy differs from what outpost stored\nstored:    {:?}\ndelivered: {:?}",
+            String::from_utf8_lossy(body),
+            String::from_utf8_lossy(eml)
+        );
+    }
+
+    // One connection carried all twenty transactions, with BDAT (CHUNKING).
+    wait_for(
+        "Postfix to log the session's end",
+        Duration::from_secs(10),
+        || {
+            pf.maillog()
+                .lines()
+                .any(|l| l.contains("disconnect from") && l.contains(" mail="))
+        },
+    );
+    let log = pf.maillog();
+    let sessions: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("disconnect from") && l.contains(" mail="))
+        .collect();
+    assert_eq!(
+        sessions.len(),
+        1,
+        "one connection (upstream.connections = 1):\n{log}"
+    );
+    assert!(
+        sessions[0].contains(" mail=20 ") && sessions[0].contains(" rcpt=20 "),
+        "{}",
+        sessions[0]
+    );
+    assert!(
+        sessions[0].contains(" bdat=20"),
+        "CHUNKING is offered, so BDAT: {}",
+        sessions[0]
+    );
+
+    // Postfix refuses rejectme@ with 550: bounced, and the DSN goes upstream too.
+    let id = send(&g, "bouncer@sender.example", &["rejectme@up.test"], BODY);
+    let (code, v) = flush(&g);
+    assert_eq!(code, 0, "{v:#}");
+    summary_is(&v, "bounced", 1);
+    summary_is(&v, "delivered", 0);
+    let o = outcomes(&v);
+    assert_eq!(o["rejectme@up.test"].0, "bounced", "{v:#}");
+    assert!(o["rejectme@up.test"].1.contains("550 5.1.1"), "{v:#}");
+    let dsn = dsns(&g);
+    assert_eq!(dsn.len(), 1, "{:#?}", g.queue());
+    assert!(
+        g.queue().iter().all(|m| m["id"] != id.as_str()),
+        "the bounced message is done"
+    );
+    let parsed = parse_dsn(&g.body(dsn[0]["id"].as_str().unwrap()));
+    dsn_block(&parsed, "rejectme@up.test", "failed", "5.1.1");
+
+    let (code, v) = flush(&g);
+    assert_eq!(code, 0, "{v:#}");
+    summary_is(&v, "delivered", 1);
+    assert!(g.queue().is_empty());
+    wait_for(
+        "Postfix to deliver the DSN",
+        Duration::from_secs(60),
+        || pf.delivered().contains_key("bouncer@sender.example"),
+    );
+    let (from, _) = &pf.delivered()["bouncer@sender.example"];
+    assert_eq!(from, "MAILER-DAEMON", "the DSN came from the null sender");
+}
+
+// ---------------------------------------------------------------------------
+// 4. Delay warnings and expiry, driven by configuration
+
+#[test]
+fn delay_warning_once_while_the_link_is_down() {
+    let down = free_port(); // nothing listens here
+    let g = Gateway::start(&format!(
+        "{}[retry]\nbase = \"5m\"\ndelay_warning = \"1s\"\n",
+        literal(down)
+    ));
+    let id = send(&g, "someone@sender.example", &["far@up.test"], BODY);
+    // The warning is due by the clock: let one second pass.
+    std::thread::sleep(Duration::from_millis(1500));
+
+    let (code, v) = flush(&g);
+    assert_eq!(code, 75, "link down: {v:#}");
+    assert_eq!(v["summary"]["link"], "down", "{v:#}");
+    summary_is(&v, "delay_warnings", 1);
+    summary_is(&v, "expired", 0);
+    let dsn = dsns(&g);
+    assert_eq!(dsn.len(), 1, "a delay warning: {:#?}", g.queue());
+    assert_eq!(dsn[0]["sender"], "");
+    assert_eq!(dsn[0]["recipients"][0]["address"], "someone@sender.example");
+    let parsed = parse_dsn(&g.body(dsn[0]["id"].as_str().unwrap()));
+    dsn_structure(&parsed, "someone@sender.example");
+    let status = parsed["recipients"][0]["status"].as_str().unwrap_or("");
+    assert!(status.trim().starts_with("4."), "{parsed:#}");
+    dsn_block(&parsed, "far@up.test", "delayed", status.trim());
+    let q = g.queue();
+    let r = recipient(message(&q, &id), "far@up.test");
+    assert_eq!(r["state"], "queued", "still trying");
+    assert_eq!(r["attempts"], 0);
+
+    // No second warning for the same recipient.
+    let (code, v) = flush(&g);
+    assert_eq!(code, 75, "{v:#}");
+    summary_is(&v, "delay_warnings", 0);
+    assert_eq!(dsns(&g).len(), 1, "{:#?}", g.queue());
+}
+
+#[test]
+fn max_age_counts_only_time_with_the_link_up() {
+    let up_port = free_port(); // the upstream starts later
+    let g = Gateway::start(&format!(
+        "{}[retry]\nbase = \"5m\"\nmax_age = \"1s\"\nmax_age_absolute = \"1h\"\n",
+        literal(up_port)
+    ));
+    let id = send(&g, "someone@sender.example", &["far@up.test"], BODY);
+    let stored = g.body(&id);
+    let (code, v) = flush(&g);
+    assert_eq!(code, 75, "link down: {v:#}");
+    // Longer than max_age, but all of it with the link down.
+    std::thread::sleep(Duration::from_millis(2100));
+    let (code, v) = flush(&g);
+    assert_eq!(code, 75, "link down: {v:#}");
+    summary_is(&v, "expired", 0);
+    let q = g.queue();
+    assert_eq!(q.len(), 1, "still queued, no DSN: {q:#?}");
+    assert_eq!(
+        recipient(message(&q, &id), "far@up.test")["state"],
+        "queued"
+    );
+
+    // The link comes up: delivered, not expired (the up clock starts now).
+    let up = Upstream::start(up_port);
+    let (code, v) = flush(&g);
+    assert_eq!(code, 0, "{v:#}");
+    summary_is(&v, "expired", 0);
+    summary_is(&v, "delivered", 1);
+    assert!(g.queue().is_empty(), "{:#?}", g.queue());
+    let got = up.messages();
+    assert_eq!(got.len(), 1);
+    assert!(got[0].1 == stored);
+}
+
+#[test]
+fn max_age_absolute_expires_even_with_the_link_down() {
+    let down = free_port();
+    let g = Gateway::start(&format!(
+        "{}[retry]\nbase = \"5m\"\nmax_age = \"1s\"\nmax_age_absolute = \"1s\"\n",
+        literal(down)
+    ));
+    let id = send(&g, "someone@sender.example", &["far@up.test"], BODY);
+    let (code, v) = flush(&g);
+    assert_eq!(code, 75, "link down: {v:#}");
+    summary_is(&v, "expired", 0);
+    std::thread::sleep(Duration::from_millis(2100));
+
+    let (code, v) = flush(&g);
+    assert!(code == 75 || code == 0, "exit {code}: {v:#}");
+    summary_is(&v, "expired", 1);
+    let q = g.queue();
+    assert!(
+        q.iter().all(|m| m["id"] != id.as_str()),
+        "the expired message is no longer pending: {q:#?}"
+    );
+    let dsn = dsns(&g);
+    assert_eq!(dsn.len(), 1, "a failure DSN: {q:#?}");
+    assert_eq!(dsn[0]["recipients"][0]["address"], "someone@sender.example");
+    let parsed = parse_dsn(&g.body(dsn[0]["id"].as_str().unwrap()));
+    dsn_structure(&parsed, "someone@sender.example");
+    dsn_block(&parsed, "far@up.test", "failed", "4.4.7");
+}
