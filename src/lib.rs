@@ -7,10 +7,12 @@
 
 pub mod auth;
 pub mod cli;
+pub mod codec;
 pub mod config;
 pub mod control;
 pub mod queue;
 pub mod relay;
+pub mod server;
 pub mod smtp;
 pub mod tls;
 
@@ -25,7 +27,7 @@ use tracing::{info, warn};
 use config::Config;
 use queue::{LinkState, Store, Writer};
 use relay::flush::{Event, FlushOptions, Flusher};
-use smtp::server::{self, Shared};
+use server::Shared;
 
 /// Runs the gateway until `stop` resolves, then drains and returns.
 /// `ready` is called once every listener is bound (main.rs tells systemd).

@@ -13,11 +13,11 @@ use crate::auth;
 use crate::config::{Listen, ListenMode};
 use crate::queue::{unix_now, NewMessage, NewRecipient, QueueId, Route};
 
-use super::codec::{Codec, Conn, Line};
 use super::data::{Canonical, ContentError, DotReader};
 use super::policy;
 use super::reply::{self, Reply};
-use super::server::{Phase, Shared};
+use crate::codec::{Codec, Conn, Line};
+use crate::server::{phase_reached, Phase, Shared};
 
 /// RFC 5321 §4.5.3.1.4: a command line is at most 512 octets with CRLF.
 const MAX_COMMAND: usize = 512;
@@ -55,18 +55,6 @@ pub struct Session<S> {
     auth_failures: u32,
     errors: u32,
     tx: Option<Transaction>,
-}
-
-/// Resolves when the server's phase reaches `at_least`.
-pub async fn phase_reached(rx: &mut watch::Receiver<Phase>, at_least: Phase) {
-    loop {
-        if *rx.borrow_and_update() >= at_least {
-            return;
-        }
-        if rx.changed().await.is_err() {
-            std::future::pending::<()>().await;
-        }
-    }
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {

@@ -1,6 +1,7 @@
-//! Bytes in, lines and raw octets out; replies buffered until the client's
-//! input is drained (RFC 2920 §3.1: a server answers a pipelined group in
-//! one write, and must flush before it waits for more input).
+//! Bytes in, lines and raw octets out, for SMTP and POP3; replies buffered
+//! until the client's input is drained (RFC 2920 §3.1: a server answers a
+//! pipelined group in one write, and must flush before it waits for more
+//! input).
 
 use std::io;
 use std::pin::Pin;
@@ -8,7 +9,7 @@ use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 
-use super::reply::Reply;
+use crate::smtp::reply::Reply;
 
 /// One command line, or why there is none.
 #[derive(Debug, PartialEq, Eq)]
@@ -45,6 +46,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Codec<S> {
     /// Queues a reply; it is sent before the next read that has to wait.
     pub fn reply(&mut self, r: &Reply) {
         r.write_to(&mut self.wbuf);
+    }
+
+    /// Queues raw octets (POP3 responses, message data).
+    pub fn write(&mut self, bytes: &[u8]) {
+        self.wbuf.extend_from_slice(bytes);
+    }
+
+    /// Octets queued and not yet sent.
+    pub fn pending_output(&self) -> usize {
+        self.wbuf.len()
     }
 
     /// Sends queued replies now.
@@ -234,9 +245,9 @@ mod tests {
         let mut c = Codec::new(server);
         client.write_all(b"NOOP\r\nNOOP\r\n").await.unwrap();
         assert!(matches!(c.read_line(512).await.unwrap(), Line::Text(_)));
-        c.reply(&super::super::reply::ok());
+        c.reply(&crate::smtp::reply::ok());
         assert!(matches!(c.read_line(512).await.unwrap(), Line::Text(_)));
-        c.reply(&super::super::reply::ok());
+        c.reply(&crate::smtp::reply::ok());
         // Nothing was written yet: both replies go in the flush before the next read.
         let mut probe = [0u8; 64];
         let nothing = tokio::time::timeout(

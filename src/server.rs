@@ -1,4 +1,5 @@
-//! Accept loops, connection limits and a clean stop.
+//! Accept loops for every listener (SMTP and POP3), connection limits and
+//! a clean stop.
 //!
 //! [`run`] takes listeners that are already bound and a future that says
 //! "stop": it never binds sockets or installs signal handlers itself, so
@@ -19,8 +20,20 @@ use tracing::{error, info, warn};
 use crate::config::{canonical_ip, Config, Listen};
 use crate::queue::{Store, Writer};
 
-use super::reply::{self, Reply};
-use super::session::{phase_reached, Session};
+use crate::smtp::reply::{self, Reply};
+use crate::smtp::session::Session;
+
+/// Resolves when the server's phase reaches `at_least`.
+pub async fn phase_reached(rx: &mut watch::Receiver<Phase>, at_least: Phase) {
+    loop {
+        if *rx.borrow_and_update() >= at_least {
+            return;
+        }
+        if rx.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+}
 
 /// Where the server is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
