@@ -364,6 +364,23 @@ pub struct LocalConfig {
     pub postmaster: Option<String>,
     /// Extra names: `alias = ["account", "someone@elsewhere.example"]`.
     pub aliases: BTreeMap<String, Vec<String>>,
+    /// Mailbox size limit in bytes for every account (none when unset);
+    /// a full mailbox refuses new mail at RCPT with 452 4.2.2.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub quota: Option<u64>,
+    /// Per-account limits in bytes, overriding `quota`.
+    pub quotas: BTreeMap<String, u64>,
+}
+
+impl LocalConfig {
+    /// The mailbox limit of `account`, if any.
+    pub fn quota_of(&self, account: &str) -> Option<u64> {
+        self.quotas
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(account))
+            .map(|(_, v)| *v)
+            .or(self.quota)
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]

@@ -25,6 +25,10 @@ const MIGRATIONS: &[(&str, &str)] = &[
         include_str!("../../schema/0001_initial.sql"),
     ),
     ("0002_flush", include_str!("../../schema/0002_flush.sql")),
+    (
+        "0003_mailboxes",
+        include_str!("../../schema/0003_mailboxes.sql"),
+    ),
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -422,6 +426,40 @@ impl Store {
         self.with(|c| {
             c.prepare_cached("SELECT 1 FROM messages WHERE id = ?1")?
                 .exists([id])
+        })
+    }
+
+    // ---- mailboxes ------------------------------------------------------
+
+    /// Octets in `user`'s mailbox.
+    pub fn mailbox_usage(&self, user: &str) -> Result<i64, StoreError> {
+        self.with(|c| {
+            c.prepare_cached(
+                "SELECT coalesce(sum(m.size), 0) FROM mailbox mb JOIN messages m ON m.id = mb.message_id
+                  WHERE mb.user = ?1",
+            )?
+            .query_row([user], |r| r.get(0))
+        })
+    }
+
+    /// `user`'s mailbox, oldest first.
+    pub fn mailbox(&self, user: &str) -> Result<Vec<MailboxEntry>, StoreError> {
+        self.with(|c| {
+            let mut st = c.prepare_cached(
+                "SELECT mb.id, mb.message_id, m.sender, m.size, mb.delivered_at
+                   FROM mailbox mb JOIN messages m ON m.id = mb.message_id
+                  WHERE mb.user = ?1 ORDER BY mb.id",
+            )?;
+            let rows = st.query_map([user], |r| {
+                Ok(MailboxEntry {
+                    id: r.get(0)?,
+                    uid: r.get(1)?,
+                    sender: r.get(2)?,
+                    stored_size: r.get(3)?,
+                    delivered_at: r.get(4)?,
+                })
+            })?;
+            rows.collect()
         })
     }
 

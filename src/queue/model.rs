@@ -250,6 +250,9 @@ pub struct NewRecipient {
     pub route: Route,
     pub dsn_notify: Option<String>,
     pub dsn_orcpt: Option<String>,
+    /// For a local recipient: the accounts whose mailboxes get the message
+    /// in the same commit (an alias may name several).
+    pub mailboxes: Vec<String>,
 }
 
 impl NewRecipient {
@@ -303,6 +306,31 @@ pub struct HistoryEntry {
     pub recipient: Option<u32>,
     pub event: String,
     pub detail: String,
+}
+
+/// One message in a user's mailbox.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MailboxEntry {
+    pub id: i64,
+    /// The queue id: stable, unique in the mailbox, the POP3 UID.
+    pub uid: String,
+    pub sender: String,
+    /// Size of the stored message (without the Return-Path line added when
+    /// it is read).
+    pub stored_size: i64,
+    pub delivered_at: i64,
+}
+
+impl MailboxEntry {
+    /// The line a reader sees first (RFC 5321 §4.4: the final delivery adds it).
+    pub fn return_path(&self) -> String {
+        format!("Return-Path: <{}>\r\n", self.sender)
+    }
+
+    /// The size a POP3 client sees.
+    pub fn size(&self) -> i64 {
+        self.stored_size + self.return_path().len() as i64
+    }
 }
 
 #[derive(Debug, Clone)]

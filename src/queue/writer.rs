@@ -12,7 +12,9 @@ use std::thread;
 use rusqlite::{params, Connection};
 use tokio::sync::{mpsc, oneshot};
 
-use super::{connect, sql_err, LinkState, NewMessage, RecipientState, StoreError};
+use super::{
+    connect, sql_err, LinkState, NewMessage, NewRecipient, RecipientState, Route, StoreError,
+};
 
 /// Requests in one transaction at most: bounds the time one commit takes.
 const MAX_BATCH: usize = 512;
@@ -220,9 +222,60 @@ fn recipient(tx: &rusqlite::Savepoint<'_>, r: &RecipientChange) -> rusqlite::Res
     tx.prepare_cached(
         "DELETE FROM bodies WHERE message_id = ?1 AND NOT EXISTS (
             SELECT 1 FROM recipients WHERE message_id = ?1
-               AND state NOT IN ('delivered', 'bounced', 'expired'))",
+               AND state NOT IN ('delivered', 'bounced', 'expired'))
+           AND NOT EXISTS (SELECT 1 FROM mailbox WHERE message_id = ?1)",
     )?
     .execute([&r.message_id])?;
+    Ok(())
+}
+
+/// Local delivery, in the commit that stores the message: a mailbox row per
+/// account that exists. With none, the recipient stays queued and says why,
+/// so the administrator sees it; the message is never dropped.
+fn deliver_local(
+    tx: &rusqlite::Savepoint<'_>,
+    m: &NewMessage,
+    idx: u32,
+    r: &NewRecipient,
+) -> rusqlite::Result<()> {
+    let mut delivered = Vec::new();
+    for account in &r.mailboxes {
+        let exists = tx
+            .prepare_cached("SELECT 1 FROM users WHERE name = ?1")?
+            .exists([account])?;
+        if exists {
+            tx.prepare_cached(
+                "INSERT OR IGNORE INTO mailbox (user, message_id, delivered_at)
+                 SELECT name, ?2, ?3 FROM users WHERE name = ?1",
+            )?
+            .execute(params![account, m.id.as_str(), m.received_at])?;
+            delivered.push(account.as_str());
+        }
+    }
+    let (state, reply, event) = if delivered.is_empty() {
+        (
+            RecipientState::Queued,
+            format!(
+                "no mailbox for {}: add the account (outpost user add) or map the name in [local.aliases] / local.postmaster",
+                r.address
+            ),
+            "undeliverable",
+        )
+    } else {
+        (
+            RecipientState::Delivered,
+            format!("delivered to mailbox {}", delivered.join(", ")),
+            "delivered",
+        )
+    };
+    tx.prepare_cached(
+        "UPDATE recipients SET state = ?3, last_reply = ?4 WHERE message_id = ?1 AND idx = ?2",
+    )?
+    .execute(params![m.id.as_str(), idx, state.as_str(), reply])?;
+    tx.prepare_cached(
+        "INSERT INTO history (message_id, rcpt_idx, at, event, detail) VALUES (?1, ?2, ?3, ?4, ?5)",
+    )?
+    .execute(params![m.id.as_str(), idx, m.received_at, event, reply])?;
     Ok(())
 }
 
@@ -268,6 +321,9 @@ fn insert(tx: &rusqlite::Savepoint<'_>, m: &NewMessage) -> rusqlite::Result<()> 
             r.dsn_notify,
             r.dsn_orcpt,
         ])?;
+        if r.route == Route::Local {
+            deliver_local(tx, m, i as u32, r)?;
+        }
     }
     tx.prepare_cached(
         "INSERT INTO history (message_id, at, event, detail) VALUES (?1, ?2, 'received', ?3)",
@@ -323,6 +379,7 @@ mod tests {
                     route: Route::Upstream,
                     dsn_notify: None,
                     dsn_orcpt: None,
+                    mailboxes: Vec::new(),
                 },
                 NewRecipient {
                     address: "b@hold.example".into(),
@@ -330,6 +387,7 @@ mod tests {
                     route: Route::Hold,
                     dsn_notify: Some("FAILURE".into()),
                     dsn_orcpt: Some("rfc822;b@hold.example".into()),
+                    mailboxes: Vec::new(),
                 },
             ],
             body: b"Subject: t\r\n\r\nhello\r\n".to_vec(),

@@ -727,10 +727,16 @@ impl Flusher {
             .rsplit_once('@')
             .map(|(_, d)| d.to_ascii_lowercase())
             .unwrap_or_default();
-        let route = if self.config.is_local_domain(&domain) {
-            Route::Local
+        // A local sender's notice goes straight to their mailbox: it does
+        // not wait behind a dead link (DESIGN rule 6).
+        let (route, mailboxes) = if self.config.is_local_domain(&domain) {
+            let local = m.sender.rsplit_once('@').map(|(l, _)| l).unwrap_or("");
+            (
+                Route::Local,
+                crate::smtp::policy::expand_local(&self.config, local).0,
+            )
         } else {
-            Route::Upstream
+            (Route::Upstream, Vec::new())
         };
         Some(Change::Insert(Box::new(NewMessage {
             id: QueueId::generate(),
@@ -750,6 +756,7 @@ impl Flusher {
                 route,
                 dsn_notify: Some("NEVER".into()),
                 dsn_orcpt: None,
+                mailboxes,
             }],
             body: bytes,
         })))

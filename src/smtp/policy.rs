@@ -89,6 +89,23 @@ pub fn local_targets(config: &Config, local_part: &str) -> Vec<String> {
     vec![lp]
 }
 
+/// Where mail for a local name goes: mailbox accounts, and outside
+/// addresses an alias names. One level of aliasing: a target in a local
+/// domain is taken as an account name.
+pub fn expand_local(config: &Config, local_part: &str) -> (Vec<String>, Vec<String>) {
+    let mut accounts = Vec::new();
+    let mut outside = Vec::new();
+    for t in local_targets(config, local_part) {
+        match split(&t) {
+            Some((lp, d)) if config.is_local_domain(d) => accounts.push(lp.to_ascii_lowercase()),
+            Some(_) => outside.push(t),
+            None => accounts.push(t.to_ascii_lowercase()),
+        }
+    }
+    accounts.dedup();
+    (accounts, outside)
+}
+
 /// `postmaster` always exists (RFC 5321 §4.5.1), even with no account for it.
 pub fn always_exists(local_part: &str) -> bool {
     local_part.eq_ignore_ascii_case("postmaster")
@@ -150,6 +167,30 @@ mod tests {
             ("elsewhere.example", Route::Upstream)
         );
         assert!(route_recipient(&c, "noatsign", true).is_err());
+    }
+
+    #[test]
+    fn aliases_expand_to_accounts_and_outside_addresses() {
+        let c = Config::parse(
+            "[local]\ndomains = [\"branch.example\"]\npostmaster = \"admin\"\n[local.aliases]\nsales = [\"alice\", \"bob@branch.example\", \"rep@far.example\"]\n",
+            Path::new("t"),
+        )
+        .unwrap();
+        assert_eq!(
+            expand_local(&c, "Sales"),
+            (
+                vec!["alice".to_string(), "bob".to_string()],
+                vec!["rep@far.example".to_string()]
+            )
+        );
+        assert_eq!(
+            expand_local(&c, "postmaster"),
+            (vec!["admin".to_string()], vec![])
+        );
+        assert_eq!(
+            expand_local(&c, "Carol"),
+            (vec!["carol".to_string()], vec![])
+        );
     }
 
     #[test]

@@ -281,6 +281,13 @@ pub fn relay_denied() -> Reply {
 pub fn unknown_user() -> Reply {
     Reply::new(550, "5.1.1", "No such user here")
 }
+pub fn mailbox_full() -> Reply {
+    Reply::new(
+        452,
+        "4.2.2",
+        "Mailbox full: the user must make room; try again later",
+    )
+}
 pub fn bad_address() -> Reply {
     Reply::new(
         553,

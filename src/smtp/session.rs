@@ -39,8 +39,23 @@ struct Transaction {
     dsn_ret: Option<String>,
     dsn_envid: Option<String>,
     recipients: Vec<NewRecipient>,
+    /// Recipients the client gave (alias targets not counted).
+    given: usize,
     /// Set by the first BDAT chunk.
     bdat: Option<(QueueId, Canonical)>,
+}
+
+impl Transaction {
+    /// Adds a recipient once: the same address twice is one copy.
+    fn add(&mut self, r: NewRecipient) {
+        if !self
+            .recipients
+            .iter()
+            .any(|x| x.address.eq_ignore_ascii_case(&r.address))
+        {
+            self.recipients.push(r);
+        }
+    }
 }
 
 pub struct Session<S> {
@@ -339,6 +354,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             dsn_ret,
             dsn_envid: from.env_id,
             recipients: Vec::new(),
+            given: 0,
             bdat: None,
         });
         self.reply(reply::sender_ok())
@@ -364,7 +380,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 "NOTIFY=NEVER cannot be combined with other values".into(),
             ));
         }
-        if tx.recipients.len() >= max {
+        if tx.given >= max {
             return self.reply(reply::too_many_recipients(max));
         }
         let accepted = match policy::route_recipient(&self.shared.config, &to.address, may_relay) {
@@ -387,21 +403,82 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 }
             }
         }
+        let (mailboxes, outside) = if accepted.route == Route::Local {
+            policy::expand_local(&self.shared.config, &accepted.local_part)
+        } else {
+            (Vec::new(), Vec::new())
+        };
+        match self.mailbox_full(&mailboxes).await {
+            Ok(None) => {}
+            Ok(Some(account)) => {
+                info!(peer = %self.peer, rcpt = %accepted.address, account = %account, "recipient refused: mailbox full");
+                return self.reply(reply::mailbox_full());
+            }
+            Err(e) => {
+                warn!(peer = %self.peer, error = %e, "mailbox size lookup failed");
+                return self.reply(reply::temp_lookup_failed());
+            }
+        }
+        let notify = notify_string(to.flags);
         let tx = self.tx.as_mut().expect("checked above");
         if !tx
             .recipients
             .iter()
             .any(|r| r.address.eq_ignore_ascii_case(&accepted.address))
         {
-            tx.recipients.push(NewRecipient {
-                address: accepted.address,
-                domain: accepted.domain,
-                route: accepted.route,
-                dsn_notify: notify_string(to.flags),
-                dsn_orcpt: to.orcpt.map(|o| format!("rfc822;{o}")),
+            tx.given += 1;
+        }
+        let orcpt = to
+            .orcpt
+            .map(|o| format!("rfc822;{o}"))
+            .or_else(|| (!outside.is_empty()).then(|| format!("rfc822;{}", accepted.address)));
+        for address in outside {
+            // An alias's outside targets go upstream, on behalf of the name.
+            tx.add(NewRecipient {
+                domain: policy::split(&address)
+                    .map(|(_, d)| d.to_ascii_lowercase())
+                    .unwrap_or_default(),
+                address,
+                route: Route::Upstream,
+                dsn_notify: notify.clone(),
+                dsn_orcpt: orcpt.clone(),
+                mailboxes: Vec::new(),
             });
         }
+        tx.add(NewRecipient {
+            address: accepted.address,
+            domain: accepted.domain,
+            route: accepted.route,
+            dsn_notify: notify,
+            dsn_orcpt: orcpt,
+            mailboxes,
+        });
         self.reply(reply::recipient_ok())
+    }
+
+    /// The first of `accounts` whose mailbox is at its quota, if any.
+    async fn mailbox_full(
+        &self,
+        accounts: &[String],
+    ) -> Result<Option<String>, crate::queue::StoreError> {
+        let limited: Vec<(String, u64)> = accounts
+            .iter()
+            .filter_map(|a| self.shared.config.local.quota_of(a).map(|q| (a.clone(), q)))
+            .collect();
+        if limited.is_empty() {
+            return Ok(None);
+        }
+        let store = self.shared.store.clone();
+        tokio::task::spawn_blocking(move || {
+            for (account, quota) in limited {
+                if store.mailbox_usage(&account)? as u64 >= quota {
+                    return Ok(Some(account));
+                }
+            }
+            Ok(None)
+        })
+        .await
+        .unwrap_or(Ok(None))
     }
 
     async fn local_name_exists(&self, local_part: &str) -> Result<bool, crate::queue::StoreError> {
