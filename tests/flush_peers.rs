@@ -453,12 +453,13 @@ fn aiosmtpd_per_recipient_outcomes_byte_exact_body_and_failure_dsn() {
 }
 
 #[test]
-fn aiosmtpd_dsn_for_a_local_sender_stays_local() {
+fn aiosmtpd_dsn_for_a_local_sender_lands_in_the_mailbox() {
     let up = Upstream::start(free_port());
     let g = Gateway::start(&format!("{}[retry]\nbase = \"5m\"\n", literal(up.port)));
+    g.add_user("alice", "pw");
     let id = send(
         &g,
-        "postmaster@branch.example",
+        "alice@branch.example",
         &["ok@up.test", "defer1@up.test", "reject1@up.test"],
         BODY,
     );
@@ -468,31 +469,45 @@ fn aiosmtpd_dsn_for_a_local_sender_stays_local() {
     summary_is(&v, "deferred", 1);
     summary_is(&v, "bounced", 1);
 
-    let dsn = dsns(&g);
-    assert_eq!(dsn.len(), 1, "one DSN: {:#?}", g.queue());
-    assert_eq!(dsn[0]["sender"], "");
-    let r = &dsn[0]["recipients"];
-    assert_eq!(r.as_array().unwrap().len(), 1, "{:#}", dsn[0]);
-    assert_eq!(r[0]["address"], "postmaster@branch.example");
-    assert_eq!(
-        r[0]["route"], "local",
-        "a local sender's DSN goes to the local mailbox"
-    );
-    let dsn_id = dsn[0]["id"].as_str().unwrap().to_string();
-    let parsed = parse_dsn(&g.body(&dsn_id));
-    dsn_structure(&parsed, "postmaster@branch.example");
+    // The DSN is in alice's mailbox at once, not queued behind the link.
+    assert!(dsns(&g).is_empty(), "{:#?}", g.queue());
+    let store = outpost::queue::Store::open(&g.path("queue.sqlite")).unwrap();
+    let mailbox = store.mailbox("alice").unwrap();
+    assert_eq!(mailbox.len(), 1, "one DSN in alice's mailbox");
+    assert_eq!(mailbox[0].sender, "");
+    let parsed = parse_dsn(&store.body(&mailbox[0].uid).unwrap().unwrap());
+    dsn_structure(&parsed, "alice@branch.example");
     dsn_block(&parsed, "reject1@up.test", "failed", "5.1.1");
 
-    // Flushing again sends nothing upstream: the DSN is not for the upstream.
+    // Flushing again sends nothing more upstream.
     let (code, v) = flush(&g);
     assert_eq!(code, 0, "{v:#}");
     summary_is(&v, "delivered", 0);
     assert_eq!(up.messages().len(), 1, "only the original went upstream");
     let q = g.queue();
-    let d = message(&q, &dsn_id);
-    assert_eq!(d["recipients"][0]["route"], "local");
-    assert_eq!(d["recipients"][0]["attempts"], 0);
+    assert_eq!(q.len(), 1);
     assert_eq!(message(&q, &id)["id"], id.as_str(), "defer1 still waits");
+}
+
+#[test]
+fn aiosmtpd_dsn_for_a_local_sender_without_mailbox_stays_visible() {
+    let up = Upstream::start(free_port());
+    let g = Gateway::start(&format!("{}[retry]\nbase = \"5m\"\n", literal(up.port)));
+    send(&g, "nobody@branch.example", &["reject1@up.test"], BODY);
+    let (code, v) = flush(&g);
+    assert_eq!(code, 0, "{v:#}");
+    summary_is(&v, "bounced", 1);
+    // No account "nobody": the DSN is kept, queued and explained, not lost.
+    let dsn = dsns(&g);
+    assert_eq!(dsn.len(), 1, "{:#?}", g.queue());
+    let r = &dsn[0]["recipients"][0];
+    assert_eq!(r["route"], "local");
+    assert_eq!(r["state"], "queued");
+    assert!(
+        r["last_reply"].as_str().unwrap().contains("no mailbox"),
+        "{r}"
+    );
+    assert_eq!(up.messages().len(), 0);
 }
 
 #[test]
