@@ -139,6 +139,36 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Codec<S> {
     }
 }
 
+impl<S: AsyncRead + AsyncWrite + Unpin> Codec<Conn<S>> {
+    /// Runs the server side of a TLS handshake on the plain stream (implicit
+    /// TLS, STARTTLS, STLS). Input buffered before it is dropped first.
+    pub async fn start_tls(
+        &mut self,
+        acceptor: &tokio_rustls::TlsAcceptor,
+        timeout: std::time::Duration,
+    ) -> io::Result<()> {
+        self.discard_input();
+        let Conn::Plain(stream) = std::mem::replace(&mut self.stream, Conn::Gone) else {
+            return Err(io::Error::other("TLS is already active"));
+        };
+        match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
+            Ok(Ok(tls)) => {
+                self.stream = Conn::Tls(Box::new(tls));
+                Ok(())
+            }
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "TLS handshake timed out",
+            )),
+        }
+    }
+
+    pub fn tls_active(&self) -> bool {
+        matches!(self.stream, Conn::Tls(_))
+    }
+}
+
 /// A connection that may be switched to TLS in the middle (STARTTLS).
 pub enum Conn<S> {
     Plain(S),

@@ -34,6 +34,8 @@ pub struct Config {
     #[serde(default)]
     pub smtp: SmtpConfig,
     #[serde(default)]
+    pub pop3: Pop3Config,
+    #[serde(default)]
     pub upstream: UpstreamConfig,
     #[serde(default)]
     pub flush: FlushConfig,
@@ -203,6 +205,30 @@ impl Default for SmtpConfig {
             auth_failure_delay: Duration::from_secs(2),
             max_errors: 10,
             shutdown_grace: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Limits of the POP3 server.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Pop3Config {
+    /// An idle session is closed after this (RFC 1939 §3: at least 10 minutes).
+    #[serde(with = "humantime_serde_compat")]
+    pub idle_timeout: Duration,
+    /// Failed logins before the session is closed.
+    pub max_auth_failures: u32,
+    /// Pause before answering a failed login.
+    #[serde(with = "humantime_serde_compat")]
+    pub auth_failure_delay: Duration,
+}
+
+impl Default for Pop3Config {
+    fn default() -> Self {
+        Pop3Config {
+            idle_timeout: Duration::from_secs(600),
+            max_auth_failures: 3,
+            auth_failure_delay: Duration::from_secs(2),
         }
     }
 }

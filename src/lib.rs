@@ -10,6 +10,7 @@ pub mod cli;
 pub mod codec;
 pub mod config;
 pub mod control;
+pub mod pop3;
 pub mod queue;
 pub mod relay;
 pub mod server;
@@ -56,13 +57,6 @@ pub async fn serve(
     };
     let mut listeners = Vec::new();
     for l in &config.listen {
-        if !l.mode.is_smtp() {
-            anyhow::bail!(
-                "listen {}: mode \"{}\" (POP3) is not available in this version of outpost; remove this [[listen]] entry",
-                l.address,
-                l.mode
-            );
-        }
         let listener = TcpListener::bind(l.address).await.with_context(|| {
             format!(
                 "cannot listen on {} (listen.address, mode {})",

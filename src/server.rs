@@ -55,6 +55,8 @@ pub struct Shared {
     pub submitted: Option<Arc<Notify>>,
     slots: Arc<Semaphore>,
     per_client: Mutex<HashMap<IpAddr, usize>>,
+    /// POP3 maildrops open in a session (lower-case account names).
+    maildrops: Mutex<std::collections::HashSet<String>>,
 }
 
 impl Shared {
@@ -69,11 +71,27 @@ impl Shared {
             submitted,
             slots: Arc::new(Semaphore::new(config.smtp.max_connections)),
             per_client: Mutex::new(HashMap::new()),
+            maildrops: Mutex::new(std::collections::HashSet::new()),
             config,
             store,
             writer,
             tls,
         }
+    }
+
+    /// Opens `user`'s maildrop for one session; false when another has it.
+    pub fn lock_maildrop(&self, user: &str) -> bool {
+        self.maildrops
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(user.to_string())
+    }
+
+    pub fn unlock_maildrop(&self, user: &str) {
+        self.maildrops
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(user);
     }
 
     /// Takes a connection slot for `ip`, or says why not.
@@ -189,11 +207,18 @@ async fn accept_loop(
         let _ = stream.set_nodelay(true);
         match shared.admit(peer.ip()) {
             Ok(slot) => {
-                let session =
-                    Session::new(shared.clone(), listen.clone(), peer, stream, phase.clone());
                 let alive = alive.clone();
+                let (shared, listen, phase) = (shared.clone(), listen.clone(), phase.clone());
                 tokio::spawn(async move {
-                    session.run().await;
+                    if listen.mode.is_smtp() {
+                        Session::new(shared, listen, peer, stream, phase)
+                            .run()
+                            .await;
+                    } else {
+                        crate::pop3::Session::new(shared, listen, peer, stream, phase)
+                            .run()
+                            .await;
+                    }
                     drop(slot);
                     drop(alive);
                 });

@@ -9,7 +9,7 @@
 use std::path::{Path, PathBuf};
 use std::thread;
 
-use rusqlite::{params, Connection};
+use rusqlite::{params, Connection, OptionalExtension};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
@@ -37,6 +37,8 @@ pub enum Change {
     FlushDone { at: i64, result: String },
     /// A delay warning went out for this recipient.
     Warned { message_id: String, idx: u32 },
+    /// POP3 UPDATE: these mailbox entries of `user` are deleted.
+    MailboxRemove { user: String, ids: Vec<i64> },
     /// Delete a message outright (administrator).
     Delete { message_id: String },
 }
@@ -187,6 +189,20 @@ fn apply(tx: &rusqlite::Savepoint<'_>, c: &Change) -> rusqlite::Result<()> {
             .execute(params![message_id, idx])?;
             Ok(())
         }
+        Change::MailboxRemove { user, ids } => {
+            for id in ids {
+                let message_id: Option<String> = tx
+                    .prepare_cached(
+                        "DELETE FROM mailbox WHERE id = ?1 AND user = ?2 RETURNING message_id",
+                    )?
+                    .query_row(params![id, user], |r| r.get(0))
+                    .optional()?;
+                if let Some(m) = message_id {
+                    drop_body_if_done(tx, &m)?;
+                }
+            }
+            Ok(())
+        }
         Change::Delete { message_id } => {
             tx.prepare_cached("DELETE FROM messages WHERE id = ?1")?
                 .execute([message_id])?;
@@ -219,13 +235,19 @@ fn recipient(tx: &rusqlite::Savepoint<'_>, r: &RecipientChange) -> rusqlite::Res
     .execute(params![r.message_id, r.idx, r.at, r.event, r.detail])?;
     // The body goes once every recipient is final (any DSN is in this
     // same transaction).
+    drop_body_if_done(tx, &r.message_id)
+}
+
+/// Deletes a message's body when no recipient is pending and no mailbox
+/// holds it any more.
+fn drop_body_if_done(tx: &rusqlite::Savepoint<'_>, message_id: &str) -> rusqlite::Result<()> {
     tx.prepare_cached(
         "DELETE FROM bodies WHERE message_id = ?1 AND NOT EXISTS (
             SELECT 1 FROM recipients WHERE message_id = ?1
                AND state NOT IN ('delivered', 'bounced', 'expired'))
            AND NOT EXISTS (SELECT 1 FROM mailbox WHERE message_id = ?1)",
     )?
-    .execute([&r.message_id])?;
+    .execute([message_id])?;
     Ok(())
 }
 

@@ -240,7 +240,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     }
 
     fn tls_active(&self) -> bool {
-        matches!(self.codec.get_ref(), Conn::Tls(_))
+        self.codec.tls_active()
     }
 
     /// AUTH is offered over TLS, or in the clear only where the listener
@@ -706,22 +706,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         let Some(acceptor) = self.shared.tls.clone() else {
             return false;
         };
-        let Conn::Plain(stream) = std::mem::replace(self.codec.get_mut(), Conn::Gone) else {
-            return false;
-        };
-        match tokio::time::timeout(TLS_TIMEOUT, acceptor.accept(stream)).await {
-            Ok(Ok(tls)) => {
-                *self.codec.get_mut() = Conn::Tls(Box::new(tls));
+        match self.codec.start_tls(&acceptor, TLS_TIMEOUT).await {
+            Ok(()) => {
                 let (v, c) = self.codec.get_ref().tls_info().unwrap_or_default();
                 debug!(peer = %self.peer, version = %v, cipher = %c, "TLS established");
                 true
             }
-            Ok(Err(e)) => {
+            Err(e) => {
                 info!(peer = %self.peer, error = %e, "TLS handshake failed");
-                false
-            }
-            Err(_) => {
-                info!(peer = %self.peer, "TLS handshake timed out");
                 false
             }
         }

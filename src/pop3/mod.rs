@@ -1,0 +1,67 @@
+//! POP3 (RFC 1939) for the local mailboxes: USER/PASS and AUTH PLAIN
+//! (RFC 5034), STLS (RFC 2595), CAPA (RFC 2449), response codes (RFC 3206).
+//!
+//! Deletions happen only at QUIT (the UPDATE state), in one commit; a
+//! dropped connection deletes nothing. One session per maildrop at a time.
+//! A message is read as stored, with the Return-Path line the final
+//! delivery adds (RFC 5321 §4.4), and sent dot-stuffed.
+
+mod session;
+
+pub use session::Session;
+
+/// Dot-stuffs `data` into `out`: a line starting with "." gets another
+/// (RFC 1939 §3). `data` has CRLF line ends and ends with CRLF or is empty.
+pub fn stuff_into(out: &mut Vec<u8>, data: &[u8]) {
+    let mut line_start = true;
+    for &b in data {
+        if line_start && b == b'.' {
+            out.push(b'.');
+        }
+        out.push(b);
+        line_start = b == b'\n';
+    }
+    if !line_start {
+        out.extend_from_slice(b"\r\n");
+    }
+}
+
+/// The header section, the empty line, and the first `lines` lines of the
+/// body (TOP).
+pub fn top(message: &[u8], lines: usize) -> &[u8] {
+    let Some(header_end) = message
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map(|p| p + 4)
+    else {
+        return message;
+    };
+    let mut end = header_end;
+    for _ in 0..lines {
+        match message[end..].windows(2).position(|w| w == b"\r\n") {
+            Some(p) => end += p + 2,
+            None => return message,
+        }
+    }
+    &message[..end]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stuffing() {
+        let mut out = Vec::new();
+        stuff_into(&mut out, b".a\r\nb\r\n..\r\n");
+        assert_eq!(out, b"..a\r\nb\r\n...\r\n");
+    }
+
+    #[test]
+    fn top_lines() {
+        let m = b"A: 1\r\nB: 2\r\n\r\nl1\r\nl2\r\nl3\r\n";
+        assert_eq!(top(m, 0), b"A: 1\r\nB: 2\r\n\r\n");
+        assert_eq!(top(m, 2), b"A: 1\r\nB: 2\r\n\r\nl1\r\nl2\r\n");
+        assert_eq!(top(m, 99), &m[..]);
+    }
+}

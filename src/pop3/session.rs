@@ -1,0 +1,486 @@
+//! One POP3 session: AUTHORIZATION, TRANSACTION, UPDATE (RFC 1939 §3).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::sync::watch;
+use tracing::{debug, info, warn};
+
+use crate::auth;
+use crate::codec::{Codec, Conn, Line};
+use crate::config::Listen;
+use crate::queue::{Change, MailboxEntry};
+use crate::server::{phase_reached, Phase, Shared};
+
+/// RFC 2449 §4: a command line is at most 255 octets; AUTH responses may
+/// be longer (RFC 5034 §4).
+const MAX_LINE: usize = 1024;
+const TLS_TIMEOUT: Duration = Duration::from_secs(30);
+
+enum Flow {
+    Go,
+    Close,
+}
+
+/// The maildrop of a logged-in user, as it was at login.
+struct Maildrop {
+    user: String,
+    entries: Vec<MailboxEntry>,
+    deleted: Vec<bool>,
+}
+
+impl Maildrop {
+    fn live(&self) -> impl Iterator<Item = (usize, &MailboxEntry)> {
+        self.entries
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| !self.deleted[*i])
+    }
+}
+
+pub struct Session<S> {
+    shared: Arc<Shared>,
+    listen: Listen,
+    peer: SocketAddr,
+    codec: Codec<Conn<S>>,
+    phase: watch::Receiver<Phase>,
+    /// USER given, waiting for PASS.
+    user: Option<String>,
+    drop: Option<Maildrop>,
+    failures: u32,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
+    pub fn new(
+        shared: Arc<Shared>,
+        listen: Listen,
+        peer: SocketAddr,
+        stream: S,
+        phase: watch::Receiver<Phase>,
+    ) -> Self {
+        Session {
+            shared,
+            listen,
+            peer,
+            codec: Codec::new(Conn::Plain(stream)),
+            phase,
+            user: None,
+            drop: None,
+            failures: 0,
+        }
+    }
+
+    pub async fn run(mut self) {
+        debug!(peer = %self.peer, listener = %self.listen.address, "pop3 connect");
+        if self.listen.mode.implicit_tls() && !self.start_tls().await {
+            return;
+        }
+        self.ok("outpost POP3 ready");
+        loop {
+            let line = match self.next_line().await {
+                Some(Line::Text(l)) => l,
+                Some(Line::TooLong) => {
+                    self.err("command line too long");
+                    continue;
+                }
+                Some(Line::BareLf) => {
+                    self.err("command lines end with CRLF");
+                    continue;
+                }
+                Some(Line::Eof) | None => break,
+            };
+            if let Flow::Close = self.command(&line).await {
+                break;
+            }
+        }
+        self.release();
+        let _ = self.codec.flush().await;
+        let _ = self.codec.get_mut().shutdown().await;
+        debug!(peer = %self.peer, "pop3 disconnect");
+    }
+
+    fn ok(&mut self, text: &str) {
+        self.codec.write(format!("+OK {text}\r\n").as_bytes());
+    }
+
+    fn err(&mut self, text: &str) {
+        self.codec.write(format!("-ERR {text}\r\n").as_bytes());
+    }
+
+    /// The next command; None when the session must end (idle timeout,
+    /// shutdown, connection error). A session that ends here deletes nothing.
+    async fn next_line(&mut self) -> Option<Line> {
+        let timeout = self.shared.config.pop3.idle_timeout;
+        let mut phase = self.phase.clone();
+        tokio::select! {
+            biased;
+            _ = phase_reached(&mut phase, Phase::Draining) => {
+                self.err("[SYS/TEMP] server shutting down, nothing was deleted; try again later");
+                None
+            }
+            r = tokio::time::timeout(timeout, self.codec.read_line(MAX_LINE)) => match r {
+                Ok(Ok(line)) => Some(line),
+                Ok(Err(_)) => None,
+                Err(_) => {
+                    info!(peer = %self.peer, "pop3 idle timeout; nothing deleted");
+                    self.err("idle timeout, closing; nothing was deleted");
+                    None
+                }
+            }
+        }
+    }
+
+    /// Plain-text login (USER/PASS, AUTH PLAIN) is allowed over TLS, or in
+    /// the clear where the listener allows it (by default on loopback).
+    fn login_allowed(&self) -> bool {
+        self.codec.tls_active() || self.listen.plaintext_auth_allowed()
+    }
+
+    async fn command(&mut self, line: &[u8]) -> Flow {
+        let text = String::from_utf8_lossy(line).to_string();
+        let mut parts = text.splitn(2, ' ');
+        let verb = parts.next().unwrap_or("").to_ascii_uppercase();
+        let arg = parts.next().unwrap_or("").trim().to_string();
+        if verb == "QUIT" {
+            return self.quit().await;
+        }
+        if verb == "CAPA" {
+            self.capa();
+            return Flow::Go;
+        }
+        if verb == "NOOP" && self.drop.is_some() {
+            self.ok("");
+            return Flow::Go;
+        }
+        if self.drop.is_none() {
+            return self.authorization(&verb, &arg).await;
+        }
+        self.transaction(&verb, &arg).await;
+        Flow::Go
+    }
+
+    fn capa(&mut self) {
+        let mut caps = vec!["TOP", "UIDL", "RESP-CODES", "AUTH-RESP-CODE", "PIPELINING"];
+        if self.drop.is_none() {
+            if self.login_allowed() {
+                caps.push("USER");
+                caps.push("SASL PLAIN");
+            }
+            if self.shared.tls.is_some() && !self.codec.tls_active() {
+                caps.push("STLS");
+            }
+        }
+        caps.push("IMPLEMENTATION outpost");
+        let mut out = String::from("+OK capability list follows\r\n");
+        for c in caps {
+            out.push_str(c);
+            out.push_str("\r\n");
+        }
+        out.push_str(".\r\n");
+        self.codec.write(out.as_bytes());
+    }
+
+    async fn authorization(&mut self, verb: &str, arg: &str) -> Flow {
+        match verb {
+            "STLS" => {
+                if self.codec.tls_active() {
+                    self.err("TLS is already active");
+                    return Flow::Go;
+                }
+                if self.shared.tls.is_none() {
+                    self.err("TLS is not available: no certificate is configured");
+                    return Flow::Go;
+                }
+                self.ok("begin TLS negotiation");
+                if self.codec.flush().await.is_err() || !self.start_tls().await {
+                    return Flow::Close;
+                }
+                self.user = None;
+                Flow::Go
+            }
+            "USER" => {
+                if !self.login_allowed() {
+                    self.err("plain-text login needs TLS here: send STLS first");
+                } else if arg.is_empty() {
+                    self.err("USER needs a name");
+                } else {
+                    self.user = Some(arg.to_string());
+                    self.ok("send PASS");
+                }
+                Flow::Go
+            }
+            "PASS" => {
+                let Some(user) = self.user.take() else {
+                    self.err("send USER first");
+                    return Flow::Go;
+                };
+                if !self.login_allowed() {
+                    self.err("plain-text login needs TLS here: send STLS first");
+                    return Flow::Go;
+                }
+                self.login(user, arg.to_string()).await
+            }
+            "AUTH" => {
+                if arg.is_empty() {
+                    // The mechanism list some clients ask for (RFC 5034 §4 note).
+                    self.codec.write(b"+OK\r\nPLAIN\r\n.\r\n");
+                    return Flow::Go;
+                }
+                let mut words = arg.split_whitespace();
+                let mechanism = words.next().unwrap_or("").to_ascii_uppercase();
+                if mechanism != "PLAIN" {
+                    self.err("unsupported mechanism: use PLAIN");
+                    return Flow::Go;
+                }
+                if !self.login_allowed() {
+                    self.err("plain-text login needs TLS here: send STLS first");
+                    return Flow::Go;
+                }
+                let response = match words.next() {
+                    Some(r) => r.to_string(),
+                    None => {
+                        self.codec.write(b"+ \r\n");
+                        match self.next_line().await {
+                            Some(Line::Text(l)) => String::from_utf8_lossy(&l).to_string(),
+                            _ => return Flow::Close,
+                        }
+                    }
+                };
+                if response == "*" {
+                    self.err("authentication cancelled");
+                    return Flow::Go;
+                }
+                match auth::decode_b64(&response).and_then(|d| auth::parse_plain(&d)) {
+                    Some((user, pass)) => self.login(user, pass).await,
+                    None => self.login_failed(None).await,
+                }
+            }
+            "APOP" => {
+                self.err("APOP is not supported: use USER/PASS or AUTH PLAIN over TLS");
+                Flow::Go
+            }
+            _ => {
+                self.err("unknown command or not allowed before login");
+                Flow::Go
+            }
+        }
+    }
+
+    async fn login(&mut self, user: String, pass: String) -> Flow {
+        let store = self.shared.store.clone();
+        let name = user.clone();
+        let ok = tokio::task::spawn_blocking(move || {
+            let hash = store.password_hash(&name).ok().flatten();
+            auth::verify_password(hash.as_deref(), &pass)
+        })
+        .await
+        .unwrap_or(false);
+        if !ok {
+            return self.login_failed(Some(&user)).await;
+        }
+        let key = user.to_ascii_lowercase();
+        if !self.shared.lock_maildrop(&key) {
+            info!(peer = %self.peer, user = %user, "pop3 maildrop in use");
+            self.err("[IN-USE] the maildrop is open in another session; close it and try again");
+            return Flow::Go;
+        }
+        let store = self.shared.store.clone();
+        let lookup = key.clone();
+        let entries = match tokio::task::spawn_blocking(move || store.mailbox(&lookup)).await {
+            Ok(Ok(e)) => e,
+            other => {
+                self.shared.unlock_maildrop(&key);
+                warn!(peer = %self.peer, user = %user, error = ?other.err(), "cannot read the mailbox");
+                self.err("[SYS/TEMP] cannot read the mailbox now; try again later");
+                return Flow::Go;
+            }
+        };
+        let total: i64 = entries.iter().map(MailboxEntry::size).sum();
+        info!(peer = %self.peer, user = %user, messages = entries.len(), "pop3 login");
+        self.ok(&format!(
+            "{user} has {} messages ({total} octets)",
+            entries.len()
+        ));
+        self.drop = Some(Maildrop {
+            user: key,
+            deleted: vec![false; entries.len()],
+            entries,
+        });
+        Flow::Go
+    }
+
+    async fn login_failed(&mut self, user: Option<&str>) -> Flow {
+        self.failures += 1;
+        warn!(peer = %self.peer, user = user.unwrap_or("?"), failures = self.failures, "pop3 login failed");
+        tokio::time::sleep(self.shared.config.pop3.auth_failure_delay).await;
+        if self.failures >= self.shared.config.pop3.max_auth_failures {
+            self.err("[AUTH] too many failed logins, closing");
+            return Flow::Close;
+        }
+        self.err("[AUTH] invalid user name or password");
+        Flow::Go
+    }
+
+    /// Message `arg` (1-based), not deleted.
+    fn pick(&mut self, arg: &str) -> Option<usize> {
+        let d = self.drop.as_ref()?;
+        match arg.parse::<usize>() {
+            Ok(n) if n >= 1 && n <= d.entries.len() && !d.deleted[n - 1] => Some(n - 1),
+            Ok(n) if n >= 1 && n <= d.entries.len() => {
+                self.err(&format!("message {n} is deleted"));
+                None
+            }
+            _ => {
+                self.err("no such message");
+                None
+            }
+        }
+    }
+
+    async fn transaction(&mut self, verb: &str, arg: &str) {
+        let args: Vec<&str> = arg.split_whitespace().collect();
+        match verb {
+            "STAT" => {
+                let d = self.drop.as_ref().expect("logged in");
+                let (n, size) = d
+                    .live()
+                    .fold((0, 0i64), |(n, s), (_, e)| (n + 1, s + e.size()));
+                self.ok(&format!("{n} {size}"));
+            }
+            "LIST" | "UIDL" => {
+                let uidl = verb == "UIDL";
+                let show = |i: usize, e: &MailboxEntry| {
+                    if uidl {
+                        format!("{} {}", i + 1, e.uid)
+                    } else {
+                        format!("{} {}", i + 1, e.size())
+                    }
+                };
+                if let Some(a) = args.first() {
+                    if let Some(i) = self.pick(a) {
+                        let line = show(i, &self.drop.as_ref().expect("logged in").entries[i]);
+                        self.ok(&line);
+                    }
+                } else {
+                    let d = self.drop.as_ref().expect("logged in");
+                    let mut out = String::from("+OK\r\n");
+                    for (i, e) in d.live() {
+                        out.push_str(&show(i, e));
+                        out.push_str("\r\n");
+                    }
+                    out.push_str(".\r\n");
+                    self.codec.write(out.as_bytes());
+                }
+            }
+            "RETR" | "TOP" => {
+                let lines = if verb == "TOP" {
+                    match args.get(1).and_then(|n| n.parse::<usize>().ok()) {
+                        Some(n) => Some(n),
+                        None => {
+                            self.err("TOP needs a message number and a line count");
+                            return;
+                        }
+                    }
+                } else {
+                    None
+                };
+                let Some(i) = args.first().and_then(|a| self.pick(a)) else {
+                    if args.is_empty() {
+                        self.err("which message?");
+                    }
+                    return;
+                };
+                let entry = self.drop.as_ref().expect("logged in").entries[i].clone();
+                let store = self.shared.store.clone();
+                let uid = entry.uid.clone();
+                let body = match tokio::task::spawn_blocking(move || store.body(&uid)).await {
+                    Ok(Ok(Some(b))) => b,
+                    other => {
+                        warn!(peer = %self.peer, uid = %entry.uid, error = ?other, "cannot read a message");
+                        self.err("[SYS/TEMP] cannot read the message now; try again later");
+                        return;
+                    }
+                };
+                let mut message = entry.return_path().into_bytes();
+                message.extend_from_slice(&body);
+                drop(body);
+                let part = match lines {
+                    Some(n) => super::top(&message, n),
+                    None => &message[..],
+                };
+                let mut out = format!("+OK {} octets\r\n", entry.size()).into_bytes();
+                super::stuff_into(&mut out, part);
+                out.extend_from_slice(b".\r\n");
+                self.codec.write(&out);
+            }
+            "DELE" => {
+                if let Some(i) = args.first().and_then(|a| self.pick(a)) {
+                    self.drop.as_mut().expect("logged in").deleted[i] = true;
+                    self.ok(&format!("message {} deleted", i + 1));
+                } else if args.is_empty() {
+                    self.err("which message?");
+                }
+            }
+            "RSET" => {
+                let d = self.drop.as_mut().expect("logged in");
+                d.deleted.iter_mut().for_each(|x| *x = false);
+                let n = d.entries.len();
+                self.ok(&format!("maildrop has {n} messages"));
+            }
+            "STLS" | "USER" | "PASS" | "AUTH" => self.err("already logged in"),
+            _ => self.err("unknown command"),
+        }
+    }
+
+    /// QUIT: in TRANSACTION, the UPDATE state deletes what was marked, in
+    /// one commit, before the answer.
+    async fn quit(&mut self) -> Flow {
+        let Some(d) = self.drop.as_ref() else {
+            self.ok("bye");
+            return Flow::Close;
+        };
+        let ids: Vec<i64> = d
+            .entries
+            .iter()
+            .zip(&d.deleted)
+            .filter(|(_, del)| **del)
+            .map(|(e, _)| e.id)
+            .collect();
+        let n = ids.len();
+        if n > 0 {
+            let change = Change::MailboxRemove {
+                user: d.user.clone(),
+                ids,
+            };
+            if let Err(e) = self.shared.writer.apply(vec![change]).await {
+                warn!(peer = %self.peer, error = %e, "pop3 update failed");
+                self.err("[SYS/TEMP] could not delete the messages; none were deleted");
+                return Flow::Close;
+            }
+        }
+        info!(peer = %self.peer, user = %d.user, deleted = n, "pop3 quit");
+        self.ok(&format!("bye, {n} messages deleted"));
+        Flow::Close
+    }
+
+    async fn start_tls(&mut self) -> bool {
+        let Some(acceptor) = self.shared.tls.clone() else {
+            return false;
+        };
+        match self.codec.start_tls(&acceptor, TLS_TIMEOUT).await {
+            Ok(()) => true,
+            Err(e) => {
+                info!(peer = %self.peer, error = %e, "pop3 TLS handshake failed");
+                false
+            }
+        }
+    }
+
+    fn release(&mut self) {
+        if let Some(d) = self.drop.take() {
+            self.shared.unlock_maildrop(&d.user);
+        }
+    }
+}
