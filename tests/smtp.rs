@@ -404,3 +404,42 @@ fn json_logs_carry_peer_and_queue_id() {
     assert!(v["peer"].as_str().unwrap().starts_with("127.0.0.1:"));
     assert_eq!(v["from"], "s@client.test");
 }
+
+#[test]
+fn mailbox_list_and_deleting_a_user_with_mail() {
+    let g = Gateway::start("");
+    g.add_user("alice", "pw");
+    let mut c = Client::connect(g.relay);
+    c.cmd("EHLO client.test");
+    let id = queued_id(&c.send_mail(
+        "bob@far.example",
+        &["alice@branch.example"],
+        b"From: Bob <bob@far.example>\r\nSubject: lunch\r\n on friday\r\n\r\nhi\r\n",
+    ))
+    .unwrap();
+    let out = g.cli(&["mailbox", "list", "alice"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains(&id)
+            && text.contains("Bob <bob@far.example>")
+            && text.contains("lunch on friday"),
+        "{text}"
+    );
+    assert!(text.contains("-- 1 messages"), "{text}");
+    assert_eq!(
+        g.cli(&["mailbox", "list", "nobody"]).status.code(),
+        Some(67)
+    );
+
+    let out = g.cli(&["user", "del", "alice"]);
+    assert_eq!(out.status.code(), Some(65));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--force"));
+    assert!(g.cli(&["user", "del", "alice", "--force"]).status.success());
+    let store = outpost::queue::Store::open(&g.path("queue.sqlite")).unwrap();
+    assert!(store.mailbox("alice").unwrap().is_empty());
+    assert!(
+        store.body(&id).unwrap().is_none(),
+        "the message went with the mailbox"
+    );
+}

@@ -1,6 +1,7 @@
 //! The command line: argument definitions and the commands themselves.
 
 mod flush;
+mod mailbox;
 mod queue;
 mod status;
 mod user;
@@ -73,6 +74,9 @@ pub enum Command {
     /// Accounts for submission AUTH and POP3.
     #[command(subcommand)]
     User(UserCommand),
+    /// Local mailboxes.
+    #[command(subcommand)]
+    Mailbox(MailboxCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -98,6 +102,12 @@ pub enum QueueCommand {
     Retry(Selection),
     /// Return messages to their senders with a DSN (5.0.0) and stop trying.
     Bounce(Selection),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum MailboxCommand {
+    /// A user's messages: id, size, date, from, subject.
+    List { user: String },
 }
 
 /// Which messages an administrative command touches.
@@ -126,8 +136,13 @@ pub enum UserCommand {
         #[arg(long)]
         password_stdin: bool,
     },
-    /// Remove an account.
-    Del { name: String },
+    /// Remove an account (with mail in its mailbox: only with --force).
+    Del {
+        name: String,
+        /// Delete the account's mailbox with it.
+        #[arg(long)]
+        force: bool,
+    },
     /// List accounts.
     List,
 }
@@ -173,6 +188,10 @@ pub fn run(cli: &Cli) -> ExitCode {
         },
         Command::User(u) => match load_config(cli) {
             Ok(c) => user::run(&c, u),
+            Err(code) => code,
+        },
+        Command::Mailbox(MailboxCommand::List { user }) => match load_config(cli) {
+            Ok(c) => mailbox::list(&c, user),
             Err(code) => code,
         },
     }

@@ -29,8 +29,8 @@ pub fn run(config: &Config, cmd: &UserCommand) -> ExitCode {
             .and_then(|pw| hash(&pw))
             .and_then(|h| store.set_password(name, &h).map_err(store_failure))
             .map(|_| println!("password changed for {name}")),
-        UserCommand::Del { name } => store
-            .delete_user(name)
+        UserCommand::Del { name, force } => store
+            .delete_user(name, *force)
             .map_err(store_failure)
             .map(|_| println!("deleted {name}")),
         UserCommand::List => store.users().map_err(store_failure).map(|users| {
@@ -53,7 +53,7 @@ type Failure = (u8, String);
 fn store_failure(e: StoreError) -> Failure {
     let code = match e {
         StoreError::NoSuchUser(_) => exit::NOUSER,
-        StoreError::UserExists(_) => exit::DATAERR,
+        StoreError::UserExists(_) | StoreError::UserHasMail(..) => exit::DATAERR,
         _ => exit::IOERR,
     };
     (code, e.to_string())

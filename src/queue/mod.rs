@@ -59,6 +59,8 @@ pub enum StoreError {
     NoSuchUser(String),
     #[error("account {0} exists already")]
     UserExists(String),
+    #[error("account {0} has {1} messages in its mailbox: add --force to delete it with them")]
+    UserHasMail(String, i64),
 }
 
 impl StoreError {
@@ -523,12 +525,40 @@ impl Store {
         Ok(())
     }
 
-    pub fn delete_user(&self, name: &str) -> Result<(), StoreError> {
-        let n = self.with(|c| c.execute("DELETE FROM users WHERE name = ?1", [name]))?;
-        if n == 0 {
-            return Err(StoreError::NoSuchUser(name.into()));
-        }
-        Ok(())
+    /// Removes an account. With mail in its mailbox, only with `force`,
+    /// and then the mail goes too.
+    pub fn delete_user(&self, name: &str, force: bool) -> Result<(), StoreError> {
+        let r = self.with(|c| {
+            let tx = c.transaction()?;
+            let mail: i64 = tx.query_row(
+                "SELECT count(*) FROM mailbox WHERE user = ?1",
+                [name],
+                |r| r.get(0),
+            )?;
+            if mail > 0 && !force {
+                return Ok(Err(StoreError::UserHasMail(name.into(), mail)));
+            }
+            let ids: Vec<String> = tx
+                .prepare("DELETE FROM mailbox WHERE user = ?1 RETURNING message_id")?
+                .query_map([name], |r| r.get(0))?
+                .collect::<Result<_, _>>()?;
+            for id in ids {
+                tx.execute(
+                    "DELETE FROM bodies WHERE message_id = ?1 AND NOT EXISTS (
+                        SELECT 1 FROM recipients WHERE message_id = ?1
+                           AND state NOT IN ('delivered', 'bounced', 'expired'))
+                       AND NOT EXISTS (SELECT 1 FROM mailbox WHERE message_id = ?1)",
+                    [&id],
+                )?;
+            }
+            let n = tx.execute("DELETE FROM users WHERE name = ?1", [name])?;
+            if n == 0 {
+                return Ok(Err(StoreError::NoSuchUser(name.into())));
+            }
+            tx.commit()?;
+            Ok(Ok(()))
+        })?;
+        r
     }
 }
 

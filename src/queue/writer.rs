@@ -478,7 +478,7 @@ mod tests {
             Err(StoreError::UserExists(_))
         ));
         assert!(store.user_exists("Alice").unwrap());
-        store.delete_user("alice").unwrap();
+        store.delete_user("alice", false).unwrap();
         assert!(!store.user_exists("alice").unwrap());
     }
 }
