@@ -296,35 +296,40 @@ impl Default for UpstreamConfig {
 }
 
 impl UpstreamConfig {
-    /// Splits `server` into (host, port, literal): `[host]:port` is used as
-    /// is, `host:port` means an MX lookup first. The port defaults to 25.
+    /// `server` split as [`parse_server`] does.
     pub fn target(&self) -> Result<(String, u16, bool), String> {
-        let s = self.server.trim();
-        let (host, literal, rest) = if let Some(inner) = s.strip_prefix('[') {
-            let (h, rest) = inner
-                .split_once(']')
-                .ok_or_else(|| format!("`{s}`: missing `]` after the host"))?;
-            (h.to_string(), true, rest)
-        } else {
-            match s.rsplit_once(':') {
-                Some((h, p)) if !h.contains(':') => {
-                    (h.to_string(), false, &s[h.len()..][..p.len() + 1])
-                }
-                _ => (s.to_string(), false, ""),
-            }
-        };
-        let port = match rest.strip_prefix(':') {
-            Some(p) => p
-                .parse()
-                .map_err(|_| format!("`{s}`: `{p}` is not a port number"))?,
-            None if rest.is_empty() => 25,
-            None => return Err(format!("`{s}`: expected \"[host]:port\" or \"host:port\"")),
-        };
-        if host.is_empty() {
-            return Err(format!("`{s}`: no host"));
-        }
-        Ok((host, port, literal))
+        parse_server(&self.server)
     }
+}
+
+/// Splits a server into (host, port, literal): `[host]:port` is used as
+/// is, `host:port` means an MX lookup first. The port defaults to 25.
+pub fn parse_server(s: &str) -> Result<(String, u16, bool), String> {
+    let s = s.trim();
+    let (host, literal, rest) = if let Some(inner) = s.strip_prefix('[') {
+        let (h, rest) = inner
+            .split_once(']')
+            .ok_or_else(|| format!("`{s}`: missing `]` after the host"))?;
+        (h.to_string(), true, rest)
+    } else {
+        match s.rsplit_once(':') {
+            Some((h, p)) if !h.contains(':') => {
+                (h.to_string(), false, &s[h.len()..][..p.len() + 1])
+            }
+            _ => (s.to_string(), false, ""),
+        }
+    };
+    let port = match rest.strip_prefix(':') {
+        Some(p) => p
+            .parse()
+            .map_err(|_| format!("`{s}`: `{p}` is not a port number"))?,
+        None if rest.is_empty() => 25,
+        None => return Err(format!("`{s}`: expected \"[host]:port\" or \"host:port\"")),
+    };
+    if host.is_empty() {
+        return Err(format!("`{s}`: no host"));
+    }
+    Ok((host, port, literal))
 }
 
 /// What to do with a message whose final dot was sent but whose reply never
@@ -412,9 +417,15 @@ impl LocalConfig {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct HubConfig {
+    /// Mail for these domains is accepted from anyone and held until the
+    /// domain's branch asks for it (ETRN) or `outpost flush --domain D`.
     #[serde(deserialize_with = "domains")]
     pub hold_domains: Vec<String>,
+    /// Clients here (or authenticated ones) may send ETRN.
     pub etrn_networks: Vec<IpNet>,
+    /// Where a hold domain's mail goes: `"branch.example" = "[gw.branch.example]:25"`;
+    /// a domain not listed goes to its MX.
+    pub routes: BTreeMap<String, String>,
 }
 
 impl Default for HubConfig {
@@ -422,7 +433,24 @@ impl Default for HubConfig {
         HubConfig {
             hold_domains: Vec::new(),
             etrn_networks: vec!["127.0.0.0/8".parse().unwrap(), "::1/128".parse().unwrap()],
+            routes: BTreeMap::new(),
         }
+    }
+}
+
+impl HubConfig {
+    pub fn may_etrn(&self, ip: IpAddr) -> bool {
+        let ip = canonical_ip(ip);
+        self.etrn_networks.iter().any(|n| n.contains(&ip))
+    }
+
+    /// Where `domain`'s held mail goes: the route, or the domain (MX).
+    pub fn destination(&self, domain: &str) -> String {
+        self.routes
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(domain))
+            .map(|(_, v)| v.clone())
+            .unwrap_or_else(|| domain.to_string())
     }
 }
 
@@ -674,6 +702,26 @@ impl Config {
                 "max_age",
                 "retry.max_age must not be longer than retry.max_age_absolute".into(),
             ));
+        }
+        for (d, server) in &self.hub.routes {
+            if !self.is_hold_domain(d) {
+                return Err((
+                    "routes",
+                    format!("{d} has a route but is not in hub.hold_domains"),
+                ));
+            }
+            if let Err(e) = parse_server(server) {
+                return Err(("routes", e));
+            }
+        }
+        for e in &self.flush.etrn {
+            let name = e.trim_start_matches(['@', '#']);
+            if name.is_empty() || name.contains(char::is_whitespace) {
+                return Err((
+                    "etrn",
+                    format!("`{e}`: expected a domain, \"@domain\" (with subdomains) or \"#queue\" (RFC 1985)"),
+                ));
+            }
         }
         for d in &self.hub.hold_domains {
             if self.local.domains.contains(d) {

@@ -42,6 +42,7 @@ pub fn run(config: Config, opts: FlushOptions, as_json: bool) -> ExitCode {
                     messages.push(json!({ "id": id, "recipients": recipients }))
                 }
                 Event::Link { .. } => link = serde_json::to_value(e).unwrap_or_default(),
+                Event::Etrn(_) => {}
                 _ => {}
             }
         } else {
@@ -149,6 +150,7 @@ fn print_event(e: &Event) {
             }
             Ok(())
         }
+        Event::Etrn(r) => writeln!(out, "ETRN {}: {}", r.name, r.reply),
         Event::Done(s) => {
             let mut line = format!(
                 "done: {} delivered, {} deferred, {} bounced, {} expired",

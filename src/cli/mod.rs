@@ -57,8 +57,11 @@ pub enum Command {
         #[arg(long = "domain", value_name = "D")]
         domains: Vec<String>,
         /// Do not ask the upstream to release inbound mail (ETRN) afterwards.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "etrn_only")]
         no_etrn: bool,
+        /// Send nothing; only ask the upstream to release inbound mail (ETRN).
+        #[arg(long)]
+        etrn_only: bool,
         /// One JSON object with the summary and every message's outcome.
         #[arg(long)]
         json: bool,
@@ -163,16 +166,17 @@ pub fn run(cli: &Cli) -> ExitCode {
         Command::Flush {
             all,
             domains,
-            no_etrn: _,
+            no_etrn,
+            etrn_only,
             json,
         } => match load_config(cli) {
-            // ETRN after a flush is not part of this version, so --no-etrn
-            // changes nothing yet; it is accepted for scripts that pass it.
             Ok(c) => flush::run(
                 c,
                 crate::relay::flush::FlushOptions {
                     all: *all,
                     domains: domains.clone(),
+                    no_etrn: *no_etrn,
+                    etrn_only: *etrn_only,
                 },
                 *json,
             ),

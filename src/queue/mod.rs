@@ -283,17 +283,18 @@ impl Store {
 
     // ---- flushing ---------------------------------------------------------
 
-    /// Every message with recipients still to go upstream (`queued` or
-    /// `deferred`, due or not), oldest first. The flusher picks what is due.
-    pub fn pending_upstream(&self) -> Result<Vec<DueMessage>, StoreError> {
+    /// Every message with recipients still to go out (`queued` or
+    /// `deferred`, due or not): to the upstream, or hold-domain mail released
+    /// by ETRN. Oldest first. The flusher picks what is due.
+    pub fn pending_outbound(&self) -> Result<Vec<DueMessage>, StoreError> {
         self.with(|c| {
             let mut st = c.prepare_cached(
                 "SELECT m.id, m.received_at, m.up_clock_at_receipt, m.sender, m.body_type, m.smtputf8,
                         m.dsn_ret, m.dsn_envid,
                         r.idx, r.address, r.attempts, r.dsn_notify, r.dsn_orcpt, r.warned, r.last_reply,
-                        r.domain, r.next_attempt
+                        r.domain, r.next_attempt, r.route
                    FROM recipients r JOIN messages m ON m.id = r.message_id
-                  WHERE r.route = 'upstream' AND r.state IN ('queued', 'deferred')
+                  WHERE r.route IN ('upstream', 'hold') AND r.state IN ('queued', 'deferred')
                   ORDER BY m.received_at, m.id, r.idx",
             )?;
             let mut out: Vec<DueMessage> = Vec::new();
@@ -320,6 +321,7 @@ impl Store {
                         last_reply: r.get(14)?,
                         domain: r.get(15)?,
                         next_attempt: r.get(16)?,
+                        route: r.get::<_, String>(17)?.parse().unwrap_or(Route::Upstream),
                     },
                 ))
             })?;
@@ -420,6 +422,54 @@ impl Store {
                 }
             }
             Ok(out)
+        })
+    }
+
+    /// Hub role: held messages per hold domain, with when the domain last
+    /// asked (ETRN or flush --domain).
+    pub fn held_by_domain(&self) -> Result<Vec<HeldDomain>, StoreError> {
+        self.with(|c| {
+            let mut st = c.prepare_cached(
+                "SELECT r.domain, count(DISTINCT r.message_id),
+                        (SELECT max(at) FROM etrn_requests e
+                          WHERE e.spec = r.domain
+                             OR (substr(e.spec, 1, 1) = '@'
+                                 AND (r.domain = substr(e.spec, 2) OR r.domain LIKE '%.' || substr(e.spec, 2))))
+                   FROM recipients r WHERE r.route = 'hold' AND r.state = 'held'
+                  GROUP BY r.domain ORDER BY r.domain",
+            )?;
+            let rows = st.query_map([], |r| {
+                Ok(HeldDomain { domain: r.get(0)?, messages: r.get(1)?, last_asked: r.get(2)? })
+            })?;
+            rows.collect()
+        })
+    }
+
+    /// Hub role: how many messages are held for `spec` (a domain, or
+    /// `@domain` with its subdomains).
+    pub fn held_count(&self, spec: &str) -> Result<i64, StoreError> {
+        let (domain, sub) = match spec.strip_prefix('@') {
+            Some(d) => (d.to_ascii_lowercase(), true),
+            None => (spec.to_ascii_lowercase(), false),
+        };
+        self.with(|c| {
+            c.prepare_cached(
+                "SELECT count(DISTINCT message_id) FROM recipients
+                  WHERE route = 'hold' AND state = 'held'
+                    AND (domain = ?1 OR (?2 AND domain LIKE '%.' || ?1))",
+            )?
+            .query_row(params![domain, sub], |r| r.get(0))
+        })
+    }
+
+    /// Branch role: the last ETRN answers, and when.
+    pub fn last_etrn(&self) -> Result<(Option<i64>, Option<String>), StoreError> {
+        self.with(|c| {
+            c.query_row(
+                "SELECT last_etrn_at, last_etrn_result FROM link WHERE id = 1",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
         })
     }
 

@@ -221,6 +221,16 @@ pub struct DueRecipient {
     pub last_reply: Option<String>,
     pub domain: String,
     pub next_attempt: i64,
+    pub route: Route,
+}
+
+/// Hub role: mail held for one domain.
+#[derive(Debug, Clone)]
+pub struct HeldDomain {
+    pub domain: String,
+    pub messages: i64,
+    /// When the domain last asked for its mail (ETRN), if ever.
+    pub last_asked: Option<i64>,
 }
 
 /// A message accepted by a session, ready to be committed.

@@ -37,6 +37,11 @@ pub enum Change {
     FlushDone { at: i64, result: String },
     /// A delay warning went out for this recipient.
     Warned { message_id: String, idx: u32 },
+    /// Hub role: held mail for `spec` (a domain, or `@domain` with its
+    /// subdomains) is released for delivery, and the request remembered.
+    Release { spec: String, at: i64 },
+    /// Branch role: our ETRN went out, and this is what the upstream said.
+    EtrnSent { at: i64, result: String },
     /// POP3 UPDATE: these mailbox entries of `user` are deleted.
     MailboxRemove { user: String, ids: Vec<i64> },
     /// Delete a message outright (administrator).
@@ -187,6 +192,43 @@ fn apply(tx: &rusqlite::Savepoint<'_>, c: &Change) -> rusqlite::Result<()> {
                 "UPDATE recipients SET warned = 1 WHERE message_id = ?1 AND idx = ?2",
             )?
             .execute(params![message_id, idx])?;
+            Ok(())
+        }
+        Change::Release { spec, at } => {
+            let (domain, sub) = match spec.strip_prefix('@') {
+                Some(d) => (d.to_ascii_lowercase(), true),
+                None => (spec.to_ascii_lowercase(), false),
+            };
+            let released: Vec<String> = tx
+                .prepare_cached(
+                    "UPDATE recipients SET state = 'queued', next_attempt = ?3, updated_at = ?3
+                      WHERE route = 'hold' AND state = 'held'
+                        AND (domain = ?1 OR (?2 AND domain LIKE '%.' || ?1))
+                     RETURNING message_id",
+                )?
+                .query_map(params![domain, sub, at], |r| r.get(0))?
+                .collect::<Result<_, _>>()?;
+            let mut ids = released.clone();
+            ids.sort();
+            ids.dedup();
+            for id in &ids {
+                tx.prepare_cached(
+                    "INSERT INTO history (message_id, at, event, detail) VALUES (?1, ?2, 'released', ?3)",
+                )?
+                .execute(params![id, at, format!("ETRN {spec}")])?;
+            }
+            tx.prepare_cached(
+                "INSERT INTO etrn_requests (spec, at, released) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (spec) DO UPDATE SET at = excluded.at, released = excluded.released",
+            )?
+            .execute(params![spec.to_ascii_lowercase(), at, ids.len() as i64])?;
+            Ok(())
+        }
+        Change::EtrnSent { at, result } => {
+            tx.prepare_cached(
+                "UPDATE link SET last_etrn_at = ?1, last_etrn_result = ?2 WHERE id = 1",
+            )?
+            .execute(params![at, result])?;
             Ok(())
         }
         Change::MailboxRemove { user, ids } => {

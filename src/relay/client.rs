@@ -497,6 +497,12 @@ impl Session {
         }
     }
 
+    /// Asks the server to start delivering mail queued for `name` (RFC 1985:
+    /// a domain, `@domain` or `#queue`).
+    pub async fn etrn(&mut self, name: &str) -> Result<Reply, LinkError> {
+        self.command(&format!("ETRN {name}\r\n"), "ETRN").await
+    }
+
     /// Ends the session politely.
     pub async fn quit(mut self) {
         let _ = tokio::time::timeout(Duration::from_secs(5), async {

@@ -32,9 +32,37 @@ pub struct FlushOptions {
     /// Ignore retry back-off: everything pending is due.
     #[serde(default)]
     pub all: bool,
-    /// Only recipients in these domains (all when empty).
+    /// Only recipients in these domains (all when empty); `@domain` also
+    /// covers its subdomains. Held mail of a hold domain named here is
+    /// released first (the hub's ETRN, or `outpost flush --domain D`).
     #[serde(default)]
     pub domains: Vec<String>,
+    /// Do not send ETRN to the upstream afterwards.
+    #[serde(default)]
+    pub no_etrn: bool,
+    /// Send nothing; only ETRN (`outpost flush --etrn-only`).
+    #[serde(default)]
+    pub etrn_only: bool,
+}
+
+impl FlushOptions {
+    /// True when `domain` is one of the domains asked for.
+    pub fn covers(&self, domain: &str) -> bool {
+        self.domains.is_empty() || self.domains.iter().any(|spec| domain_matches(spec, domain))
+    }
+}
+
+/// `spec` is a domain, or `@domain` for the domain and its subdomains.
+pub fn domain_matches(spec: &str, domain: &str) -> bool {
+    match spec.strip_prefix('@') {
+        Some(d) => {
+            domain.eq_ignore_ascii_case(d)
+                || (domain.len() > d.len() + 1
+                    && domain.as_bytes()[domain.len() - d.len() - 1] == b'.'
+                    && domain[domain.len() - d.len()..].eq_ignore_ascii_case(d))
+        }
+        None => domain.eq_ignore_ascii_case(spec),
+    }
 }
 
 /// Progress, as `outpost flush` prints it (and `--json` streams it).
@@ -54,7 +82,15 @@ pub enum Event {
         id: String,
         recipients: Vec<RcptResult>,
     },
+    Etrn(EtrnResult),
     Done(Summary),
+}
+
+/// The upstream's answer to one ETRN (RFC 1985: 250, 251, 252, 253, 458, 459).
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct EtrnResult {
+    pub name: String,
+    pub reply: String,
 }
 
 #[derive(Debug, Clone, Serialize, serde::Deserialize)]
@@ -77,6 +113,8 @@ pub struct Summary {
     /// up, down or unknown (nothing was due, so the link was not tried).
     pub link: String,
     pub error: Option<String>,
+    #[serde(default)]
+    pub etrn: Vec<EtrnResult>,
 }
 
 impl Summary {
@@ -157,9 +195,29 @@ impl Flusher {
         summary: &mut Summary,
     ) -> Result<(), StoreError> {
         let now = unix_now();
+        // Hold domains asked for by name are released first.
+        let release: Vec<Change> = opts
+            .domains
+            .iter()
+            .filter(|spec| {
+                let d = spec.trim_start_matches('@');
+                self.config
+                    .hub
+                    .hold_domains
+                    .iter()
+                    .any(|h| domain_matches(spec, h) || h.eq_ignore_ascii_case(d))
+            })
+            .map(|spec| Change::Release {
+                spec: spec.clone(),
+                at: now,
+            })
+            .collect();
+        if !release.is_empty() && !opts.etrn_only {
+            self.writer.apply(release).await?;
+        }
         let store = self.store.clone();
         let (pending, link) = tokio::task::spawn_blocking(move || {
-            Ok::<_, StoreError>((store.pending_upstream()?, store.link(now)?))
+            Ok::<_, StoreError>((store.pending_outbound()?, store.link(now)?))
         })
         .await
         .map_err(|e| StoreError::Failed(e.to_string()))??;
@@ -181,51 +239,127 @@ impl Flusher {
                 Aging::Fine => due.push(m),
             }
         }
-        // Then what is due now (or everything with --all), in the domains asked.
-        let due: VecDeque<DueMessage> = due
-            .into_iter()
-            .filter_map(|mut m| {
-                m.recipients.retain(|r| {
-                    (opts.all || r.next_attempt <= now)
-                        && (opts.domains.is_empty()
-                            || opts
-                                .domains
-                                .iter()
-                                .any(|d| d.eq_ignore_ascii_case(&r.domain)))
+        // Then what is due now (or everything with --all), in the domains
+        // asked, split by where it goes: the upstream, or a hold domain's
+        // branch.
+        let mut upstream: VecDeque<DueMessage> = VecDeque::new();
+        let mut held: std::collections::BTreeMap<String, VecDeque<DueMessage>> = Default::default();
+        let mut count = 0;
+        for m in due {
+            if opts.etrn_only {
+                break;
+            }
+            let mine: Vec<_> = m
+                .recipients
+                .iter()
+                .filter(|r| (opts.all || r.next_attempt <= now) && opts.covers(&r.domain))
+                .cloned()
+                .collect();
+            let (up, hold): (Vec<_>, Vec<_>) =
+                mine.into_iter().partition(|r| r.route == Route::Upstream);
+            if !up.is_empty() {
+                count += 1;
+                upstream.push_back(DueMessage {
+                    recipients: up,
+                    ..m.clone()
                 });
-                (!m.recipients.is_empty()).then_some(m)
-            })
-            .collect();
-        progress(&Event::Start { due: due.len() });
-        if due.is_empty() {
-            return Ok(());
+            }
+            let mut by_domain: std::collections::BTreeMap<String, Vec<_>> = Default::default();
+            for r in hold {
+                by_domain
+                    .entry(r.domain.to_ascii_lowercase())
+                    .or_default()
+                    .push(r);
+            }
+            for (d, rcpts) in by_domain {
+                count += 1;
+                held.entry(d).or_default().push_back(DueMessage {
+                    recipients: rcpts,
+                    ..m.clone()
+                });
+            }
         }
+        progress(&Event::Start { due: count });
 
-        let upstream = self.config.upstream.server.clone();
-        let (first, settings) = match self.connect().await {
-            Ok(s) => s,
-            Err(e) => {
-                warn!(upstream = %upstream, error = %e, pending = due.len(), "link down: nothing sent, no attempt counted");
+        let mut etrn_session = None;
+        if !upstream.is_empty() {
+            etrn_session = self
+                .deliver(
+                    Destination::upstream(&self.config),
+                    upstream,
+                    progress,
+                    summary,
+                )
+                .await?;
+        }
+        for (domain, msgs) in held {
+            let dest = Destination::hold(&self.config, &domain);
+            if let Some(s) = self.deliver(dest, msgs, progress, summary).await? {
+                s.quit().await;
+            }
+        }
+        // ETRN: ask the upstream to release this office's mail, whenever
+        // the link is not known to be down.
+        let wants_etrn =
+            !self.config.flush.etrn.is_empty() && !opts.no_etrn && opts.domains.is_empty();
+        if wants_etrn && summary.link != "down" {
+            let session = match etrn_session {
+                Some(s) => Some(s),
+                None => match self.connect(&Destination::upstream(&self.config)).await {
+                    Ok((s, _)) => {
+                        self.link_up(&s, progress, summary).await?;
+                        Some(s)
+                    }
+                    Err(e) => {
+                        self.link_down(&e, 0, progress, summary).await?;
+                        None
+                    }
+                },
+            };
+            if let Some(mut s) = session {
+                for name in &self.config.flush.etrn {
+                    let reply = match s.etrn(name).await {
+                        Ok(r) => r.to_string(),
+                        Err(e) => {
+                            summary.error.get_or_insert(e.to_string());
+                            break;
+                        }
+                    };
+                    info!(upstream = %s.addr, name = %name, reply = %reply, "ETRN");
+                    let r = EtrnResult {
+                        name: name.clone(),
+                        reply,
+                    };
+                    progress(&Event::Etrn(r.clone()));
+                    summary.etrn.push(r);
+                }
+                s.quit().await;
+                let text = summary
+                    .etrn
+                    .iter()
+                    .map(|e| format!("{}: {}", e.name, e.reply))
+                    .collect::<Vec<_>>()
+                    .join("; ");
                 self.writer
-                    .apply(vec![Change::Link {
-                        state: LinkState::Down,
-                        error: Some(e.to_string()),
+                    .apply(vec![Change::EtrnSent {
                         at: unix_now(),
+                        result: text,
                     }])
                     .await?;
-                summary.link = "down".into();
-                summary.untouched = due.iter().map(|m| m.recipients.len()).sum();
-                summary.error = Some(e.to_string());
-                progress(&Event::Link {
-                    state: "down".into(),
-                    upstream,
-                    tls: None,
-                    error: Some(e.to_string()),
-                });
-                return Ok(());
             }
-        };
-        info!(upstream = %first.addr, tls = first.tls.as_deref().unwrap_or("none"), due = due.len(), "link up: flushing");
+        } else if let Some(s) = etrn_session {
+            s.quit().await;
+        }
+        Ok(())
+    }
+
+    async fn link_up(
+        &self,
+        s: &Session,
+        progress: &mut (dyn FnMut(&Event) + Send),
+        summary: &mut Summary,
+    ) -> Result<(), StoreError> {
+        info!(upstream = %s.addr, tls = s.tls.as_deref().unwrap_or("none"), "link up");
         self.writer
             .apply(vec![Change::Link {
                 state: LinkState::Up,
@@ -236,24 +370,94 @@ impl Flusher {
         summary.link = "up".into();
         progress(&Event::Link {
             state: "up".into(),
-            upstream: first.addr.clone(),
-            tls: first.tls.clone(),
+            upstream: s.addr.clone(),
+            tls: s.tls.clone(),
             error: None,
         });
+        Ok(())
+    }
 
+    async fn link_down(
+        &self,
+        e: &LinkError,
+        pending: usize,
+        progress: &mut (dyn FnMut(&Event) + Send),
+        summary: &mut Summary,
+    ) -> Result<(), StoreError> {
+        let upstream = self.config.upstream.server.clone();
+        warn!(upstream = %upstream, error = %e, pending, "link down: nothing sent, no attempt counted");
+        self.writer
+            .apply(vec![Change::Link {
+                state: LinkState::Down,
+                error: Some(e.to_string()),
+                at: unix_now(),
+            }])
+            .await?;
+        summary.link = "down".into();
+        summary.error = Some(e.to_string());
+        progress(&Event::Link {
+            state: "down".into(),
+            upstream,
+            tls: None,
+            error: Some(e.to_string()),
+        });
+        Ok(())
+    }
+
+    /// Sends `due` to one destination over `connections` sessions. Returns a
+    /// session still open (for ETRN), if one is.
+    async fn deliver(
+        &self,
+        dest: Destination,
+        due: VecDeque<DueMessage>,
+        progress: &mut (dyn FnMut(&Event) + Send),
+        summary: &mut Summary,
+    ) -> Result<Option<Session>, StoreError> {
+        let (first, settings) = match self.connect(&dest).await {
+            Ok(s) => s,
+            Err(e) => {
+                let n: usize = due.iter().map(|m| m.recipients.len()).sum();
+                if dest.upstream {
+                    self.link_down(&e, n, progress, summary).await?;
+                    summary.untouched += n;
+                } else {
+                    // The branch is not there: its mail waits for the next ETRN.
+                    info!(domain = %dest.name, error = %e, held = n, "branch unreachable; mail stays held");
+                    let text = format!("{} unreachable: {e}", dest.name);
+                    let changes = due
+                        .iter()
+                        .flat_map(|m| m.recipients.iter().map(move |r| (m, r)))
+                        .map(|(m, r)| self.held_again(&m.id, r.idx, &text))
+                        .collect();
+                    self.writer.apply(changes).await?;
+                    summary.untouched += n;
+                    summary.error.get_or_insert(text);
+                }
+                return Ok(None);
+            }
+        };
+        if dest.upstream {
+            self.link_up(&first, progress, summary).await?;
+        } else {
+            info!(domain = %dest.name, server = %first.addr, "delivering held mail");
+        }
         let queue = Arc::new(Mutex::new(due));
         let (tx, mut rx) = mpsc::unbounded_channel::<WorkerReport>();
         let mut workers = Vec::new();
-        let n = self.config.upstream.connections.max(1) as usize;
+        let n = if dest.upstream {
+            self.config.upstream.connections.max(1) as usize
+        } else {
+            1
+        };
         let mut first = Some(first);
         for _ in 0..n {
             let w = self.clone();
             let queue = queue.clone();
             let tx = tx.clone();
             let session = first.take();
-            let settings = settings.clone();
+            let (settings, dest) = (settings.clone(), dest.clone());
             workers.push(tokio::spawn(async move {
-                w.worker(session, settings, queue, tx).await
+                w.worker(dest, session, settings, queue, tx).await
             }));
         }
         drop(tx);
@@ -279,8 +483,14 @@ impl Flusher {
                 WorkerReport::StoreFailed(e) => summary.error = Some(e),
             }
         }
+        let mut open = None;
         for w in workers {
-            let _ = w.await;
+            if let Ok(Some(s)) = w.await {
+                match open {
+                    None => open = Some(s),
+                    Some(_) => s.quit().await,
+                }
+            }
         }
         let left: usize = queue
             .lock()
@@ -290,27 +500,47 @@ impl Flusher {
             .sum();
         summary.untouched += left;
         if let Some(e) = lost {
-            // The link broke under us: what was not sent stays due.
-            warn!(upstream = %upstream, error = %e, "link lost during the flush");
-            self.writer
-                .apply(vec![Change::Link {
-                    state: LinkState::Down,
-                    error: Some(e.clone()),
-                    at: unix_now(),
-                }])
-                .await?;
-            summary.link = "down".into();
+            if dest.upstream {
+                // The link broke under us: what was not sent stays due.
+                warn!(upstream = %dest.server, error = %e, "link lost during the flush");
+                self.writer
+                    .apply(vec![Change::Link {
+                        state: LinkState::Down,
+                        error: Some(e.clone()),
+                        at: unix_now(),
+                    }])
+                    .await?;
+                summary.link = "down".into();
+            }
             summary.error.get_or_insert(e);
         }
-        Ok(())
+        Ok(open)
+    }
+
+    /// A hold-domain recipient goes back to waiting for ETRN.
+    fn held_again(&self, message_id: &str, idx: u32, why: &str) -> Change {
+        let now = unix_now();
+        Change::Recipient(RecipientChange {
+            message_id: message_id.to_string(),
+            idx,
+            state: RecipientState::Held,
+            attempted: false,
+            next_attempt: now,
+            last_reply: Some(why.to_string()),
+            uncertain: false,
+            warned: false,
+            at: now,
+            event: "held",
+            detail: why.to_string(),
+        })
     }
 
     /// Opens the first session, trying each address in turn.
-    async fn connect(&self) -> Result<(Session, ClientSettings), LinkError> {
-        let targets = route::targets(&self.config.upstream).await?;
+    async fn connect(&self, dest: &Destination) -> Result<(Session, ClientSettings), LinkError> {
+        let targets = route::targets(&dest.server, self.config.upstream.resolver).await?;
         let mut last = None;
         for t in &targets {
-            let settings = self.settings(&t.host)?;
+            let settings = self.settings(dest, &t.host)?;
             match Session::open(t.addr, &settings).await {
                 Ok(s) => return Ok((s, settings)),
                 Err(e) => {
@@ -322,8 +552,26 @@ impl Flusher {
         Err(last.unwrap_or_else(|| LinkError::Dns("no upstream address".into())))
     }
 
-    fn settings(&self, host: &str) -> Result<ClientSettings, LinkError> {
+    fn settings(&self, dest: &Destination, host: &str) -> Result<ClientSettings, LinkError> {
         let up = &self.config.upstream;
+        if !dest.upstream {
+            // A branch of this hub: encrypt when offered, no account.
+            return Ok(ClientSettings {
+                helo: self.config.hostname.clone(),
+                tls: TlsPolicy::Opportunistic,
+                tls_config: crate::tls::client_config(false, None).map_err(|e| LinkError::Tls {
+                    addr: dest.server.clone(),
+                    error: e.to_string(),
+                })?,
+                tls_name: host.to_string(),
+                auth: None,
+                timeouts: client::Timeouts {
+                    connect: up.connect_timeout,
+                    command: up.command_timeout,
+                    data: up.data_timeout,
+                },
+            });
+        }
         let cfg_err = |e: String| LinkError::Tls {
             addr: up.server.clone(),
             error: e,
@@ -363,11 +611,12 @@ impl Flusher {
 
     async fn worker(
         &self,
+        dest: Destination,
         mut session: Option<Session>,
         settings: ClientSettings,
         queue: Arc<Mutex<VecDeque<DueMessage>>>,
         tx: mpsc::UnboundedSender<WorkerReport>,
-    ) {
+    ) -> Option<Session> {
         loop {
             let batch: Vec<DueMessage> = {
                 let mut q = queue.lock().unwrap_or_else(|p| p.into_inner());
@@ -379,14 +628,14 @@ impl Flusher {
             }
             let s = match session.take() {
                 Some(s) => s,
-                None => match self.connect_more(&settings).await {
+                None => match self.connect_more(&dest, &settings).await {
                     Some(s) => s,
                     None => {
                         queue
                             .lock()
                             .unwrap_or_else(|p| p.into_inner())
                             .extend(batch);
-                        return;
+                        return None;
                     }
                 },
             };
@@ -405,11 +654,11 @@ impl Flusher {
                 Ok(Err(e)) => {
                     let _ = tx.send(WorkerReport::StoreFailed(e.to_string()));
                     s.quit().await;
-                    return;
+                    return None;
                 }
                 Err(e) => {
                     let _ = tx.send(WorkerReport::StoreFailed(e.to_string()));
-                    return;
+                    return None;
                 }
             };
             let mut sendable: Vec<(usize, Outgoing)> = Vec::new();
@@ -444,18 +693,18 @@ impl Flusher {
                 Some(s) => session = Some(s),
                 None => {
                     let _ = tx.send(WorkerReport::Lost(format!("connection to {peer} lost")));
-                    return;
+                    return None;
                 }
             }
         }
-        if let Some(s) = session {
-            s.quit().await;
-        }
+        session
     }
 
     /// A further parallel connection; None when the upstream will not take one.
-    async fn connect_more(&self, settings: &ClientSettings) -> Option<Session> {
-        let targets = route::targets(&self.config.upstream).await.ok()?;
+    async fn connect_more(&self, dest: &Destination, settings: &ClientSettings) -> Option<Session> {
+        let targets = route::targets(&dest.server, self.config.upstream.resolver)
+            .await
+            .ok()?;
         for t in targets {
             if let Ok(s) = Session::open(t.addr, settings).await {
                 return Some(s);
@@ -474,7 +723,7 @@ impl Flusher {
         let mut changes = Vec::new();
         for m in self
             .store
-            .pending_upstream()?
+            .pending_outbound()?
             .iter()
             .filter(|m| ids.contains(&m.id))
         {
@@ -561,6 +810,12 @@ impl Flusher {
                     counts.untouched += 1;
                     continue;
                 }
+            };
+            // Hold-domain mail that did not go waits for the next ETRN.
+            let state = if r.route == Route::Hold && !state.is_final() {
+                RecipientState::Held
+            } else {
+                state
             };
             results.push(RcptResult {
                 address: r.address.clone(),
@@ -760,6 +1015,35 @@ impl Flusher {
             }],
             body: bytes,
         })))
+    }
+}
+
+/// Where a group of recipients goes.
+#[derive(Debug, Clone)]
+struct Destination {
+    /// "upstream", or the hold domain.
+    name: String,
+    server: String,
+    /// The upstream relay: link state, its TLS policy and account, and
+    /// `upstream.connections` apply.
+    upstream: bool,
+}
+
+impl Destination {
+    fn upstream(config: &Config) -> Destination {
+        Destination {
+            name: "upstream".into(),
+            server: config.upstream.server.clone(),
+            upstream: true,
+        }
+    }
+
+    fn hold(config: &Config, domain: &str) -> Destination {
+        Destination {
+            name: domain.to_string(),
+            server: config.hub.destination(domain),
+            upstream: false,
+        }
     }
 }
 

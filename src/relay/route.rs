@@ -11,7 +11,7 @@ use hickory_resolver::proto::rr::RData;
 use hickory_resolver::{Resolver, TokioResolver};
 
 use super::client::LinkError;
-use crate::config::UpstreamConfig;
+use crate::config::parse_server;
 
 /// One address to try, and the host name it came from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -20,8 +20,8 @@ pub struct Target {
     pub addr: SocketAddr,
 }
 
-fn resolver(cfg: &UpstreamConfig) -> Result<TokioResolver, LinkError> {
-    let built = match cfg.resolver {
+fn resolver(server: Option<SocketAddr>) -> Result<TokioResolver, LinkError> {
+    let built = match server {
         Some(server) => {
             let mut ns = NameServerConfig::udp_and_tcp(server.ip());
             for c in &mut ns.connections {
@@ -40,16 +40,17 @@ fn resolver(cfg: &UpstreamConfig) -> Result<TokioResolver, LinkError> {
     built.map_err(|e| LinkError::Dns(format!("DNS resolver: {e}")))
 }
 
-/// The addresses to try, best first.
-pub async fn targets(cfg: &UpstreamConfig) -> Result<Vec<Target>, LinkError> {
-    let (host, port, literal) = cfg.target().map_err(LinkError::Dns)?;
+/// The addresses to try for `server` (see [`parse_server`]), best first.
+/// `dns` is a DNS server to ask instead of the system's.
+pub async fn targets(server: &str, dns: Option<SocketAddr>) -> Result<Vec<Target>, LinkError> {
+    let (host, port, literal) = parse_server(server).map_err(LinkError::Dns)?;
     if let Ok(ip) = host.parse::<IpAddr>() {
         return Ok(vec![Target {
             host,
             addr: SocketAddr::new(ip, port),
         }]);
     }
-    let resolver = resolver(cfg)?;
+    let resolver = resolver(dns)?;
     let mut hosts: Vec<String> = Vec::new();
     if !literal {
         match resolver.mx_lookup(host.as_str()).await {
@@ -69,7 +70,7 @@ pub async fn targets(cfg: &UpstreamConfig) -> Result<Vec<Target>, LinkError> {
                 if mx.iter().any(|(_, e)| e.is_empty()) {
                     // RFC 7505: a null MX says the domain takes no mail.
                     return Err(LinkError::Dns(format!(
-                        "{host} publishes a null MX (it accepts no mail): check upstream.server"
+                        "{host} publishes a null MX (it accepts no mail): check the server setting"
                     )));
                 }
                 hosts = mx.into_iter().map(|(_, e)| e).collect();
