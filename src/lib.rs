@@ -80,14 +80,20 @@ pub async fn serve(
         stop_rx.clone(),
     ));
     let submitted = Arc::new(Notify::new());
-    let mut runner = tokio::spawn(flush_runner(flusher, submitted.clone(), stop_rx));
-    let shared = Arc::new(Shared::new(
-        config.clone(),
-        store,
-        writer,
-        tls,
-        config.flush.on_submit.then_some(submitted),
+    let (etrn_tx, etrn_rx) = tokio::sync::mpsc::unbounded_channel();
+    let triggers = server::Triggers {
+        submitted: config.flush.on_submit.then_some(submitted.clone()),
+        etrn: (!config.hub.hold_domains.is_empty()).then_some(etrn_tx),
+        etrn_running: Default::default(),
+    };
+    let mut runner = tokio::spawn(flush_runner(
+        flusher,
+        submitted,
+        etrn_rx,
+        triggers.etrn_running.clone(),
+        stop_rx,
     ));
+    let shared = Arc::new(Shared::new(config.clone(), store, writer, tls, triggers));
     info!(hostname = %config.hostname, store = %config.store.path.display(), "outpost ready");
     ready();
     server::run(shared, listeners, stop).await;
@@ -109,24 +115,52 @@ pub async fn serve(
     Ok(())
 }
 
-/// The daemon's flush schedule: `flush.interval`, and right after a
-/// message is accepted (`flush.on_submit`) unless the link is known down.
-/// A burst of submissions wakes it once. `outpost flush` does not come
-/// here: the control socket runs its own flush (the flush lock serialises).
-async fn flush_runner(flusher: Flusher, submitted: Arc<Notify>, mut stop: watch::Receiver<bool>) {
+/// What woke the flush runner.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Trigger {
+    Interval,
+    OnSubmit,
+    Etrn,
+}
+
+/// The daemon's flush schedule: `flush.interval`; right after a message is
+/// accepted (`flush.on_submit`) unless the link is known down; and, in the
+/// hub role, a branch's ETRN. A burst of wake-ups runs one flush.
+/// `outpost flush` does not come here: the control socket runs its own
+/// flush (the flush lock serialises them).
+async fn flush_runner(
+    flusher: Flusher,
+    submitted: Arc<Notify>,
+    mut etrn: tokio::sync::mpsc::UnboundedReceiver<String>,
+    etrn_running: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
+    mut stop: watch::Receiver<bool>,
+) {
     let interval = flusher.config.flush.interval;
     loop {
-        let on_submit = tokio::select! {
+        let mut opts = FlushOptions::default();
+        let trigger = tokio::select! {
             _ = stop.changed() => return,
             _ = async {
                 match interval {
                     Some(i) => tokio::time::sleep(i).await,
                     None => std::future::pending().await,
                 }
-            } => false,
-            _ = submitted.notified() => true,
+            } => Trigger::Interval,
+            _ = submitted.notified() => Trigger::OnSubmit,
+            Some(spec) = etrn.recv() => {
+                // Every request waiting now goes in this one delivery.
+                opts.domains.push(spec);
+                while let Ok(more) = etrn.try_recv() {
+                    if !opts.domains.contains(&more) {
+                        opts.domains.push(more);
+                    }
+                }
+                opts.all = true;
+                opts.no_etrn = true;
+                Trigger::Etrn
+            }
         };
-        if on_submit {
+        if trigger == Trigger::OnSubmit {
             let store = flusher.store.clone();
             let link = tokio::task::spawn_blocking(move || store.link(queue::unix_now())).await;
             if matches!(link, Ok(Ok(ref l)) if l.state == LinkState::Down) {
@@ -142,13 +176,19 @@ async fn flush_runner(flusher: Flusher, submitted: Arc<Notify>, mut stop: watch:
                     expired = s.expired,
                     link = %s.link,
                     error = s.error.as_deref().unwrap_or(""),
-                    trigger = if on_submit { "on_submit" } else { "interval" },
+                    trigger = ?trigger,
                     "flush done"
                 );
             }
         };
         // A flush that started runs to its end; `serve` waits for it up to
         // smtp.shutdown_grace.
-        flusher.run(&FlushOptions::default(), &mut log).await;
+        flusher.run(&opts, &mut log).await;
+        if trigger == Trigger::Etrn {
+            let mut running = etrn_running.lock().unwrap_or_else(|p| p.into_inner());
+            for d in &opts.domains {
+                running.remove(d);
+            }
+        }
     }
 }

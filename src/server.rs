@@ -51,12 +51,22 @@ pub struct Shared {
     pub store: Arc<Store>,
     pub writer: Writer,
     pub tls: Option<TlsAcceptor>,
-    /// Woken after each accepted message when `flush.on_submit` is set.
-    pub submitted: Option<Arc<Notify>>,
+    pub triggers: Triggers,
     slots: Arc<Semaphore>,
     per_client: Mutex<HashMap<IpAddr, usize>>,
     /// POP3 maildrops open in a session (lower-case account names).
     maildrops: Mutex<std::collections::HashSet<String>>,
+}
+
+/// How sessions hand work to the daemon's flush runner.
+#[derive(Default)]
+pub struct Triggers {
+    /// Woken after each accepted message when `flush.on_submit` is set.
+    pub submitted: Option<Arc<Notify>>,
+    /// Hub role: ETRN requests (a domain, or `@domain`).
+    pub etrn: Option<mpsc::UnboundedSender<String>>,
+    /// Requests whose delivery is running now: a repeated ETRN starts none.
+    pub etrn_running: Arc<Mutex<std::collections::HashSet<String>>>,
 }
 
 impl Shared {
@@ -65,10 +75,10 @@ impl Shared {
         store: Arc<Store>,
         writer: Writer,
         tls: Option<TlsAcceptor>,
-        submitted: Option<Arc<Notify>>,
+        triggers: Triggers,
     ) -> Shared {
         Shared {
-            submitted,
+            triggers,
             slots: Arc::new(Semaphore::new(config.smtp.max_connections)),
             per_client: Mutex::new(HashMap::new()),
             maildrops: Mutex::new(std::collections::HashSet::new()),

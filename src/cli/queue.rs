@@ -31,6 +31,20 @@ pub fn run(config: &Config, cmd: &QueueCommand) -> ExitCode {
                     println!("{}", serde_json::Value::Array(list));
                 } else {
                     print!("{}", render_list(&msgs, unix_now()));
+                    // Hub role: what waits for which branch, and since when it asked.
+                    if let Ok(held) = store.held_by_domain() {
+                        let now = unix_now();
+                        for h in held {
+                            println!(
+                                "-- held for {}: {} messages (last asked {})",
+                                h.domain,
+                                h.messages,
+                                h.last_asked
+                                    .map(|t| format!("{} ago", age(now - t)))
+                                    .unwrap_or_else(|| "never".into())
+                            );
+                        }
+                    }
                 }
                 ExitCode::from(exit::OK)
             }

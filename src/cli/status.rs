@@ -14,7 +14,14 @@ pub fn run(config: &Config, as_json: bool) -> ExitCode {
         Err(code) => return code,
     };
     let now = unix_now();
-    let (link, counts) = match store.link(now).and_then(|l| Ok((l, store.counts()?))) {
+    let (link, counts, held, etrn) = match store.link(now).and_then(|l| {
+        Ok((
+            l,
+            store.counts()?,
+            store.held_by_domain()?,
+            store.last_etrn()?,
+        ))
+    }) {
         Ok(x) => x,
         Err(e) => {
             eprintln!("outpost: {e}");
@@ -54,6 +61,12 @@ pub fn run(config: &Config, as_json: bool) -> ExitCode {
             "oldest_age_seconds": oldest_age,
             "next_flush": next_flush.map(rfc3339),
             "next_due": counts.next_due.map(rfc3339),
+            "last_etrn": etrn.0.map(|at| json!({ "at": rfc3339(at), "result": etrn.1 })),
+            "held": held.iter().map(|h| json!({
+                "domain": h.domain,
+                "messages": h.messages,
+                "last_asked": h.last_asked.map(rfc3339),
+            })).collect::<Vec<_>>(),
         });
         println!("{v}");
         return ExitCode::from(exit::OK);
@@ -93,6 +106,23 @@ pub fn run(config: &Config, as_json: bool) -> ExitCode {
     match oldest_age {
         Some(a) => println!("oldest:      {}", age(a)),
         None => println!("oldest:      (queue empty)"),
+    }
+    if let (Some(at), Some(result)) = (etrn.0, &etrn.1) {
+        println!(
+            "last ETRN:   {} ({} ago): {result}",
+            rfc3339(at),
+            age(now - at)
+        );
+    }
+    for h in &held {
+        println!(
+            "held:        {} messages for {} (last asked {})",
+            h.messages,
+            h.domain,
+            h.last_asked
+                .map(|t| format!("{} ago", age(now - t)))
+                .unwrap_or_else(|| "never".into())
+        );
     }
     match next_flush {
         Some(t) if t <= now => println!("next flush:  now (mail is due)"),

@@ -29,6 +29,7 @@ const MIGRATIONS: &[(&str, &str)] = &[
         "0003_mailboxes",
         include_str!("../../schema/0003_mailboxes.sql"),
     ),
+    ("0004_etrn", include_str!("../../schema/0004_etrn.sql")),
 ];
 
 #[derive(Debug, thiserror::Error)]

@@ -509,6 +509,27 @@ mod tests {
     }
 
     #[test]
+    fn every_schema_file_is_a_migration_in_order() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("schema");
+        let mut files: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| {
+                e.unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .trim_end_matches(".sql")
+                    .to_string()
+            })
+            .collect();
+        files.sort();
+        let names: Vec<String> = super::super::MIGRATIONS
+            .iter()
+            .map(|(n, _)| n.to_string())
+            .collect();
+        assert_eq!(files, names);
+    }
+
+    #[test]
     fn reopening_keeps_the_schema_version() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("q.sqlite");

@@ -188,6 +188,60 @@ pub fn chunking_pipelined_starttls() -> Reply {
     )
 }
 
+// ---- ETRN (RFC 1985) -------------------------------------------------------
+
+pub fn etrn_started(name: &str, n: i64) -> Reply {
+    Reply::new(
+        253,
+        "2.0.0",
+        format!("OK, {n} pending messages for node {name} started"),
+    )
+}
+pub fn etrn_nothing(name: &str) -> Reply {
+    Reply::new(
+        251,
+        "2.0.0",
+        format!("OK, no messages waiting for node {name}"),
+    )
+}
+pub fn etrn_not_allowed(name: &str) -> Reply {
+    Reply::new(
+        459,
+        "4.7.1",
+        format!("Node {name} not allowed: ETRN only from hub.etrn_networks or after AUTH"),
+    )
+}
+pub fn etrn_not_held(name: &str) -> Reply {
+    Reply::new(
+        459,
+        "4.7.1",
+        format!("Node {name} not allowed: no mail is held here for it"),
+    )
+}
+pub fn etrn_no_queues(name: &str) -> Reply {
+    Reply::new(
+        458,
+        "4.5.0",
+        format!(
+            "Unable to queue messages for {name}: queue names are not used here, ask by domain"
+        ),
+    )
+}
+pub fn etrn_failed(name: &str) -> Reply {
+    Reply::new(
+        458,
+        "4.3.0",
+        format!("Unable to queue messages for node {name}: try again later"),
+    )
+}
+pub fn etrn_in_transaction() -> Reply {
+    Reply::new(
+        503,
+        "5.5.1",
+        "ETRN is not allowed during a mail transaction",
+    )
+}
+
 // ---- limits -----------------------------------------------------------------
 
 pub fn too_big_declared(limit: u64) -> Reply {

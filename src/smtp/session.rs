@@ -232,10 +232,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 mechanism,
                 initial_response,
             } => self.auth(mechanism, initial_response).await,
-            Request::Lhlo { .. }
-            | Request::Etrn { .. }
-            | Request::Atrn { .. }
-            | Request::Burl { .. } => self.error(reply::unknown_command()),
+            Request::Etrn { name } => self.etrn(name).await,
+            Request::Lhlo { .. } | Request::Atrn { .. } | Request::Burl { .. } => {
+                self.error(reply::unknown_command())
+            }
         }
     }
 
@@ -247,6 +247,71 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     /// allows it (by default: loopback listeners).
     fn auth_offered(&self) -> bool {
         self.tls_active() || self.listen.plaintext_auth_allowed()
+    }
+
+    /// ETRN is offered where mail is held, to `hub.etrn_networks` and
+    /// authenticated clients.
+    fn etrn_offered(&self) -> bool {
+        self.shared.triggers.etrn.is_some()
+    }
+
+    fn may_etrn(&self) -> bool {
+        self.auth_user.is_some() || self.shared.config.hub.may_etrn(self.peer.ip())
+    }
+
+    /// ETRN (RFC 1985): start delivering a hold domain's mail to its branch.
+    async fn etrn(&mut self, name: String) -> Flow {
+        if !self.etrn_offered() {
+            return self.error(reply::unknown_command());
+        }
+        if self.helo.is_none() {
+            return self.error(reply::need_helo());
+        }
+        if self.tx.is_some() {
+            return self.error(reply::etrn_in_transaction());
+        }
+        if !self.may_etrn() {
+            info!(peer = %self.peer, name = %name, "ETRN refused: not in hub.etrn_networks and not authenticated");
+            return self.reply(reply::etrn_not_allowed(&name));
+        }
+        if name.starts_with('#') {
+            return self.reply(reply::etrn_no_queues(&name));
+        }
+        let config = &self.shared.config;
+        let held_here = config.hub.hold_domains.iter().any(|h| {
+            crate::relay::flush::domain_matches(&name, h)
+                || crate::relay::flush::domain_matches(h, &name)
+        });
+        if name.is_empty() || !held_here {
+            info!(peer = %self.peer, name = %name, "ETRN for a domain not held here");
+            return self.reply(reply::etrn_not_held(&name));
+        }
+        let store = self.shared.store.clone();
+        let spec = name.to_ascii_lowercase();
+        let lookup = spec.clone();
+        let count = match tokio::task::spawn_blocking(move || store.held_count(&lookup)).await {
+            Ok(Ok(n)) => n,
+            _ => return self.reply(reply::etrn_failed(&name)),
+        };
+        // One delivery per domain at a time: a repeated ETRN starts none.
+        let started = self
+            .shared
+            .triggers
+            .etrn_running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(spec.clone());
+        if started {
+            if let Some(tx) = &self.shared.triggers.etrn {
+                let _ = tx.send(spec);
+            }
+        }
+        info!(peer = %self.peer, name = %name, held = count, started, "ETRN");
+        self.reply(if count == 0 {
+            reply::etrn_nothing(&name)
+        } else {
+            reply::etrn_started(&name, count)
+        })
     }
 
     fn may_relay(&self) -> bool {
@@ -279,6 +344,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             lines.push("ENHANCEDSTATUSCODES".into());
             lines.push("CHUNKING".into());
             lines.push("DSN".into());
+            if self.etrn_offered() && self.may_etrn() {
+                lines.push("ETRN".into());
+            }
             if self.shared.tls.is_some() && !self.tls_active() {
                 lines.push("STARTTLS".into());
             }
@@ -619,7 +687,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         match self.shared.writer.insert(msg).await {
             Ok(()) => {
                 info!(peer = %self.peer, queue_id = %id, from = %sender, rcpts = nrcpt, size = stored, "queued");
-                if let Some(n) = &self.shared.submitted {
+                if let Some(n) = &self.shared.triggers.submitted {
                     n.notify_one();
                 }
                 self.reply(reply::queued(id.as_str()))
