@@ -12,6 +12,8 @@ command -v openssl >/dev/null || need+=(openssl)
 /usr/bin/python3 -c 'import aiosmtpd' 2>/dev/null || need+=(python3-aiosmtpd)
 [ -x /usr/sbin/dnsmasq ] || need+=(dnsmasq-base)
 [ -x /usr/sbin/postfix ] || need+=(postfix)
+command -v fetchmail >/dev/null || need+=(fetchmail)
+command -v mpop >/dev/null || need+=(mpop)
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing: ${need[*]}"
   export DEBIAN_FRONTEND=noninteractive
