@@ -34,6 +34,7 @@ pub struct Gateway {
     pub submission: u16,
     pub submissions: u16,
     pub config_path: PathBuf,
+    extra: String,
     child: Option<Child>,
     started_once: bool,
 }
@@ -48,8 +49,25 @@ impl Gateway {
 
     pub fn configure(extra: &str) -> Gateway {
         let dir = tempfile::tempdir().unwrap();
-        let (relay, submission, submissions) = (free_port(), free_port(), free_port());
-        let d = dir.path().display();
+        let config_path = dir.path().join("outpost.toml");
+        let g = Gateway {
+            dir,
+            relay: free_port(),
+            submission: free_port(),
+            submissions: free_port(),
+            config_path,
+            extra: extra.to_string(),
+            child: None,
+            started_once: false,
+        };
+        g.write_config();
+        g
+    }
+
+    /// The config file: this gateway's ports and directory, then `extra`.
+    fn write_config(&self) {
+        let d = self.dir.path().display();
+        let (relay, submission, submissions) = (self.relay, self.submission, self.submissions);
         let mut config = format!(
             r#"hostname = "gw.test"
 [store]
@@ -72,24 +90,14 @@ self_signed = true
 socket = "{d}/control.sock"
 "#
         );
-        if !extra.contains("[local]") {
+        if !self.extra.contains("[local]") {
             config.push_str("[local]\ndomains = [\"branch.example\"]\n");
         }
-        if !extra.contains("[smtp]") {
+        if !self.extra.contains("[smtp]") {
             config.push_str("[smtp]\nauth_failure_delay = \"100ms\"\n");
         }
-        config.push_str(extra);
-        let config_path = dir.path().join("outpost.toml");
-        std::fs::write(&config_path, config).unwrap();
-        Gateway {
-            dir,
-            relay,
-            submission,
-            submissions,
-            config_path,
-            child: None,
-            started_once: false,
-        }
+        config.push_str(&self.extra);
+        std::fs::write(&self.config_path, config).unwrap();
     }
 
     fn spawned(mut self) -> Gateway {
@@ -118,23 +126,8 @@ socket = "{d}/control.sock"
     }
 
     fn new_ports(&mut self) {
-        let (r, s, ss) = (free_port(), free_port(), free_port());
-        let config = std::fs::read_to_string(&self.config_path)
-            .unwrap()
-            .replace(
-                &format!("127.0.0.1:{}\"", self.relay),
-                &format!("127.0.0.1:{r}\""),
-            )
-            .replace(
-                &format!("127.0.0.1:{}\"", self.submission),
-                &format!("127.0.0.1:{s}\""),
-            )
-            .replace(
-                &format!("127.0.0.1:{}\"", self.submissions),
-                &format!("127.0.0.1:{ss}\""),
-            );
-        std::fs::write(&self.config_path, config).unwrap();
-        (self.relay, self.submission, self.submissions) = (r, s, ss);
+        (self.relay, self.submission, self.submissions) = (free_port(), free_port(), free_port());
+        self.write_config();
     }
 
     fn try_spawn(&mut self, env: &[(&str, &str)]) -> Result<(), String> {
