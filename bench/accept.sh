@@ -188,6 +188,8 @@ max_connections_per_client = 500
 
 [control]
 socket = "$dir/control.sock"
+[submit]
+socket = "$dir/submit.sock"
 
 [log]
 level = "warn"

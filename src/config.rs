@@ -48,6 +48,8 @@ pub struct Config {
     #[serde(default)]
     pub control: ControlConfig,
     #[serde(default)]
+    pub submit: SubmitConfig,
+    #[serde(default)]
     pub log: LogConfig,
 }
 
@@ -464,6 +466,30 @@ impl Default for ControlConfig {
     fn default() -> Self {
         ControlConfig {
             socket: PathBuf::from("/run/outpost/control.sock"),
+        }
+    }
+}
+
+/// The local submission socket that `outpost sendmail` (and `sendmail`,
+/// for programs) uses: SMTP from this machine, so an unprivileged user can
+/// send without access to the store.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SubmitConfig {
+    pub socket: PathBuf,
+    /// Permissions of the socket: 0o666 lets every local user submit.
+    pub mode: u32,
+    /// Group of the socket (with mode 0o660: only its members may submit).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
+}
+
+impl Default for SubmitConfig {
+    fn default() -> Self {
+        SubmitConfig {
+            socket: PathBuf::from("/run/outpost/submit.sock"),
+            mode: 0o666,
+            group: None,
         }
     }
 }

@@ -19,8 +19,14 @@ pub enum Request {
     Flush(FlushOptions),
 }
 
-/// Binds the socket, replacing a stale one left by a crash.
+/// Binds the control socket (mode 0660), replacing a stale one.
 pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
+    bind_socket(path, 0o660, None)
+}
+
+/// Binds a Unix socket with `mode` (and `group`), replacing a stale one left
+/// by a crash; refuses when a live process still listens on it.
+pub fn bind_socket(path: &Path, mode: u32, group: Option<u32>) -> std::io::Result<UnixListener> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir)?;
     }
@@ -35,8 +41,21 @@ pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
     }
     let l = UnixListener::bind(path)?;
     use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
+    if let Some(gid) = group {
+        std::os::unix::fs::chown(path, None, Some(gid))?;
+    }
     Ok(l)
+}
+
+/// The gid of a group name, from /etc/group.
+pub fn group_id(name: &str) -> Option<u32> {
+    let groups = std::fs::read_to_string("/etc/group").ok()?;
+    groups.lines().find_map(|l| {
+        let mut f = l.split(':');
+        (f.next()? == name).then_some(())?;
+        f.nth(1)?.parse().ok()
+    })
 }
 
 /// Serves requests until `stop` changes; removes the socket then.

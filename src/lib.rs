@@ -64,8 +64,20 @@ pub async fn serve(
             )
         })?;
         info!(address = %l.address, mode = %l.mode, "listening");
-        listeners.push((listener, l.clone()));
+        listeners.push(server::Listener::Tcp(listener, l.clone()));
     }
+    let submit = &config.submit;
+    let group = match &submit.group {
+        Some(g) => Some(
+            control::group_id(g)
+                .with_context(|| format!("submit.group: no group named {g} in /etc/group"))?,
+        ),
+        None => None,
+    };
+    let local = control::bind_socket(&submit.socket, submit.mode, group)
+        .with_context(|| format!("submit.socket {}", submit.socket.display()))?;
+    info!(socket = %submit.socket.display(), mode = format!("{:o}", submit.mode), "listening for local submission");
+    listeners.push(server::Listener::Unix(local));
     if listeners.is_empty() {
         warn!("no [[listen]] entries: nothing will be accepted");
     }
@@ -97,6 +109,7 @@ pub async fn serve(
     info!(hostname = %config.hostname, store = %config.store.path.display(), "outpost ready");
     ready();
     server::run(shared, listeners, stop).await;
+    let _ = std::fs::remove_file(&config.submit.socket);
     let _ = stop_tx.send(true);
     let _ = control_task.await;
     // A flush in progress may finish its batch, within the grace period.

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::io::AsyncWriteExt;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
 use tracing::{error, info, warn};
@@ -32,6 +32,52 @@ pub async fn phase_reached(rx: &mut watch::Receiver<Phase>, at_least: Phase) {
         if rx.changed().await.is_err() {
             std::future::pending::<()>().await;
         }
+    }
+}
+
+/// Who is on the other end of a session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Peer {
+    Tcp(SocketAddr),
+    /// A program on this machine through the submission socket
+    /// (`outpost sendmail`), with the uid the kernel reports.
+    Local {
+        uid: u32,
+    },
+}
+
+impl Peer {
+    pub fn ip(&self) -> Option<IpAddr> {
+        match self {
+            Peer::Tcp(a) => Some(a.ip()),
+            Peer::Local { .. } => None,
+        }
+    }
+}
+
+impl std::fmt::Display for Peer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Peer::Tcp(a) => write!(f, "{a}"),
+            Peer::Local { uid } => write!(f, "local(uid={uid})"),
+        }
+    }
+}
+
+/// A bound listener for [`run`].
+pub enum Listener {
+    Tcp(TcpListener, Listen),
+    /// The local submission socket: SMTP from programs on this machine.
+    Unix(tokio::net::UnixListener),
+}
+
+/// The `[[listen]]`-like description of the local submission socket:
+/// relay mode (local programs may send anywhere), no AUTH.
+pub fn local_listen() -> Listen {
+    Listen {
+        address: SocketAddr::from(([127, 0, 0, 1], 0)),
+        mode: crate::config::ListenMode::Relay,
+        plaintext_auth: Some(false),
     }
 }
 
@@ -153,22 +199,26 @@ impl Drop for Slot {
 /// sessions are closed with 421 at once, sessions with a transaction open get
 /// `smtp.shutdown_grace` to finish, and then 421 too. Returns when every
 /// session has ended, so every commit has been answered.
-pub async fn run(
-    shared: Arc<Shared>,
-    listeners: Vec<(TcpListener, Listen)>,
-    stop: impl Future<Output = ()>,
-) {
+pub async fn run(shared: Arc<Shared>, listeners: Vec<Listener>, stop: impl Future<Output = ()>) {
     let (phase_tx, phase_rx) = watch::channel(Phase::Running);
     // Each session holds a sender; recv() returns None once all are gone.
     let (alive_tx, mut alive_rx) = mpsc::channel::<()>(1);
-    for (listener, listen) in listeners {
-        tokio::spawn(accept_loop(
-            shared.clone(),
-            listener,
-            listen,
-            phase_rx.clone(),
-            alive_tx.clone(),
-        ));
+    for listener in listeners {
+        match listener {
+            Listener::Tcp(listener, listen) => tokio::spawn(accept_loop(
+                shared.clone(),
+                listener,
+                listen,
+                phase_rx.clone(),
+                alive_tx.clone(),
+            )),
+            Listener::Unix(listener) => tokio::spawn(accept_local(
+                shared.clone(),
+                listener,
+                phase_rx.clone(),
+                alive_tx.clone(),
+            )),
+        };
     }
     drop(alive_tx);
     stop.await;
@@ -221,7 +271,7 @@ async fn accept_loop(
                 let (shared, listen, phase) = (shared.clone(), listen.clone(), phase.clone());
                 tokio::spawn(async move {
                     if listen.mode.is_smtp() {
-                        Session::new(shared, listen, peer, stream, phase)
+                        Session::new(shared, listen, Peer::Tcp(peer), stream, phase)
                             .run()
                             .await;
                     } else {
@@ -235,13 +285,51 @@ async fn accept_loop(
             }
             Err(r) => {
                 warn!(peer = %peer, reply = %r.summary(), "connection refused");
-                tokio::spawn(refuse(stream, peer, r));
+                tokio::spawn(refuse(stream, r));
             }
         }
     }
 }
 
-async fn refuse(mut stream: TcpStream, _peer: SocketAddr, r: Reply) {
+/// The local submission socket: SMTP sessions from this machine's programs.
+async fn accept_local(
+    shared: Arc<Shared>,
+    listener: tokio::net::UnixListener,
+    mut phase: watch::Receiver<Phase>,
+    alive: mpsc::Sender<()>,
+) {
+    loop {
+        let accepted = tokio::select! {
+            biased;
+            _ = phase_reached(&mut phase, Phase::Draining) => break,
+            r = listener.accept() => r,
+        };
+        let stream = match accepted {
+            Ok((s, _)) => s,
+            Err(e) => {
+                error!(error = %e, "accept on the submission socket failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let uid = stream.peer_cred().map(|c| c.uid()).unwrap_or(u32::MAX);
+        let Ok(permit) = shared.slots.clone().try_acquire_owned() else {
+            tokio::spawn(refuse(stream, reply::too_many_connections()));
+            continue;
+        };
+        let alive = alive.clone();
+        let (shared, phase) = (shared.clone(), phase.clone());
+        tokio::spawn(async move {
+            Session::new(shared, local_listen(), Peer::Local { uid }, stream, phase)
+                .run()
+                .await;
+            drop(permit);
+            drop(alive);
+        });
+    }
+}
+
+async fn refuse<S: tokio::io::AsyncWrite + Unpin>(mut stream: S, r: Reply) {
     let mut out = Vec::new();
     r.write_to(&mut out);
     let _ = tokio::time::timeout(Duration::from_secs(5), stream.write_all(&out)).await;

@@ -1,6 +1,5 @@
 //! One SMTP session: commands in, replies out, accepted messages to the store.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,7 +16,7 @@ use super::data::{Canonical, ContentError, DotReader};
 use super::policy;
 use super::reply::{self, Reply};
 use crate::codec::{Codec, Conn, Line};
-use crate::server::{phase_reached, Phase, Shared};
+use crate::server::{phase_reached, Peer, Phase, Shared};
 
 /// RFC 5321 §4.5.3.1.4: a command line is at most 512 octets with CRLF.
 const MAX_COMMAND: usize = 512;
@@ -61,7 +60,7 @@ impl Transaction {
 pub struct Session<S> {
     shared: Arc<Shared>,
     listen: Listen,
-    peer: SocketAddr,
+    peer: Peer,
     codec: Codec<Conn<S>>,
     phase: watch::Receiver<Phase>,
     helo: Option<String>,
@@ -76,7 +75,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     pub fn new(
         shared: Arc<Shared>,
         listen: Listen,
-        peer: SocketAddr,
+        peer: Peer,
         stream: S,
         phase: watch::Receiver<Phase>,
     ) -> Self {
@@ -256,7 +255,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     }
 
     fn may_etrn(&self) -> bool {
-        self.auth_user.is_some() || self.shared.config.hub.may_etrn(self.peer.ip())
+        self.auth_user.is_some()
+            || match self.peer.ip() {
+                Some(ip) => self.shared.config.hub.may_etrn(ip),
+                None => true,
+            }
     }
 
     /// ETRN (RFC 1985): start delivering a hold domain's mail to its branch.
@@ -317,7 +320,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     fn may_relay(&self) -> bool {
         self.auth_user.is_some()
             || (self.listen.mode == ListenMode::Relay
-                && self.shared.config.relay.may_relay(self.peer.ip()))
+                && match self.peer.ip() {
+                    Some(ip) => self.shared.config.relay.may_relay(ip),
+                    // Programs on this machine (outpost sendmail) may send anywhere.
+                    None => true,
+                })
     }
 
     fn helo(&mut self, host: String, esmtp: bool) -> Flow {
@@ -672,7 +679,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             id: id.clone(),
             received_at: unix_now(),
             sender: tx.sender,
-            client_addr: self.peer.ip().to_string(),
+            client_addr: self
+                .peer
+                .ip()
+                .map(|ip| ip.to_string())
+                .unwrap_or_else(|| "local".into()),
             client_helo: self.helo.clone().unwrap_or_default(),
             auth_user: self.auth_user.clone(),
             protocol: self.protocol(),
@@ -720,14 +731,27 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     /// version and cipher and the account, never a password.
     fn received_header(&self, id: &QueueId) -> Vec<u8> {
         let config = &self.shared.config;
-        let mut h = format!(
-            "Received: from {} ([{}])\r\n\tby {} (outpost) with {} id {}",
-            self.helo.as_deref().unwrap_or("unknown"),
-            self.peer.ip(),
-            config.hostname,
-            self.protocol(),
-            id
-        );
+        let mut h = match (&self.peer, self.peer.ip()) {
+            (_, Some(ip)) => format!(
+                "Received: from {} ([{ip}])\r\n\tby {} (outpost) with {} id {}",
+                self.helo.as_deref().unwrap_or("unknown"),
+                config.hostname,
+                self.protocol(),
+                id
+            ),
+            (peer, None) => {
+                let uid = match peer {
+                    Peer::Local { uid } => *uid,
+                    Peer::Tcp(_) => 0,
+                };
+                format!(
+                    "Received: by {} (outpost, from userid {uid}) with {} id {}",
+                    config.hostname,
+                    self.protocol(),
+                    id
+                )
+            }
+        };
         if let Some((version, cipher)) = self.codec.get_ref().tls_info() {
             h.push_str(&format!("\r\n\t(using {version} with cipher {cipher})"));
         }

@@ -88,6 +88,8 @@ key = "{d}/key.pem"
 self_signed = true
 [control]
 socket = "{d}/control.sock"
+[submit]
+socket = "{d}/submit.sock"
 "#
         );
         if !self.extra.contains("[local]") {
