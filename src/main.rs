@@ -7,6 +7,28 @@ use outpost::cli::{self, exit, Cli, Command};
 use outpost::config::{Config, LogFormat};
 
 fn main() -> ExitCode {
+    // Invoked as `sendmail` or `mailq` (links installed for programs that
+    // expect them): behave as `outpost sendmail` / `outpost queue list`.
+    let argv: Vec<String> = std::env::args().collect();
+    let name = argv
+        .first()
+        .and_then(|a| std::path::Path::new(a).file_name())
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_default();
+    let config = std::env::var_os("OUTPOST_CONFIG")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| outpost::config::DEFAULT_PATH.into());
+    match name.as_str() {
+        "sendmail" => {
+            init_logging("warn", LogFormat::Text);
+            return cli::sendmail_main(&config, &argv[1..]);
+        }
+        "mailq" => {
+            init_logging("warn", LogFormat::Text);
+            return cli::sendmail_main(&config, &["-bp".to_string()]);
+        }
+        _ => {}
+    }
     let cli = Cli::parse();
     match cli.command {
         Command::Serve => serve(&cli),

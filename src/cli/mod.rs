@@ -3,6 +3,7 @@
 mod flush;
 mod mailbox;
 mod queue;
+pub mod sendmail;
 mod status;
 mod user;
 
@@ -20,6 +21,7 @@ pub mod exit {
     pub const DATAERR: u8 = 65;
     pub const NOINPUT: u8 = 66;
     pub const NOUSER: u8 = 67;
+    pub const UNAVAILABLE: u8 = 69;
     pub const SOFTWARE: u8 = 70;
     pub const CANTCREAT: u8 = 73;
     pub const IOERR: u8 = 74;
@@ -80,6 +82,17 @@ pub enum Command {
     /// Local mailboxes.
     #[command(subcommand)]
     Mailbox(MailboxCommand),
+    /// Submit a message from standard input, as sendmail does: -t -i -oi
+    /// -f FROM -F NAME -bs -bp -q and the other common options. Also what
+    /// the binary does when invoked as `sendmail`.
+    Sendmail {
+        #[arg(
+            trailing_var_arg = true,
+            allow_hyphen_values = true,
+            value_name = "ARGS"
+        )]
+        args: Vec<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -194,10 +207,47 @@ pub fn run(cli: &Cli) -> ExitCode {
             Ok(c) => user::run(&c, u),
             Err(code) => code,
         },
+        Command::Sendmail { args } => sendmail_main(&cli.config, args),
         Command::Mailbox(MailboxCommand::List { user }) => match load_config(cli) {
             Ok(c) => mailbox::list(&c, user),
             Err(code) => code,
         },
+    }
+}
+
+/// `outpost sendmail ARGS` and the binary named `sendmail`: `-C FILE`
+/// overrides the configuration path.
+pub fn sendmail_main(config_path: &std::path::Path, raw: &[String]) -> ExitCode {
+    let args = match sendmail::parse_args(raw) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("sendmail: {e}");
+            return ExitCode::from(exit::USAGE);
+        }
+    };
+    let path = args
+        .config
+        .clone()
+        .unwrap_or_else(|| config_path.to_path_buf());
+    let config = match Config::load(&path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("sendmail: {e}");
+            return ExitCode::from(exit::CONFIG);
+        }
+    };
+    match args.mode {
+        sendmail::Mode::ListQueue => queue::run(
+            &config,
+            &QueueCommand::List {
+                json: false,
+                state: None,
+            },
+        ),
+        sendmail::Mode::Flush => {
+            flush::run(config, crate::relay::flush::FlushOptions::default(), false)
+        }
+        _ => sendmail::run(&config, &args),
     }
 }
 

@@ -368,6 +368,22 @@ fn insert(tx: &rusqlite::Savepoint<'_>, m: &NewMessage) -> rusqlite::Result<()> 
     ])?;
     tx.prepare_cached("INSERT INTO bodies (message_id, data) VALUES (?1, ?2)")?
         .execute(params![m.id.as_str(), m.body])?;
+    tx.prepare_cached(
+        "INSERT INTO history (message_id, at, event, detail) VALUES (?1, ?2, 'received', ?3)",
+    )?
+    .execute(params![
+        m.id.as_str(),
+        m.received_at,
+        format!(
+            "from {} via {}{}",
+            m.client_addr,
+            m.protocol,
+            m.auth_user
+                .as_deref()
+                .map(|u| format!(" as {u}"))
+                .unwrap_or_default()
+        ),
+    ])?;
     let mut rcpt = tx.prepare_cached(
         "INSERT INTO recipients (message_id, idx, address, domain, route, state,
                                  next_attempt, dsn_notify, dsn_orcpt, updated_at)
@@ -389,22 +405,6 @@ fn insert(tx: &rusqlite::Savepoint<'_>, m: &NewMessage) -> rusqlite::Result<()> 
             deliver_local(tx, m, i as u32, r)?;
         }
     }
-    tx.prepare_cached(
-        "INSERT INTO history (message_id, at, event, detail) VALUES (?1, ?2, 'received', ?3)",
-    )?
-    .execute(params![
-        m.id.as_str(),
-        m.received_at,
-        format!(
-            "from {} via {}{}",
-            m.client_addr,
-            m.protocol,
-            m.auth_user
-                .as_deref()
-                .map(|u| format!(" as {u}"))
-                .unwrap_or_default()
-        ),
-    ])?;
     Ok(())
 }
 
