@@ -865,6 +865,61 @@ mod tests {
         assert!(!c.relay.may_relay("127.0.0.2".parse().unwrap()));
     }
 
+    /// Every key the configuration has, as `section.key`. Tables whose keys
+    /// are the administrator's own (aliases, quotas, routes) count as one.
+    fn keys(v: &toml::Value, prefix: &str, out: &mut Vec<String>) {
+        const FREE_FORM: [&str; 3] = ["local.aliases", "local.quotas", "hub.routes"];
+        match v {
+            toml::Value::Table(t) if !FREE_FORM.contains(&prefix) => {
+                for (k, v) in t {
+                    let p = if prefix.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{prefix}.{k}")
+                    };
+                    keys(v, &p, out);
+                }
+            }
+            toml::Value::Array(a) if a.iter().all(|x| x.is_table()) && !a.is_empty() => {
+                for x in a {
+                    keys(x, prefix, out);
+                }
+            }
+            _ => out.push(prefix.to_string()),
+        }
+    }
+
+    #[test]
+    fn every_key_is_documented() {
+        // Every optional key set, so that it is printed.
+        let c = parse(
+            "[[listen]]\naddress = \"127.0.0.1:25\"\nmode = \"relay\"\nplaintext_auth = true\n\
+             [tls]\ncertificate = \"c\"\nkey = \"k\"\n\
+             [upstream]\nca_file = \"f\"\ntls_name = \"n\"\nusername = \"u\"\npassword_file = \"p\"\n\
+             resolver = \"127.0.0.1:53\"\ndsn_sender = \"s@x\"\n\
+             [flush]\ninterval = \"1m\"\n[local]\npostmaster = \"a\"\nquota = 1\n\
+             [submit]\ngroup = \"mail\"\n",
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let value: toml::Value = toml::from_str(&c.to_toml()).unwrap();
+        let mut all = Vec::new();
+        keys(&value, "", &mut all);
+        all.sort();
+        all.dedup();
+        assert!(all.len() > 50, "{all:?}");
+        let doc =
+            std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/CONFIG.md"))
+                .unwrap();
+        let missing: Vec<_> = all
+            .iter()
+            .filter(|k| !doc.contains(&format!("`{k}`")))
+            .collect();
+        assert!(
+            missing.is_empty(),
+            "keys missing from docs/CONFIG.md: {missing:?}"
+        );
+    }
+
     #[test]
     fn upstream_targets() {
         let t = |s: &str| {
