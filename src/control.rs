@@ -62,7 +62,7 @@ pub fn group_id(name: &str) -> Option<u32> {
 pub async fn serve(
     listener: UnixListener,
     path: PathBuf,
-    flusher: Flusher,
+    flushers: watch::Receiver<Flusher>,
     mut stop: watch::Receiver<bool>,
 ) {
     loop {
@@ -70,7 +70,7 @@ pub async fn serve(
             _ = stop.changed() => break,
             r = listener.accept() => match r {
                 Ok((stream, _)) => {
-                    let flusher = flusher.clone();
+                    let flusher = flushers.borrow().clone();
                     tokio::spawn(async move {
                         if let Err(e) = handle(stream, flusher).await {
                             warn!(error = %e, "control request failed");

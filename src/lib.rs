@@ -23,38 +23,46 @@ use std::sync::Arc;
 use anyhow::Context as _;
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Notify};
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use config::Config;
 use queue::{LinkState, Store, Writer};
 use relay::flush::{Event, FlushOptions, Flusher};
 use server::Shared;
 
+/// The server's TLS acceptor for `config`, making a self-signed
+/// certificate first when asked to.
+fn acceptor(config: &Config) -> anyhow::Result<Option<tokio_rustls::TlsAcceptor>> {
+    let Some(t) = &config.tls else {
+        return Ok(None);
+    };
+    let (server_config, provenance) = tls::server_config(t, &config.hostname)?;
+    if let tls::Provenance::MadeSelfSigned = provenance {
+        warn!(
+            certificate = %t.certificate.display(),
+            key = %t.key.display(),
+            name = %config.hostname,
+            "made a self-signed certificate (tls.self_signed = true); clients will not trust it, replace it with a real one"
+        );
+    }
+    Ok(Some(tokio_rustls::TlsAcceptor::from(server_config)))
+}
+
 /// Runs the gateway until `stop` resolves, then drains and returns.
 /// `ready` is called once every listener is bound (main.rs tells systemd).
+/// Each configuration from `reload` (main.rs reads the file on SIGHUP and
+/// sends only a valid one) applies to new sessions, listeners, policy, the
+/// upstream and the schedule, without dropping open sessions.
 pub async fn serve(
     config: Config,
     ready: impl FnOnce(),
     stop: impl Future<Output = ()>,
+    mut reload: tokio::sync::mpsc::UnboundedReceiver<Config>,
 ) -> anyhow::Result<()> {
     let config = Arc::new(config);
     let store = Arc::new(Store::open(&config.store.path).context("store.path")?);
     let (writer, writer_thread) = Writer::start(&config.store.path)?;
-    let tls = match &config.tls {
-        Some(t) => {
-            let (server_config, provenance) = tls::server_config(t, &config.hostname)?;
-            if let tls::Provenance::MadeSelfSigned = provenance {
-                warn!(
-                    certificate = %t.certificate.display(),
-                    key = %t.key.display(),
-                    name = %config.hostname,
-                    "made a self-signed certificate (tls.self_signed = true); clients will not trust it, replace it with a real one"
-                );
-            }
-            Some(tokio_rustls::TlsAcceptor::from(server_config))
-        }
-        None => None,
-    };
+    let tls = acceptor(&config)?;
     let mut listeners = Vec::new();
     for l in &config.listen {
         let listener = TcpListener::bind(l.address).await.with_context(|| {
@@ -81,34 +89,85 @@ pub async fn serve(
     if listeners.is_empty() {
         warn!("no [[listen]] entries: nothing will be accepted");
     }
-    let flusher = Flusher::new(config.clone(), store.clone(), writer.clone());
+    // The flusher in use; a reload publishes a new one.
+    let (flusher_tx, flusher_rx) =
+        watch::channel(Flusher::new(config.clone(), store.clone(), writer.clone()));
     let control = control::bind(&config.control.socket)
         .with_context(|| format!("control.socket {}", config.control.socket.display()))?;
     let (stop_tx, stop_rx) = watch::channel(false);
     let control_task = tokio::spawn(control::serve(
         control,
         config.control.socket.clone(),
-        flusher.clone(),
+        flusher_rx.clone(),
         stop_rx.clone(),
     ));
     let submitted = Arc::new(Notify::new());
     let (etrn_tx, etrn_rx) = tokio::sync::mpsc::unbounded_channel();
     let triggers = server::Triggers {
-        submitted: config.flush.on_submit.then_some(submitted.clone()),
-        etrn: (!config.hub.hold_domains.is_empty()).then_some(etrn_tx),
+        submitted: Some(submitted.clone()),
+        etrn: Some(etrn_tx),
         etrn_running: Default::default(),
     };
     let mut runner = tokio::spawn(flush_runner(
-        flusher,
+        flusher_rx,
         submitted,
         etrn_rx,
         triggers.etrn_running.clone(),
         stop_rx,
     ));
-    let shared = Arc::new(Shared::new(config.clone(), store, writer, tls, triggers));
+    let shared = Arc::new(Shared::new(
+        config.clone(),
+        store.clone(),
+        writer.clone(),
+        tls,
+        triggers,
+    ));
     info!(hostname = %config.hostname, store = %config.store.path.display(), "outpost ready");
     ready();
-    server::run(shared, listeners, stop).await;
+    // Reloads: everything but the store, the sockets and logging.
+    let (relisten_tx, relisten_rx) = tokio::sync::mpsc::unbounded_channel();
+    let reloader = {
+        let shared = shared.clone();
+        let first = config.clone();
+        tokio::spawn(async move {
+            let writer = writer;
+            while let Some(new) = reload.recv().await {
+                let tls = match acceptor(&new) {
+                    Ok(t) => t,
+                    Err(e) => {
+                        error!("reload refused, the running configuration stays: {e:#}");
+                        continue;
+                    }
+                };
+                for (what, changed) in [
+                    ("store.path", new.store.path != first.store.path),
+                    ("control.socket", new.control.socket != first.control.socket),
+                    (
+                        "submit",
+                        new.submit.socket != first.submit.socket
+                            || new.submit.mode != first.submit.mode,
+                    ),
+                    (
+                        "log",
+                        new.log.level != first.log.level || new.log.format != first.log.format,
+                    ),
+                ] {
+                    if changed {
+                        warn!("{what} changed: that takes effect at the next restart");
+                    }
+                }
+                let new = Arc::new(new);
+                shared.reconfigure(new.clone(), tls);
+                let _ = flusher_tx.send(Flusher::new(new.clone(), store.clone(), writer.clone()));
+                // The server logs "configuration reloaded" once its
+                // listeners follow.
+                let _ = relisten_tx.send(new.clone());
+            }
+        })
+    };
+    server::run(shared, listeners, relisten_rx, stop).await;
+    reloader.abort();
+    let _ = reloader.await;
     let _ = std::fs::remove_file(&config.submit.socket);
     let _ = stop_tx.send(true);
     let _ = control_task.await;
@@ -142,14 +201,16 @@ enum Trigger {
 /// `outpost flush` does not come here: the control socket runs its own
 /// flush (the flush lock serialises them).
 async fn flush_runner(
-    flusher: Flusher,
+    flushers: watch::Receiver<Flusher>,
     submitted: Arc<Notify>,
     mut etrn: tokio::sync::mpsc::UnboundedReceiver<String>,
     etrn_running: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
     mut stop: watch::Receiver<bool>,
 ) {
-    let interval = flusher.config.flush.interval;
     loop {
+        // The flusher (and so the configuration) of the moment.
+        let flusher = flushers.borrow().clone();
+        let interval = flusher.config.flush.interval;
         let mut opts = FlushOptions::default();
         let trigger = tokio::select! {
             _ = stop.changed() => return,
@@ -173,6 +234,9 @@ async fn flush_runner(
                 Trigger::Etrn
             }
         };
+        if trigger == Trigger::OnSubmit && !flusher.config.flush.on_submit {
+            continue;
+        }
         if trigger == Trigger::OnSubmit {
             let store = flusher.store.clone();
             let link = tokio::task::spawn_blocking(move || store.link(queue::unix_now())).await;

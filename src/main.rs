@@ -68,7 +68,12 @@ fn serve(cli: &Cli) -> ExitCode {
             return ExitCode::from(exit::SOFTWARE);
         }
     };
-    let result = runtime.block_on(outpost::serve(config, notify_ready, stop_signal()));
+    let path = cli.config.clone();
+    let result = runtime.block_on(async move {
+        let (reload_tx, reload_rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(reload_on_sighup(path, reload_tx));
+        outpost::serve(config, notify_ready, stop_signal(), reload_rx).await
+    });
     match result {
         Ok(()) => ExitCode::from(exit::OK),
         Err(e) => {
@@ -86,6 +91,31 @@ fn notify_ready() {
         sd_notify::NotifyState::Ready,
         sd_notify::NotifyState::Status("accepting mail"),
     ]);
+}
+
+/// SIGHUP: read the configuration again; pass it on only when it is valid,
+/// else log why and keep the running one.
+async fn reload_on_sighup(
+    path: std::path::PathBuf,
+    tx: tokio::sync::mpsc::UnboundedSender<Config>,
+) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        return;
+    };
+    while hup.recv().await.is_some() {
+        let _ = sd_notify::notify(&[sd_notify::NotifyState::Reloading]);
+        match Config::load(&path) {
+            Ok(c) => {
+                tracing::info!(config = %path.display(), "SIGHUP: reloading the configuration");
+                let _ = tx.send(c);
+            }
+            Err(e) => {
+                tracing::error!("SIGHUP: reload refused, the running configuration stays: {e}")
+            }
+        }
+        let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+    }
 }
 
 /// Resolves on SIGTERM or SIGINT.

@@ -93,10 +93,10 @@ pub enum Phase {
 
 /// What every session shares.
 pub struct Shared {
-    pub config: Arc<Config>,
+    config: std::sync::RwLock<Arc<Config>>,
     pub store: Arc<Store>,
     pub writer: Writer,
-    pub tls: Option<TlsAcceptor>,
+    tls: std::sync::RwLock<Option<TlsAcceptor>>,
     pub triggers: Triggers,
     slots: Arc<Semaphore>,
     per_client: Mutex<HashMap<IpAddr, usize>>,
@@ -128,11 +128,29 @@ impl Shared {
             slots: Arc::new(Semaphore::new(config.smtp.max_connections)),
             per_client: Mutex::new(HashMap::new()),
             maildrops: Mutex::new(std::collections::HashSet::new()),
-            config,
+            config: std::sync::RwLock::new(config),
             store,
             writer,
-            tls,
+            tls: std::sync::RwLock::new(tls),
         }
+    }
+
+    /// The configuration now (a reload replaces it for new sessions).
+    pub fn config(&self) -> Arc<Config> {
+        self.config
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    pub fn tls(&self) -> Option<TlsAcceptor> {
+        self.tls.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// A reload: new sessions use `config` and `tls`; open ones go on.
+    pub fn reconfigure(&self, config: Arc<Config>, tls: Option<TlsAcceptor>) {
+        *self.config.write().unwrap_or_else(|p| p.into_inner()) = config;
+        *self.tls.write().unwrap_or_else(|p| p.into_inner()) = tls;
     }
 
     /// Opens `user`'s maildrop for one session; false when another has it.
@@ -160,7 +178,7 @@ impl Shared {
         let ip = canonical_ip(ip);
         let mut map = self.per_client.lock().unwrap_or_else(|p| p.into_inner());
         let n = map.entry(ip).or_insert(0);
-        if *n >= self.config.smtp.max_connections_per_client {
+        if *n >= self.config().smtp.max_connections_per_client {
             return Err(reply::too_many_from_you());
         }
         *n += 1;
@@ -199,32 +217,46 @@ impl Drop for Slot {
 /// sessions are closed with 421 at once, sessions with a transaction open get
 /// `smtp.shutdown_grace` to finish, and then 421 too. Returns when every
 /// session has ended, so every commit has been answered.
-pub async fn run(shared: Arc<Shared>, listeners: Vec<Listener>, stop: impl Future<Output = ()>) {
+pub async fn run(
+    shared: Arc<Shared>,
+    listeners: Vec<Listener>,
+    mut reload: mpsc::UnboundedReceiver<Arc<Config>>,
+    stop: impl Future<Output = ()>,
+) {
     let (phase_tx, phase_rx) = watch::channel(Phase::Running);
     // Each session holds a sender; recv() returns None once all are gone.
     let (alive_tx, mut alive_rx) = mpsc::channel::<()>(1);
+    let mut open: HashMap<SocketAddr, Running> = HashMap::new();
     for listener in listeners {
         match listener {
-            Listener::Tcp(listener, listen) => tokio::spawn(accept_loop(
-                shared.clone(),
-                listener,
-                listen,
-                phase_rx.clone(),
-                alive_tx.clone(),
-            )),
-            Listener::Unix(listener) => tokio::spawn(accept_local(
-                shared.clone(),
-                listener,
-                phase_rx.clone(),
-                alive_tx.clone(),
-            )),
-        };
+            Listener::Tcp(listener, listen) => {
+                let r = Running::start(&shared, listener, listen.clone(), &phase_rx, &alive_tx);
+                open.insert(listen.address, r);
+            }
+            Listener::Unix(listener) => {
+                tokio::spawn(accept_local(
+                    shared.clone(),
+                    listener,
+                    phase_rx.clone(),
+                    alive_tx.clone(),
+                ));
+            }
+        }
+    }
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            _ = &mut stop => break,
+            Some(config) = reload.recv() => {
+                relisten(&shared, &config, &mut open, &phase_rx, &alive_tx).await;
+                info!(listeners = open.len(), "configuration reloaded");
+            }
+        }
     }
     drop(alive_tx);
-    stop.await;
     info!("stopping: no new sessions; waiting for messages in flight");
     let _ = phase_tx.send(Phase::Draining);
-    let grace = shared.config.smtp.shutdown_grace;
+    let grace = shared.config().smtp.shutdown_grace;
     if tokio::time::timeout(grace, alive_rx.recv()).await.is_err() {
         warn!(grace = ?grace, "shutdown grace period over: closing the remaining sessions with 421");
         let _ = phase_tx.send(Phase::Stopped);
@@ -237,11 +269,88 @@ pub async fn run(shared: Arc<Shared>, listeners: Vec<Listener>, stop: impl Futur
     }
 }
 
+/// One listener's accept loop, which can be stopped on its own (a reload
+/// that removes or changes it); its sessions go on.
+struct Running {
+    listen: Listen,
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Running {
+    fn start(
+        shared: &Arc<Shared>,
+        listener: TcpListener,
+        listen: Listen,
+        phase: &watch::Receiver<Phase>,
+        alive: &mpsc::Sender<()>,
+    ) -> Running {
+        let (stop, stopped) = watch::channel(false);
+        let task = tokio::spawn(accept_loop(
+            shared.clone(),
+            listener,
+            listen.clone(),
+            phase.clone(),
+            stopped,
+            alive.clone(),
+        ));
+        Running { listen, stop, task }
+    }
+
+    /// Stops accepting; returns once the socket is closed.
+    async fn close(self) {
+        let _ = self.stop.send(true);
+        let _ = self.task.await;
+    }
+}
+
+/// A reload: closes listeners that are gone or changed, opens new ones.
+async fn relisten(
+    shared: &Arc<Shared>,
+    config: &Config,
+    open: &mut HashMap<SocketAddr, Running>,
+    phase: &watch::Receiver<Phase>,
+    alive: &mpsc::Sender<()>,
+) {
+    let wanted: HashMap<SocketAddr, &Listen> =
+        config.listen.iter().map(|l| (l.address, l)).collect();
+    let stale: Vec<SocketAddr> = open
+        .iter()
+        .filter(|(a, r)| {
+            wanted.get(*a).is_none_or(|l| {
+                l.mode != r.listen.mode || l.plaintext_auth != r.listen.plaintext_auth
+            })
+        })
+        .map(|(a, _)| *a)
+        .collect();
+    for a in stale {
+        if let Some(r) = open.remove(&a) {
+            r.close().await;
+            info!(address = %a, "stopped listening (reload)");
+        }
+    }
+    for (a, l) in wanted {
+        if open.contains_key(&a) {
+            continue;
+        }
+        match TcpListener::bind(a).await {
+            Ok(listener) => {
+                info!(address = %a, mode = %l.mode, "listening (reload)");
+                open.insert(a, Running::start(shared, listener, l.clone(), phase, alive));
+            }
+            Err(e) => {
+                error!(address = %a, error = %e, "cannot listen on {a} (listen.address): {e}; the rest of the reload applies")
+            }
+        }
+    }
+}
+
 async fn accept_loop(
     shared: Arc<Shared>,
     listener: TcpListener,
     listen: Listen,
     mut phase: watch::Receiver<Phase>,
+    mut stopped: watch::Receiver<bool>,
     alive: mpsc::Sender<()>,
 ) {
     let mut backoff = Duration::from_millis(10);
@@ -249,6 +358,7 @@ async fn accept_loop(
         let accepted = tokio::select! {
             biased;
             _ = phase_reached(&mut phase, Phase::Draining) => break,
+            _ = stopped.changed() => break,
             r = listener.accept() => r,
         };
         let (stream, peer) = match accepted {

@@ -10,7 +10,7 @@ use tracing::{debug, info, warn};
 
 use crate::auth;
 use crate::codec::{Codec, Conn, Line};
-use crate::config::Listen;
+use crate::config::{Config, Listen};
 use crate::queue::{Change, MailboxEntry};
 use crate::server::{phase_reached, Phase, Shared};
 
@@ -42,6 +42,10 @@ impl Maildrop {
 
 pub struct Session<S> {
     shared: Arc<Shared>,
+    /// The configuration when the session started: a reload applies to the
+    /// next session.
+    config: Arc<Config>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     listen: Listen,
     peer: SocketAddr,
     codec: Codec<Conn<S>>,
@@ -61,6 +65,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         phase: watch::Receiver<Phase>,
     ) -> Self {
         Session {
+            config: shared.config(),
+            tls: shared.tls(),
             shared,
             listen,
             peer,
@@ -112,7 +118,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     /// The next command; None when the session must end (idle timeout,
     /// shutdown, connection error). A session that ends here deletes nothing.
     async fn next_line(&mut self) -> Option<Line> {
-        let timeout = self.shared.config.pop3.idle_timeout;
+        let timeout = self.config.pop3.idle_timeout;
         let mut phase = self.phase.clone();
         tokio::select! {
             biased;
@@ -168,7 +174,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 caps.push("USER");
                 caps.push("SASL PLAIN");
             }
-            if self.shared.tls.is_some() && !self.codec.tls_active() {
+            if self.tls.is_some() && !self.codec.tls_active() {
                 caps.push("STLS");
             }
         }
@@ -189,7 +195,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     self.err("TLS is already active");
                     return Flow::Go;
                 }
-                if self.shared.tls.is_none() {
+                if self.tls.is_none() {
                     self.err("TLS is not available: no certificate is configured");
                     return Flow::Go;
                 }
@@ -314,8 +320,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     async fn login_failed(&mut self, user: Option<&str>) -> Flow {
         self.failures += 1;
         warn!(peer = %self.peer, user = user.unwrap_or("?"), failures = self.failures, "pop3 login failed");
-        tokio::time::sleep(self.shared.config.pop3.auth_failure_delay).await;
-        if self.failures >= self.shared.config.pop3.max_auth_failures {
+        tokio::time::sleep(self.config.pop3.auth_failure_delay).await;
+        if self.failures >= self.config.pop3.max_auth_failures {
             self.err("[AUTH] too many failed logins, closing");
             return Flow::Close;
         }
@@ -466,7 +472,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     }
 
     async fn start_tls(&mut self) -> bool {
-        let Some(acceptor) = self.shared.tls.clone() else {
+        let Some(acceptor) = self.tls.clone() else {
             return false;
         };
         match self.codec.start_tls(&acceptor, TLS_TIMEOUT).await {

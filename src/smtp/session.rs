@@ -9,7 +9,7 @@ use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
 use crate::auth;
-use crate::config::{Listen, ListenMode};
+use crate::config::{Config, Listen, ListenMode};
 use crate::queue::{unix_now, NewMessage, NewRecipient, QueueId, Route};
 
 use super::data::{Canonical, ContentError, DotReader};
@@ -59,6 +59,10 @@ impl Transaction {
 
 pub struct Session<S> {
     shared: Arc<Shared>,
+    /// The configuration when the session started: a reload applies to the
+    /// next session.
+    config: Arc<Config>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     listen: Listen,
     peer: Peer,
     codec: Codec<Conn<S>>,
@@ -80,6 +84,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         phase: watch::Receiver<Phase>,
     ) -> Self {
         Session {
+            config: shared.config(),
+            tls: shared.tls(),
             shared,
             listen,
             peer,
@@ -99,10 +105,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         if self.listen.mode.implicit_tls() && !self.start_tls().await {
             return;
         }
-        let greeting = reply::greeting(&self.shared.config.hostname);
+        let greeting = reply::greeting(&self.config.hostname);
         self.codec.reply(&greeting);
         loop {
-            if self.errors >= self.shared.config.smtp.max_errors {
+            if self.errors >= self.config.smtp.max_errors {
                 warn!(peer = %self.peer, errors = self.errors, "too many protocol errors, closing");
                 self.codec.reply(&reply::too_many_errors());
                 break;
@@ -130,12 +136,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         } else {
             Phase::Draining
         };
-        let timeout = self.shared.config.smtp.command_timeout;
+        let timeout = self.config.smtp.command_timeout;
         let mut phase = self.phase.clone();
         tokio::select! {
             biased;
             _ = phase_reached(&mut phase, stop_at) => {
-                self.codec.reply(&reply::shutting_down(&self.shared.config.hostname));
+                self.codec.reply(&reply::shutting_down(&self.config.hostname));
                 None
             }
             r = tokio::time::timeout(timeout, self.codec.read_line(max)) => match r {
@@ -155,13 +161,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
 
     /// Reads more message content; false when the session must end.
     async fn fill_data(&mut self) -> bool {
-        let timeout = self.shared.config.smtp.data_timeout;
+        let timeout = self.config.smtp.data_timeout;
         let mut phase = self.phase.clone();
         tokio::select! {
             biased;
             _ = phase_reached(&mut phase, Phase::Stopped) => {
                 warn!(peer = %self.peer, "shutdown deadline reached while receiving a message; nothing was queued");
-                self.codec.reply(&reply::shutting_down(&self.shared.config.hostname));
+                self.codec.reply(&reply::shutting_down(&self.config.hostname));
                 false
             }
             r = tokio::time::timeout(timeout, self.codec.fill()) => match r {
@@ -220,7 +226,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             }
             Request::Noop { .. } => self.reply(reply::ok()),
             Request::Quit => {
-                self.codec.reply(&reply::bye(&self.shared.config.hostname));
+                self.codec.reply(&reply::bye(&self.config.hostname));
                 Flow::Close
             }
             Request::Help { .. } => self.reply(reply::help()),
@@ -251,13 +257,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     /// ETRN is offered where mail is held, to `hub.etrn_networks` and
     /// authenticated clients.
     fn etrn_offered(&self) -> bool {
-        self.shared.triggers.etrn.is_some()
+        self.shared.triggers.etrn.is_some() && !self.config.hub.hold_domains.is_empty()
     }
 
     fn may_etrn(&self) -> bool {
         self.auth_user.is_some()
             || match self.peer.ip() {
-                Some(ip) => self.shared.config.hub.may_etrn(ip),
+                Some(ip) => self.config.hub.may_etrn(ip),
                 None => true,
             }
     }
@@ -280,7 +286,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         if name.starts_with('#') {
             return self.reply(reply::etrn_no_queues(&name));
         }
-        let config = &self.shared.config;
+        let config = &self.config;
         let held_here = config.hub.hold_domains.iter().any(|h| {
             crate::relay::flush::domain_matches(&name, h)
                 || crate::relay::flush::domain_matches(h, &name)
@@ -321,7 +327,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         self.auth_user.is_some()
             || (self.listen.mode == ListenMode::Relay
                 && match self.peer.ip() {
-                    Some(ip) => self.shared.config.relay.may_relay(ip),
+                    Some(ip) => self.config.relay.may_relay(ip),
                     // Programs on this machine (outpost sendmail) may send anywhere.
                     None => true,
                 })
@@ -336,7 +342,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         self.tx = None;
         self.helo = Some(host.chars().take(255).collect());
         self.esmtp = esmtp;
-        let config = &self.shared.config;
+        let config = &self.config;
         let mut lines: Vec<std::borrow::Cow<'static, str>> = vec![format!(
             "{} greets {}",
             config.hostname,
@@ -354,7 +360,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             if self.etrn_offered() && self.may_etrn() {
                 lines.push("ETRN".into());
             }
-            if self.shared.tls.is_some() && !self.tls_active() {
+            if self.tls.is_some() && !self.tls_active() {
                 lines.push("STARTTLS".into());
             }
             if self.auth_offered() && self.auth_user.is_none() {
@@ -403,7 +409,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 return self.reply(reply::smtputf8_unsupported_param(name));
             }
         }
-        let max = self.shared.config.relay.max_message_size;
+        let max = self.config.relay.max_message_size;
         if from.size as u64 > max {
             info!(peer = %self.peer, declared = from.size, limit = max, "refused: SIZE over the limit");
             return self.reply(reply::too_big_declared(max));
@@ -437,7 +443,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
 
     async fn rcpt(&mut self, to: proto::RcptTo<String>) -> Flow {
         let may_relay = self.may_relay();
-        let max = self.shared.config.relay.max_recipients;
+        let max = self.config.relay.max_recipients;
         let Some(tx) = self.tx.as_ref() else {
             return self.error(reply::need_mail());
         };
@@ -458,7 +464,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         if tx.given >= max {
             return self.reply(reply::too_many_recipients(max));
         }
-        let accepted = match policy::route_recipient(&self.shared.config, &to.address, may_relay) {
+        let accepted = match policy::route_recipient(&self.config, &to.address, may_relay) {
             Ok(a) => a,
             Err(r) => {
                 info!(peer = %self.peer, rcpt = %to.address, reply = %r.summary(), "recipient refused");
@@ -479,7 +485,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             }
         }
         let (mailboxes, outside) = if accepted.route == Route::Local {
-            policy::expand_local(&self.shared.config, &accepted.local_part)
+            policy::expand_local(&self.config, &accepted.local_part)
         } else {
             (Vec::new(), Vec::new())
         };
@@ -538,7 +544,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     ) -> Result<Option<String>, crate::queue::StoreError> {
         let limited: Vec<(String, u64)> = accounts
             .iter()
-            .filter_map(|a| self.shared.config.local.quota_of(a).map(|q| (a.clone(), q)))
+            .filter_map(|a| self.config.local.quota_of(a).map(|q| (a.clone(), q)))
             .collect();
         if limited.is_empty() {
             return Ok(None);
@@ -557,7 +563,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     }
 
     async fn local_name_exists(&self, local_part: &str) -> Result<bool, crate::queue::StoreError> {
-        let config = &self.shared.config;
+        let config = &self.config;
         if policy::always_exists(local_part)
             || config
                 .local
@@ -591,7 +597,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             return self.error(reply::bdat_in_progress());
         }
         let id = QueueId::generate();
-        let limit = self.shared.config.relay.max_message_size as usize;
+        let limit = self.config.relay.max_message_size as usize;
         let mut reader = DotReader::with_prefix(limit, self.received_header(&id));
         self.codec.reply(&reply::start_data());
         loop {
@@ -617,7 +623,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             (None, Some(open)) => Some(open),
             (None, None) => {
                 let id = QueueId::generate();
-                let limit = self.shared.config.relay.max_message_size as usize;
+                let limit = self.config.relay.max_message_size as usize;
                 Some((
                     id.clone(),
                     Canonical::with_prefix(limit, self.received_header(&id)),
@@ -668,7 +674,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     ContentError::Nul => reply::nul_in_data(),
                     ContentError::LineTooLong => reply::data_line_too_long(),
                     ContentError::TooBig => {
-                        reply::too_big(self.shared.config.relay.max_message_size as usize)
+                        reply::too_big(self.config.relay.max_message_size as usize)
                     }
                 };
                 warn!(peer = %self.peer, from = %tx.sender, size, reply = %r.summary(), "message refused");
@@ -730,7 +736,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     /// The trace header this gateway adds (RFC 5321 §4.4). Names the TLS
     /// version and cipher and the account, never a password.
     fn received_header(&self, id: &QueueId) -> Vec<u8> {
-        let config = &self.shared.config;
+        let config = &self.config;
         let mut h = match (&self.peer, self.peer.ip()) {
             (_, Some(ip)) => format!(
                 "Received: from {} ([{ip}])\r\n\tby {} (outpost) with {} id {}",
@@ -771,7 +777,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         if self.tls_active() {
             return self.error(reply::tls_already());
         }
-        if self.shared.tls.is_none() {
+        if self.tls.is_none() {
             return self.reply(reply::tls_unavailable());
         }
         self.codec.reply(&reply::ready_tls());
@@ -795,7 +801,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
 
     /// Runs the TLS handshake on the plain stream. False when it failed.
     async fn start_tls(&mut self) -> bool {
-        let Some(acceptor) = self.shared.tls.clone() else {
+        let Some(acceptor) = self.tls.clone() else {
             return false;
         };
         match self.codec.start_tls(&acceptor, TLS_TIMEOUT).await {
@@ -886,8 +892,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             Err(user) => {
                 self.auth_failures += 1;
                 warn!(peer = %self.peer, user = user.as_deref().unwrap_or("?"), failures = self.auth_failures, "authentication failed");
-                tokio::time::sleep(self.shared.config.smtp.auth_failure_delay).await;
-                if self.auth_failures >= self.shared.config.smtp.max_auth_failures {
+                tokio::time::sleep(self.config.smtp.auth_failure_delay).await;
+                if self.auth_failures >= self.config.smtp.max_auth_failures {
                     self.codec.reply(&reply::auth_too_many());
                     return Flow::Close;
                 }
