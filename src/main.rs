@@ -69,9 +69,11 @@ fn serve(cli: &Cli) -> ExitCode {
         }
     };
     let path = cli.config.clone();
+    let store_path = config.store.path.clone();
     let result = runtime.block_on(async move {
         let (reload_tx, reload_rx) = tokio::sync::mpsc::unbounded_channel();
         tokio::spawn(reload_on_sighup(path, reload_tx));
+        tokio::spawn(systemd_watch(store_path));
         outpost::serve(config, notify_ready, stop_signal(), reload_rx).await
     });
     match result {
@@ -91,6 +93,70 @@ fn notify_ready() {
         sd_notify::NotifyState::Ready,
         sd_notify::NotifyState::Status("accepting mail"),
     ]);
+}
+
+/// Under systemd: the watchdog ping (WatchdogSec=) and a STATUS= line with
+/// the link state and the queue depth, for `systemctl status outpost`.
+async fn systemd_watch(store: std::path::PathBuf) {
+    if std::env::var_os("NOTIFY_SOCKET").is_none() {
+        return;
+    }
+    let watchdog = sd_notify::watchdog_enabled();
+    let every = watchdog
+        .map(|d| d / 2)
+        .unwrap_or(std::time::Duration::from_secs(30))
+        .min(std::time::Duration::from_secs(30));
+    let store = std::sync::Arc::new(store);
+    let mut open: Option<std::sync::Arc<outpost::queue::Store>> = None;
+    loop {
+        if open.is_none() {
+            let path = store.clone();
+            open = tokio::task::spawn_blocking(move || outpost::queue::Store::open(&path).ok())
+                .await
+                .ok()
+                .flatten()
+                .map(std::sync::Arc::new);
+        }
+        let status = match open.clone() {
+            Some(s) => tokio::task::spawn_blocking(move || status_line(&s))
+                .await
+                .unwrap_or_default(),
+            None => String::new(),
+        };
+        let mut states = Vec::new();
+        if watchdog.is_some() {
+            states.push(sd_notify::NotifyState::Watchdog);
+        }
+        if !status.is_empty() {
+            states.push(sd_notify::NotifyState::Status(&status));
+        }
+        if !states.is_empty() {
+            let _ = sd_notify::notify(&states);
+        }
+        tokio::time::sleep(every).await;
+    }
+}
+
+fn status_line(store: &outpost::queue::Store) -> String {
+    let now = outpost::queue::unix_now();
+    let (Ok(link), Ok(counts)) = (store.link(now), store.counts()) else {
+        return String::new();
+    };
+    let n = |s: &str| {
+        counts
+            .by_state
+            .iter()
+            .find(|(k, _)| k == s)
+            .map(|(_, n)| *n)
+            .unwrap_or(0)
+    };
+    format!(
+        "link {}; {} queued, {} deferred, {} held",
+        link.state,
+        n("queued"),
+        n("deferred"),
+        n("held")
+    )
 }
 
 /// SIGHUP: read the configuration again; pass it on only when it is valid,

@@ -102,24 +102,35 @@ pub(crate) fn connect(path: &Path) -> Result<Connection, StoreError> {
 }
 
 fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
-    let version: i64 = conn
-        .query_row("PRAGMA user_version", [], |r| r.get(0))
-        .map_err(sql_err(path))?;
+    let read_version = |c: &Connection| -> Result<i64, StoreError> {
+        c.query_row("PRAGMA user_version", [], |r| r.get(0))
+            .map_err(sql_err(path))
+    };
     let known = MIGRATIONS.len() as i64;
+    let too_new = |found| StoreError::TooNew {
+        path: path.to_path_buf(),
+        found,
+        known,
+    };
+    let version = read_version(conn)?;
     if version > known {
-        return Err(StoreError::TooNew {
-            path: path.to_path_buf(),
-            found: version,
-            known,
-        });
+        return Err(too_new(version));
     }
+    if version == known {
+        return Ok(());
+    }
+    // Under the write lock, and reading the version again: two processes
+    // starting at once (the daemon and a command) must not both migrate.
+    let tx = conn
+        .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+        .map_err(sql_err(path))?;
+    let version = read_version(&tx)?;
     for (i, (_name, sql)) in MIGRATIONS.iter().enumerate().skip(version as usize) {
-        let tx = conn.transaction().map_err(sql_err(path))?;
         tx.execute_batch(sql).map_err(sql_err(path))?;
         tx.pragma_update(None, "user_version", i as i64 + 1)
             .map_err(sql_err(path))?;
-        tx.commit().map_err(sql_err(path))?;
     }
+    tx.commit().map_err(sql_err(path))?;
     Ok(())
 }
 
