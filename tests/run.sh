@@ -30,3 +30,6 @@ fi
 cargo fmt --all -- --check
 cargo clippy --all-targets -- -D warnings
 cargo test --all-targets
+
+# The Debian package: built and inspected.
+bash tests/package.sh

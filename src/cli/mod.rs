@@ -82,6 +82,9 @@ pub enum Command {
     /// Local mailboxes.
     #[command(subcommand)]
     Mailbox(MailboxCommand),
+    /// Write the manual pages (outpost.1 and one per command) into DIR.
+    #[command(hide = true)]
+    Man { dir: PathBuf },
     /// Submit a message from standard input, as sendmail does: -t -i -oi
     /// -f FROM -F NAME -bs -bp -q and the other common options. Also what
     /// the binary does when invoked as `sendmail`.
@@ -208,6 +211,16 @@ pub fn run(cli: &Cli) -> ExitCode {
             Err(code) => code,
         },
         Command::Sendmail { args } => sendmail_main(&cli.config, args),
+        Command::Man { dir } => match write_man_pages(dir) {
+            Ok(n) => {
+                println!("{n} manual pages written to {}", dir.display());
+                ExitCode::from(exit::OK)
+            }
+            Err(e) => {
+                eprintln!("outpost: writing manual pages to {}: {e}", dir.display());
+                ExitCode::from(exit::CANTCREAT)
+            }
+        },
         Command::Mailbox(MailboxCommand::List { user }) => match load_config(cli) {
             Ok(c) => mailbox::list(&c, user),
             Err(code) => code,
@@ -249,6 +262,32 @@ pub fn sendmail_main(config_path: &std::path::Path, raw: &[String]) -> ExitCode 
         }
         _ => sendmail::run(&config, &args),
     }
+}
+
+/// outpost.1, and outpost-COMMAND.1 for every command (and subcommand),
+/// generated from the argument definitions.
+fn write_man_pages(dir: &std::path::Path) -> std::io::Result<usize> {
+    use clap::CommandFactory;
+    std::fs::create_dir_all(dir)?;
+    fn write(
+        cmd: clap::Command,
+        name: String,
+        dir: &std::path::Path,
+        n: &mut usize,
+    ) -> std::io::Result<()> {
+        let cmd = cmd.name(name.clone());
+        let mut out = Vec::new();
+        clap_mangen::Man::new(cmd.clone()).render(&mut out)?;
+        std::fs::write(dir.join(format!("{name}.1")), out)?;
+        *n += 1;
+        for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
+            write(sub.clone(), format!("{name}-{}", sub.get_name()), dir, n)?;
+        }
+        Ok(())
+    }
+    let mut n = 0;
+    write(Cli::command(), "outpost".into(), dir, &mut n)?;
+    Ok(n)
 }
 
 fn check_config(cli: &Cli) -> ExitCode {
