@@ -304,7 +304,7 @@ impl Store {
                 "SELECT m.id, m.received_at, m.up_clock_at_receipt, m.sender, m.body_type, m.smtputf8,
                         m.dsn_ret, m.dsn_envid,
                         r.idx, r.address, r.attempts, r.dsn_notify, r.dsn_orcpt, r.warned, r.last_reply,
-                        r.domain, r.next_attempt, r.route
+                        r.domain, r.next_attempt, r.route, m.size
                    FROM recipients r JOIN messages m ON m.id = r.message_id
                   WHERE r.route IN ('upstream', 'hold') AND r.state IN ('queued', 'deferred')
                   ORDER BY m.received_at, m.id, r.idx",
@@ -315,6 +315,7 @@ impl Store {
                     DueMessage {
                         id: r.get(0)?,
                         received_at: r.get(1)?,
+                        size: r.get(18)?,
                         up_clock_at_receipt: r.get(2)?,
                         sender: r.get(3)?,
                         body_type: r.get(4)?,

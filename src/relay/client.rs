@@ -613,7 +613,12 @@ impl Session {
         msgs: &[&Outgoing],
         results: &mut [Vec<Outcome>],
     ) -> Result<(), LinkError> {
-        const WINDOW: usize = 16;
+        // Transactions and octets in flight at most. An upstream that holds
+        // its replies until its input runs dry (Postfix) answers a whole
+        // window at once, so the window must cover more than one round
+        // trip of its processing.
+        const WINDOW: usize = 64;
+        const WINDOW_BYTES: usize = 8 << 20;
         let mut sent = 0;
         let mut done = 0;
         // Handed to the kernel whole, and awaiting replies.
@@ -630,7 +635,15 @@ impl Session {
         while done < msgs.len() {
             let mut buf = Vec::new();
             let mut in_buf = Vec::new();
-            while sent < msgs.len() && sent - done < WINDOW && buf.len() < (1 << 20) {
+            let in_flight: usize = (done..sent)
+                .filter(|&i| written[i])
+                .map(|i| msgs[i].body.len())
+                .sum();
+            while sent < msgs.len()
+                && sent - done < WINDOW
+                && buf.len() < (1 << 20)
+                && (in_flight + buf.len() < WINDOW_BYTES || sent == done)
+            {
                 let m = msgs[sent];
                 if let Some(r) = self.refuse_before_sending(m) {
                     results[sent] = vec![Outcome::Bounced(r); m.recipients.len()];

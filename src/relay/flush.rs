@@ -131,8 +131,11 @@ pub struct Flusher {
     pub writer: Writer,
 }
 
-/// Messages handed to one connection at a time.
-const BATCH: usize = 32;
+/// Messages handed to one connection at a time, and their octets at most:
+/// each batch starts its pipeline afresh (one round trip more), and its
+/// bodies are in memory together.
+const BATCH: usize = 256;
+const BATCH_BYTES: i64 = 16 << 20;
 
 impl Flusher {
     pub fn new(config: Arc<Config>, store: Arc<Store>, writer: Writer) -> Flusher {
@@ -620,7 +623,12 @@ impl Flusher {
         loop {
             let batch: Vec<DueMessage> = {
                 let mut q = queue.lock().unwrap_or_else(|p| p.into_inner());
-                let n = q.len().min(BATCH);
+                let mut n = 0;
+                let mut bytes = 0;
+                while n < q.len().min(BATCH) && (n == 0 || bytes + q[n].size <= BATCH_BYTES) {
+                    bytes += q[n].size;
+                    n += 1;
+                }
                 q.drain(..n).collect()
             };
             if batch.is_empty() {
