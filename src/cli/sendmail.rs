@@ -578,7 +578,7 @@ mod tests {
         assert_eq!(a.from.as_deref(), Some("app@x.example"));
         assert_eq!(a.full_name.as_deref(), Some("The App"));
         assert_eq!(a.recipients, ["a@b", "c@d", "e@f"]);
-        assert_eq!(args(&["-oi", "x@y"]).ignore_dots, true);
+        assert!(args(&["-oi", "x@y"]).ignore_dots);
         assert_eq!(args(&["-bs"]).mode, Mode::Smtp);
         assert_eq!(args(&["-bp"]).mode, Mode::ListQueue);
         assert_eq!(args(&["-q"]).mode, Mode::Flush);
