@@ -579,3 +579,58 @@ fn a_421_leaves_the_rest_untouched_and_due() {
         "{r}"
     );
 }
+
+#[test]
+fn a_daemon_flush_and_a_command_line_flush_together_send_each_message_once() {
+    let hub = Gateway::start("");
+    // The daemon flushes every second; the command line runs in its own
+    // process on the same store (its config names another control socket,
+    // so it does not ask the daemon).
+    let branch = Gateway::start(&format!(
+        "{}[flush]\ninterval = \"1s\"\n",
+        upstream(hub.relay, "none")
+    ));
+    let cli_config = branch.path("cli.toml");
+    let text = std::fs::read_to_string(&branch.config_path).unwrap();
+    std::fs::write(
+        &cli_config,
+        text.replace("control.sock", "cli-control.sock"),
+    )
+    .unwrap();
+    let mut sent = 0;
+    for round in 0..5 {
+        for i in 0..10 {
+            send(
+                &branch,
+                &format!("r{round}m{i}@client.test"),
+                &["x@far.example"],
+                b"Subject: race\r\n\r\nx\r\n",
+            );
+            sent += 1;
+        }
+        let out = std::process::Command::new(common::BIN)
+            .args(["flush", "--all", "--config"])
+            .arg(&cli_config)
+            .output()
+            .unwrap();
+        assert!(
+            matches!(out.status.code(), Some(0)),
+            "{}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+    common::wait_for(
+        "everything delivered",
+        std::time::Duration::from_secs(30),
+        || branch.queue().is_empty(),
+    );
+    let q = hub.queue();
+    assert_eq!(q.len(), sent, "each message exactly once at the hub");
+    let mut senders: Vec<_> = q
+        .iter()
+        .map(|m| m["sender"].as_str().unwrap().to_string())
+        .collect();
+    senders.sort();
+    senders.dedup();
+    assert_eq!(senders.len(), sent);
+}
