@@ -5,21 +5,10 @@ mod common;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::process::Output;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use common::{queued_id, Client, Gateway};
-
-fn json_out(out: &Output) -> serde_json::Value {
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "not JSON ({e}):\nstdout: {}\nstderr: {}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        )
-    })
-}
+use common::{json_out, queued_id, Client, Gateway};
 
 fn upstream(port: u16, tls: &str) -> String {
     format!("[upstream]\nserver = \"[127.0.0.1]:{port}\"\ntls = \"{tls}\"\n")

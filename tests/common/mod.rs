@@ -2,6 +2,8 @@
 //! and cleans up by PID.
 #![allow(dead_code)]
 
+pub mod peers;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
@@ -375,6 +377,17 @@ impl Client {
         self.send(b".\r\n");
         self.reply()
     }
+}
+
+/// A command's `--json` output, parsed (or the test fails showing it).
+pub fn json_out(out: &Output) -> serde_json::Value {
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "not JSON ({e}):\nstdout: {}\nstderr: {}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
 }
 
 /// The queue id in a "250 2.0.0 Ok: queued as ID" reply.
