@@ -387,7 +387,7 @@ async fn submit<S: AsyncRead + AsyncWrite + Unpin>(
     if code != 354 {
         return Err(failed(class(code), text));
     }
-    let mut data = crate::relay::client::dot_stuff(message);
+    let mut data = crate::smtp::data::dot_stuff(message);
     data.extend_from_slice(b".\r\n");
     w.write_all(&data)
         .await

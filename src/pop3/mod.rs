@@ -4,27 +4,12 @@
 //! Deletions happen only at QUIT (the UPDATE state), in one commit; a
 //! dropped connection deletes nothing. One session per maildrop at a time.
 //! A message is read as stored, with the Return-Path line the final
-//! delivery adds (RFC 5321 §4.4), and sent dot-stuffed.
+//! delivery adds (RFC 5321 §4.4), and sent dot-stuffed
+//! (`smtp::data::dot_stuff_into`, the same as SMTP's).
 
 mod session;
 
 pub use session::Session;
-
-/// Dot-stuffs `data` into `out`: a line starting with "." gets another
-/// (RFC 1939 §3). `data` has CRLF line ends and ends with CRLF or is empty.
-pub fn stuff_into(out: &mut Vec<u8>, data: &[u8]) {
-    let mut line_start = true;
-    for &b in data {
-        if line_start && b == b'.' {
-            out.push(b'.');
-        }
-        out.push(b);
-        line_start = b == b'\n';
-    }
-    if !line_start {
-        out.extend_from_slice(b"\r\n");
-    }
-}
 
 /// The header section, the empty line, and the first `lines` lines of the
 /// body (TOP).
@@ -49,13 +34,6 @@ pub fn top(message: &[u8], lines: usize) -> &[u8] {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn stuffing() {
-        let mut out = Vec::new();
-        stuff_into(&mut out, b".a\r\nb\r\n..\r\n");
-        assert_eq!(out, b"..a\r\nb\r\n...\r\n");
-    }
 
     #[test]
     fn top_lines() {

@@ -417,7 +417,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     None => &message[..],
                 };
                 let mut out = format!("+OK {} octets\r\n", entry.size()).into_bytes();
-                super::stuff_into(&mut out, part);
+                crate::smtp::data::dot_stuff_into(&mut out, part);
                 out.extend_from_slice(b".\r\n");
                 self.codec.write(&out);
             }

@@ -800,7 +800,7 @@ impl Session {
                 }
                 continue;
             }
-            let mut buf = dot_stuff(&m.body);
+            let mut buf = crate::smtp::data::dot_stuff(&m.body);
             buf.extend_from_slice(b".\r\n");
             // Behind the dot: the next message's envelope (RFC 2920 §3.1).
             let mut next = None;
@@ -864,24 +864,6 @@ fn outcomes(mail: &Reply, rcpt: &[Reply], last: Option<&Reply>) -> Vec<Outcome> 
         .collect()
 }
 
-/// Doubles every dot at the start of a line (RFC 5321 §4.5.2). `body` is
-/// canonical: it ends with CRLF (or is empty) and has no bare CR or LF.
-pub fn dot_stuff(body: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(body.len() + body.len() / 64 + 8);
-    let mut line_start = true;
-    for &b in body {
-        if line_start && b == b'.' {
-            out.push(b'.');
-        }
-        out.push(b);
-        line_start = b == b'\n';
-    }
-    if !line_start {
-        out.extend_from_slice(b"\r\n");
-    }
-    out
-}
-
 /// xtext (RFC 3461 §4): `+`, `=`, controls and non-ASCII as +XX.
 fn xtext(s: &str) -> String {
     let mut out = String::new();
@@ -927,13 +909,6 @@ fn describe_tls_error(e: &std::io::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn stuffing() {
-        assert_eq!(dot_stuff(b".\r\n..x\r\na.b\r\n"), b"..\r\n...x\r\na.b\r\n");
-        assert_eq!(dot_stuff(b""), b"");
-        assert_eq!(dot_stuff(b"x"), b"x\r\n");
-    }
 
     #[test]
     fn extensions() {

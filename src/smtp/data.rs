@@ -203,6 +203,31 @@ impl DotReader {
     }
 }
 
+/// The other direction: dot-stuffs canonical content for sending (SMTP
+/// DATA, POP3 RETR): a line starting with "." gets another (RFC 5321
+/// §4.5.2, RFC 1939 §3). Content that does not end with CRLF is completed
+/// with one, so nothing sent can run into the final dot.
+pub fn dot_stuff_into(out: &mut Vec<u8>, body: &[u8]) {
+    out.reserve(body.len() + body.len() / 64 + 2);
+    let mut line_start = true;
+    for &b in body {
+        if line_start && b == b'.' {
+            out.push(b'.');
+        }
+        out.push(b);
+        line_start = b == b'\n';
+    }
+    if !line_start {
+        out.extend_from_slice(b"\r\n");
+    }
+}
+
+pub fn dot_stuff(body: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    dot_stuff_into(&mut out, body);
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -293,6 +318,17 @@ mod tests {
         assert_eq!(read(&long, 100).0.unwrap_err(), ContentError::LineTooLong);
 
         assert_eq!(read(b"a\0b\r\n.\r\n", 1).0.unwrap_err(), ContentError::Nul);
+    }
+
+    #[test]
+    fn stuffing_round_trips_through_the_reader() {
+        assert_eq!(dot_stuff(b".\r\n..x\r\na.b\r\n"), b"..\r\n...x\r\na.b\r\n");
+        assert_eq!(dot_stuff(b""), b"");
+        assert_eq!(dot_stuff(b"x"), b"x\r\n");
+        let body = b"a\r\n.\r\n..\r\n.b\r\n";
+        let mut wire = dot_stuff(body);
+        wire.extend_from_slice(b".\r\n");
+        assert_eq!(read(&wire, 3).0.unwrap(), body);
     }
 
     #[test]
