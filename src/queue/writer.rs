@@ -366,8 +366,15 @@ fn insert(tx: &rusqlite::Savepoint<'_>, m: &NewMessage) -> rusqlite::Result<()> 
         m.dsn_ret,
         m.dsn_envid,
     ])?;
-    tx.prepare_cached("INSERT INTO bodies (message_id, data) VALUES (?1, ?2)")?
-        .execute(params![m.id.as_str(), m.body])?;
+    // The body goes in through a blob handle: binding it as a parameter
+    // would make SQLite copy it first, and a large message must not be held
+    // twice in memory.
+    tx.prepare_cached("INSERT INTO bodies (message_id, data) VALUES (?1, zeroblob(?2))")?
+        .execute(params![m.id.as_str(), m.body.len() as i64])?;
+    let rowid = tx.last_insert_rowid();
+    let mut blob = tx.blob_open(rusqlite::MAIN_DB, "bodies", "data", rowid, false)?;
+    blob.write_at(&m.body, 0)?;
+    drop(blob);
     tx.prepare_cached(
         "INSERT INTO history (message_id, at, event, detail) VALUES (?1, ?2, 'received', ?3)",
     )?

@@ -40,6 +40,8 @@ struct Transaction {
     recipients: Vec<NewRecipient>,
     /// Recipients the client gave (alias targets not counted).
     given: usize,
+    /// SIZE= from MAIL: room for the message is made once, not by doubling.
+    size_hint: usize,
     /// Set by the first BDAT chunk.
     bdat: Option<(QueueId, Canonical)>,
 }
@@ -436,6 +438,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             dsn_envid: from.env_id,
             recipients: Vec::new(),
             given: 0,
+            size_hint: from.size.min(max as usize),
             bdat: None,
         });
         self.reply(reply::sender_ok())
@@ -598,7 +601,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         }
         let id = QueueId::generate();
         let limit = self.config.relay.max_message_size as usize;
-        let mut reader = DotReader::with_prefix(limit, self.received_header(&id));
+        let mut reader = DotReader::with_prefix(limit, self.message_buffer(&id));
         self.codec.reply(&reply::start_data());
         loop {
             let input = self.codec.buffered();
@@ -626,7 +629,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 let limit = self.config.relay.max_message_size as usize;
                 Some((
                     id.clone(),
-                    Canonical::with_prefix(limit, self.received_header(&id)),
+                    Canonical::with_prefix(limit, self.message_buffer(&id)),
                 ))
             }
             (Some(_), _) => None,
@@ -735,6 +738,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
 
     /// The trace header this gateway adds (RFC 5321 §4.4). Names the TLS
     /// version and cipher and the account, never a password.
+    /// The buffer a message is collected in: the Received header first, and
+    /// room for the size the client declared.
+    fn message_buffer(&self, id: &QueueId) -> Vec<u8> {
+        let mut buf = self.received_header(id);
+        if let Some(tx) = &self.tx {
+            buf.reserve(tx.size_hint.saturating_add(2));
+        }
+        buf
+    }
+
     fn received_header(&self, id: &QueueId) -> Vec<u8> {
         let config = &self.config;
         let mut h = match (&self.peer, self.peer.ip()) {
