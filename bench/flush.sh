@@ -37,7 +37,9 @@
 #
 # Outpost: `outpost serve` with a fresh store per run, one relay listener on a
 # free 127.0.0.1 port, [upstream] server = "[NS_ADDR]:PORT", tls = "none",
-# connections = N, no flush.interval, flush.on_submit = false; the timed flush is
+# connections = N, no flush.interval, flush.on_submit = false, [control] and
+# [submit] sockets in the run's temp dir (so that no two instances collide and
+# nothing goes to /run/outpost); the timed flush is
 # `outpost flush --all --config CFG` through the daemon's control socket (run in
 # the background so that the watcher can sample connections); depth is
 # `outpost queue list --json | len`.
@@ -355,6 +357,9 @@ on_submit = false
 
 [control]
 socket = "$dir/control.sock"
+
+[submit]
+socket = "$dir/submit.sock"
 
 [log]
 level = "warn"

@@ -623,3 +623,29 @@ fn a_daemon_flush_and_a_command_line_flush_together_send_each_message_once() {
     senders.dedup();
     assert_eq!(senders.len(), sent);
 }
+
+#[test]
+fn a_short_queue_is_shared_by_every_connection() {
+    let hub = Gateway::start("");
+    let mut branch = Gateway::start(&format!("{}connections = 4\n", upstream(hub.relay, "none")));
+    for i in 0..20 {
+        send(
+            &branch,
+            &format!("s{i}@client.test"),
+            &["x@far.example"],
+            b"Subject: share\r\n\r\nx\r\n",
+        );
+    }
+    branch.stop();
+    let sessions =
+        |g: &Gateway| g.log().matches("\"connect\"").count() + g.log().matches(" connect ").count();
+    let before = sessions(&hub);
+    let v = json_out(&branch.cli(&["flush", "--json"]));
+    assert_eq!(v["summary"]["delivered"], 20, "{v}");
+    assert_eq!(
+        sessions(&hub) - before,
+        4,
+        "four connections, each with a share:\n{}",
+        hub.log()
+    );
+}

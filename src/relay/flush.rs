@@ -444,14 +444,17 @@ impl Flusher {
         } else {
             info!(domain = %dest.name, server = %first.addr, "delivering held mail");
         }
-        let queue = Arc::new(Mutex::new(due));
-        let (tx, mut rx) = mpsc::unbounded_channel::<WorkerReport>();
-        let mut workers = Vec::new();
         let n = if dest.upstream {
             self.config.upstream.connections.max(1) as usize
         } else {
             1
         };
+        // Every connection gets a share: a short queue is not taken whole
+        // by the first worker while the others find nothing.
+        let batch = due.len().div_ceil(n).clamp(1, BATCH);
+        let queue = Arc::new(Mutex::new(due));
+        let (tx, mut rx) = mpsc::unbounded_channel::<WorkerReport>();
+        let mut workers = Vec::new();
         let mut first = Some(first);
         for _ in 0..n {
             let w = self.clone();
@@ -460,7 +463,7 @@ impl Flusher {
             let session = first.take();
             let (settings, dest) = (settings.clone(), dest.clone());
             workers.push(tokio::spawn(async move {
-                w.worker(dest, session, settings, queue, tx).await
+                w.worker(dest, session, settings, queue, batch, tx).await
             }));
         }
         drop(tx);
@@ -618,6 +621,7 @@ impl Flusher {
         mut session: Option<Session>,
         settings: ClientSettings,
         queue: Arc<Mutex<VecDeque<DueMessage>>>,
+        batch_max: usize,
         tx: mpsc::UnboundedSender<WorkerReport>,
     ) -> Option<Session> {
         loop {
@@ -625,7 +629,7 @@ impl Flusher {
                 let mut q = queue.lock().unwrap_or_else(|p| p.into_inner());
                 let mut n = 0;
                 let mut bytes = 0;
-                while n < q.len().min(BATCH) && (n == 0 || bytes + q[n].size <= BATCH_BYTES) {
+                while n < q.len().min(batch_max) && (n == 0 || bytes + q[n].size <= BATCH_BYTES) {
                     bytes += q[n].size;
                     n += 1;
                 }
