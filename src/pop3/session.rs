@@ -18,6 +18,8 @@ use crate::server::{phase_reached, Phase, Shared};
 /// be longer (RFC 5034 §4).
 const MAX_LINE: usize = 1024;
 const TLS_TIMEOUT: Duration = Duration::from_secs(30);
+/// Octets of a message sent per write when it is retrieved.
+const PIECE: usize = 64 * 1024;
 
 enum Flow {
     Go,
@@ -409,17 +411,29 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                         return;
                     }
                 };
-                let mut message = entry.return_path().into_bytes();
-                message.extend_from_slice(&body);
-                drop(body);
                 let part = match lines {
-                    Some(n) => super::top(&message, n),
-                    None => &message[..],
+                    Some(n) => super::top(&body, n),
+                    None => &body[..],
                 };
-                let mut out = format!("+OK {} octets\r\n", entry.size()).into_bytes();
-                crate::smtp::data::dot_stuff_into(&mut out, part);
-                out.extend_from_slice(b".\r\n");
-                self.codec.write(&out);
+                // Streamed in pieces: a large message is not copied whole
+                // into the output as well.
+                self.codec
+                    .write(format!("+OK {} octets\r\n", entry.size()).as_bytes());
+                let mut stuffer = crate::smtp::data::DotStuffer::default();
+                let mut buf = Vec::with_capacity(PIECE + PIECE / 32);
+                stuffer.push(&mut buf, entry.return_path().as_bytes());
+                for piece in part.chunks(PIECE) {
+                    stuffer.push(&mut buf, piece);
+                    self.codec.write(&buf);
+                    buf.clear();
+                    if self.codec.pending_output() >= PIECE * 4 && self.codec.flush().await.is_err()
+                    {
+                        return;
+                    }
+                }
+                stuffer.finish(&mut buf);
+                buf.extend_from_slice(b".\r\n");
+                self.codec.write(&buf);
             }
             "DELE" => {
                 if let Some(i) = args.first().and_then(|a| self.pick(a)) {
