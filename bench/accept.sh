@@ -39,7 +39,7 @@ HOLD_SESSIONS=${HOLD_SESSIONS:-100}
 PY=/usr/bin/python3; [ -x "$PY" ] || PY=python3
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-OUTPOST=$REPO/target/release/outpost
+OUTPOST=${OUTPOST:-$REPO/target/release/outpost}
 
 log() { echo "[$(date +%H:%M:%S)] $*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
