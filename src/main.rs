@@ -142,20 +142,13 @@ fn status_line(store: &outpost::queue::Store) -> String {
     let (Ok(link), Ok(counts)) = (store.link(now), store.counts()) else {
         return String::new();
     };
-    let n = |s: &str| {
-        counts
-            .by_state
-            .iter()
-            .find(|(k, _)| k == s)
-            .map(|(_, n)| *n)
-            .unwrap_or(0)
-    };
+    use outpost::queue::RecipientState::{Deferred, Held, Queued};
     format!(
         "link {}; {} queued, {} deferred, {} held",
         link.state,
-        n("queued"),
-        n("deferred"),
-        n("held")
+        counts.count(Queued),
+        counts.count(Deferred),
+        counts.count(Held)
     )
 }
 

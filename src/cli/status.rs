@@ -6,7 +6,7 @@ use serde_json::json;
 
 use super::{exit, open_store};
 use crate::config::Config;
-use crate::queue::unix_now;
+use crate::queue::{unix_now, RecipientState};
 
 pub fn run(config: &Config, as_json: bool) -> ExitCode {
     let store = match open_store(config) {
@@ -28,14 +28,6 @@ pub fn run(config: &Config, as_json: bool) -> ExitCode {
             return ExitCode::from(exit::IOERR);
         }
     };
-    let count = |s: &str| {
-        counts
-            .by_state
-            .iter()
-            .find(|(k, _)| k == s)
-            .map(|(_, n)| *n)
-            .unwrap_or(0)
-    };
     let oldest_age = counts.oldest.map(|t| (now - t).max(0));
     // The next flush: the timer's next tick after the last flush, or when
     // deferred mail next comes due, whichever is later.
@@ -56,7 +48,7 @@ pub fn run(config: &Config, as_json: bool) -> ExitCode {
                 "last_error": link.last_error,
             },
             "last_flush": link.last_flush_at.map(|at| json!({ "at": rfc3339(at), "result": link.last_flush_result })),
-            "counts": { "queued": count("queued"), "deferred": count("deferred"), "held": count("held") },
+            "counts": { "queued": counts.count(RecipientState::Queued), "deferred": counts.count(RecipientState::Deferred), "held": counts.count(RecipientState::Held) },
             "uncertain": counts.uncertain,
             "oldest_age_seconds": oldest_age,
             "next_flush": next_flush.map(rfc3339),
@@ -91,9 +83,9 @@ pub fn run(config: &Config, as_json: bool) -> ExitCode {
     }
     println!(
         "queue:       {} queued, {} deferred, {} held{}",
-        count("queued"),
-        count("deferred"),
-        count("held"),
+        counts.count(RecipientState::Queued),
+        counts.count(RecipientState::Deferred),
+        counts.count(RecipientState::Held),
         if counts.uncertain > 0 {
             format!(
                 " ({} delivery uncertain: see `outpost queue list`)",

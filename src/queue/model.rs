@@ -203,6 +203,17 @@ pub struct QueueCounts {
     pub next_due: Option<i64>,
 }
 
+impl QueueCounts {
+    /// Pending recipients in `state`.
+    pub fn count(&self, state: RecipientState) -> i64 {
+        self.by_state
+            .iter()
+            .find(|(k, _)| k == state.as_str())
+            .map(|(_, n)| *n)
+            .unwrap_or(0)
+    }
+}
+
 /// A message with recipients due for the upstream.
 #[derive(Debug, Clone)]
 pub struct DueMessage {
