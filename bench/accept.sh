@@ -41,28 +41,13 @@ PY=/usr/bin/python3; [ -x "$PY" ] || PY=python3
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 OUTPOST=${OUTPOST:-$REPO/target/release/outpost}
 
-log() { echo "[$(date +%H:%M:%S)] $*" >&2; }
-die() { log "ERROR: $*"; exit 1; }
+. "$REPO/bench/lib.sh"
 
 [ "$(id -u)" = 0 ] || die "run as root (installs postfix, starts a private Postfix instance)"
 [ -x "$OUTPOST" ] || die "$OUTPOST missing: run 'cargo build --release' first"
 
 # ------------------------------------------------------------------ install
-find_tool() {
-    local d
-    for d in /usr/sbin /usr/lib/postfix/sbin /usr/libexec/postfix; do
-        [ -x "$d/$1" ] && { echo "$d/$1"; return 0; }
-    done
-    return 1
-}
-if ! find_tool smtp-source >/dev/null || ! command -v postfix >/dev/null; then
-    log "installing postfix (preseeded: No configuration)"
-    echo 'postfix postfix/main_mailer_type select No configuration' | debconf-set-selections
-    if ! DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends postfix >/dev/null; then
-        apt-get update -q >/dev/null
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends postfix >/dev/null
-    fi
-fi
+install_postfix smtp-source
 command -v ss >/dev/null || die "ss (iproute2) missing"
 SMTP_SOURCE=$(find_tool smtp-source) || die "smtp-source not found after installing postfix"
 [ -z "$(ss -ltnH 'sport = :25')" ] || log "WARNING: something already listens on port 25 (not ours)"
@@ -75,25 +60,8 @@ PF=
 HOLD_PID=
 SRC_PID=
 
-stop_pid() {  # TERM, up to 10 s, then KILL; only our own PIDs
-    local pid=$1
-    [ -n "$pid" ] && [ -e "/proc/$pid" ] || return 0
-    kill -TERM "$pid" 2>/dev/null || return 0
-    for _ in $(seq 100); do [ -e "/proc/$pid" ] || break; sleep 0.1; done
-    [ -e "/proc/$pid" ] && kill -KILL "$pid" 2>/dev/null
-    wait "$pid" 2>/dev/null || true
-}
-pf_master() { tr -d ' \n' <"$PF/spool/pid/master.pid" 2>/dev/null; }
-pf_stop() {   # the master by PID, then wait for it and its children
-    local m kids p
-    m=$(pf_master) || return 0
-    [ -n "$m" ] && [ -e "/proc/$m" ] || return 0
-    kids=$(ps -o pid= --ppid "$m" || true)
-    kill -TERM "$m" 2>/dev/null || true
-    for p in $m $kids; do
-        for _ in $(seq 100); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
-    done
-}
+pf_master() { master_of "$PF"; }
+pf_stop() { pf_stop_dir "$PF"; }
 cleanup() {
     local rc=$?
     set +e
@@ -103,17 +71,12 @@ cleanup() {
         mkdir -p "$KEEP_DIR" && cp "$T/results.tsv" "$T"/*.txt "$KEEP_DIR"/ 2>/dev/null
     fi
     rm -rf "$T"
-    if [ -n "$(ss -ltnH 'sport = :25')" ]; then
-        log "WARNING: something listens on port 25"; rc=1
-    else
-        log "port 25: nothing listens"
-    fi
+    port25_check || rc=1
     exit $rc
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-free_port() { "$PY" -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])'; }
 wait_port() {
     for _ in $(seq 100); do
         ss -ltnH "sport = :$1" | grep -q "127.0.0.1:$1" && return 0
@@ -235,37 +198,13 @@ local_recipient_maps =
 biff = no
 append_dot_mydomain = no
 EOF
-    cat >"$PF/conf/master.cf" <<EOF
-127.0.0.1:$PF_PORT inet n - n - - smtpd
-pickup    unix n - n 60 1 pickup
-cleanup   unix n - n - 0 cleanup
-qmgr      unix n - n 300 1 qmgr
-tlsmgr    unix - - n 1000? 1 tlsmgr
-rewrite   unix - - n - - trivial-rewrite
-bounce    unix - - n - 0 bounce
-defer     unix - - n - 0 bounce
-trace     unix - - n - 0 bounce
-verify    unix - - n - 1 verify
-flush     unix n - n 1000? 0 flush
-proxymap  unix - - n - - proxymap
-proxywrite unix - - n - 1 proxymap
-smtp      unix - - n - - smtp
-relay     unix - - n - - smtp
-showq     unix n - n - - showq
-error     unix - - n - - error
-retry     unix - - n - - error
-discard   unix - - n - - discard
-anvil     unix - - n - 1 anvil
-scache    unix - - n - 1 scache
-postlog   unix-dgram n - n - 1 postlogd
-EOF
+    write_master_cf "$PF/conf/master.cf" "127.0.0.1:$PF_PORT"
     postfix -c "$PF/conf" start >/dev/null 2>&1 || { tail -5 "$PF/maillog" >&2 || true; die "postfix did not start"; }
     wait_port "$PF_PORT" || die "postfix not listening on 127.0.0.1:$PF_PORT"
     PF_VERSION=$(postconf -c "$PF/conf" -h mail_version)
     log "postfix $PF_VERSION up, master pid $(pf_master), 127.0.0.1:$PF_PORT"
 }
-pf_count() { find "$PF/spool/maildrop" "$PF/spool/incoming" "$PF/spool/active" \
-                  "$PF/spool/deferred" "$PF/spool/hold" -type f 2>/dev/null | wc -l; }
+pf_count() { pf_queue_files "$PF"; }
 pf_busy() { find "$PF/spool/incoming" "$PF/spool/active" -type f 2>/dev/null | wc -l; }
 pf_purge() { postsuper -c "$PF/conf" -d ALL >/dev/null 2>&1 || true; : >"$PF/maillog"; sync; sleep 1; }
 

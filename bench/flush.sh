@@ -87,8 +87,7 @@ NETNS=bench-ns
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 OUTPOST_SRC=${OUTPOST:-$REPO/target/release/outpost}
 
-log() { echo "[$(date +%H:%M:%S)] $*" >&2; }
-die() { log "ERROR: $*"; exit 1; }
+. "$REPO/bench/lib.sh"
 
 [ "$(id -u)" = 0 ] || die "run as root (network namespace, private Postfix instances)"
 [ -x "$OUTPOST_SRC" ] || die "$OUTPOST_SRC missing: run 'cargo build --release' first"
@@ -97,21 +96,7 @@ for f in netns-link.sh flush.sh watch_queue.py cpu.py; do
 done
 
 # ------------------------------------------------------------------ install
-find_tool() {
-    local d
-    for d in /usr/sbin /usr/lib/postfix/sbin /usr/libexec/postfix; do
-        [ -x "$d/$1" ] && { echo "$d/$1"; return 0; }
-    done
-    return 1
-}
-if ! find_tool smtp-source >/dev/null || ! find_tool smtp-sink >/dev/null || ! command -v postfix >/dev/null; then
-    log "installing postfix (preseeded: No configuration)"
-    echo 'postfix postfix/main_mailer_type select No configuration' | debconf-set-selections
-    if ! DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends postfix >/dev/null; then
-        apt-get update -q >/dev/null
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends postfix >/dev/null
-    fi
-fi
+install_postfix smtp-source smtp-sink
 command -v ss >/dev/null && command -v ip >/dev/null || die "ss/ip (iproute2) missing"
 SMTP_SOURCE=$(find_tool smtp-source) || die "smtp-source not found after installing postfix"
 find_tool smtp-sink >/dev/null || die "smtp-sink not found after installing postfix"
@@ -133,25 +118,6 @@ PF=
 PFUP=
 NETNS_UP=0
 
-stop_pid() {  # TERM, up to 10 s, then KILL; only our own PIDs
-    local pid=$1
-    [ -n "$pid" ] && [ -e "/proc/$pid" ] || return 0
-    kill -TERM "$pid" 2>/dev/null || return 0
-    for _ in $(seq 100); do [ -e "/proc/$pid" ] || break; sleep 0.1; done
-    [ -e "/proc/$pid" ] && kill -KILL "$pid" 2>/dev/null
-    wait "$pid" 2>/dev/null || true
-}
-master_of() { tr -d ' \n' <"$1/spool/pid/master.pid" 2>/dev/null; }
-pf_stop_dir() {   # the master by PID, then wait for it and its children
-    local m kids p
-    m=$(master_of "$1") || return 0
-    [ -n "$m" ] && [ -e "/proc/$m" ] || return 0
-    kids=$(ps -o pid= --ppid "$m" || true)
-    kill -TERM "$m" 2>/dev/null || true
-    for p in $m $kids; do
-        for _ in $(seq 100); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
-    done
-}
 flush_bg_stop() {  # the backgrounded `outpost flush` of a run, if still there
     [ -n "$OP_FLUSH_DIR" ] && [ -f "$OP_FLUSH_DIR/flush.pid" ] && stop_pid "$(cat "$OP_FLUSH_DIR/flush.pid")"
     OP_FLUSH_DIR=
@@ -171,17 +137,12 @@ cleanup() {
         mkdir -p "$KEEP_DIR" && cp "$T/results.tsv" "$T"/*.txt "$KEEP_DIR"/ 2>/dev/null
     fi
     rm -rf "$T"
-    if [ -n "$(ss -ltnH 'sport = :25')" ]; then
-        log "WARNING: something listens on port 25"; rc=1
-    else
-        log "port 25: nothing listens"
-    fi
+    port25_check || rc=1
     exit $rc
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-free_port() { "$PY" -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])'; }
 wait_port() {  # wait_port ADDR PORT [NETNS]
     local ssx=(ss -ltnH "sport = :$2")
     [ -n "${3:-}" ] && ssx=(ip netns exec "$3" "${ssx[@]}")
@@ -214,35 +175,6 @@ PFUP_PORT=$(free_port)
 echo "$LINK" >"$T/link.txt"
 
 # ------------------------------------------------------------------ Postfix, common
-write_master_cf() {  # write_master_cf FILE LISTEN_ADDR:PORT
-    cat >"$1" <<EOF
-$2 inet n - n - - smtpd
-pickup    unix n - n 60 1 pickup
-cleanup   unix n - n - 0 cleanup
-qmgr      unix n - n 300 1 qmgr
-tlsmgr    unix - - n 1000? 1 tlsmgr
-rewrite   unix - - n - - trivial-rewrite
-bounce    unix - - n - 0 bounce
-defer     unix - - n - 0 bounce
-trace     unix - - n - 0 bounce
-verify    unix - - n - 1 verify
-flush     unix n - n 1000? 0 flush
-proxymap  unix - - n - - proxymap
-proxywrite unix - - n - 1 proxymap
-smtp      unix - - n - - smtp
-relay     unix - - n - - smtp
-showq     unix n - n - - showq
-error     unix - - n - - error
-retry     unix - - n - - error
-discard   unix - - n - - discard
-anvil     unix - - n - 1 anvil
-scache    unix - - n - 1 scache
-postlog   unix-dgram n - n - 1 postlogd
-EOF
-}
-pf_queue_files() { find "$1/spool/maildrop" "$1/spool/incoming" "$1/spool/active" \
-                        "$1/spool/deferred" "$1/spool/hold" -type f 2>/dev/null | wc -l; }
-
 # The client: a private instance on loopback, relaying to the namespace.
 pf_setup() {
     PF=$T/pf

@@ -1,0 +1,90 @@
+# Shared by bench/accept.sh and bench/flush.sh (sourced): logging, Postfix
+# tools and private instances, stopping by PID. Needs $PY (python3).
+
+log() { echo "[$(date +%H:%M:%S)] $*" >&2; }
+die() { log "ERROR: $*"; exit 1; }
+
+# find_tool NAME: Postfix's helper programs live in different places.
+find_tool() {
+    local d
+    for d in /usr/sbin /usr/lib/postfix/sbin /usr/libexec/postfix; do
+        [ -x "$d/$1" ] && { echo "$d/$1"; return 0; }
+    done
+    return 1
+}
+
+# install_postfix TOOL...: Debian's postfix, preseeded "No configuration"
+# (no main.cf, nothing on port 25), when postfix or a tool is missing.
+install_postfix() {
+    local t missing=
+    command -v postfix >/dev/null || missing=1
+    for t in "$@"; do find_tool "$t" >/dev/null || missing=1; done
+    [ -z "$missing" ] && return 0
+    log "installing postfix (preseeded: No configuration)"
+    echo 'postfix postfix/main_mailer_type select No configuration' | debconf-set-selections
+    if ! DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends postfix >/dev/null; then
+        apt-get update -q >/dev/null
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends postfix >/dev/null
+    fi
+}
+
+stop_pid() {  # TERM, up to 10 s, then KILL; only our own PIDs
+    local pid=$1
+    [ -n "$pid" ] && [ -e "/proc/$pid" ] || return 0
+    kill -TERM "$pid" 2>/dev/null || return 0
+    for _ in $(seq 100); do [ -e "/proc/$pid" ] || break; sleep 0.1; done
+    [ -e "/proc/$pid" ] && kill -KILL "$pid" 2>/dev/null
+    wait "$pid" 2>/dev/null || true
+}
+
+# A private Postfix instance in DIR (conf/, spool/): its master's PID, and
+# stopping it by that PID, then waiting for it and its children.
+master_of() { tr -d ' \n' <"$1/spool/pid/master.pid" 2>/dev/null; }
+pf_stop_dir() {
+    local m kids p
+    m=$(master_of "$1") || return 0
+    [ -n "$m" ] && [ -e "/proc/$m" ] || return 0
+    kids=$(ps -o pid= --ppid "$m" || true)
+    kill -TERM "$m" 2>/dev/null || true
+    for p in $m $kids; do
+        for _ in $(seq 100); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
+    done
+}
+pf_queue_files() { find "$1/spool/maildrop" "$1/spool/incoming" "$1/spool/active" \
+                        "$1/spool/deferred" "$1/spool/hold" -type f 2>/dev/null | wc -l; }
+
+write_master_cf() {  # write_master_cf FILE LISTEN_ADDR:PORT (peers.md section 3)
+    cat >"$1" <<EOT
+$2 inet n - n - - smtpd
+pickup    unix n - n 60 1 pickup
+cleanup   unix n - n - 0 cleanup
+qmgr      unix n - n 300 1 qmgr
+tlsmgr    unix - - n 1000? 1 tlsmgr
+rewrite   unix - - n - - trivial-rewrite
+bounce    unix - - n - 0 bounce
+defer     unix - - n - 0 bounce
+trace     unix - - n - 0 bounce
+verify    unix - - n - 1 verify
+flush     unix n - n 1000? 0 flush
+proxymap  unix - - n - - proxymap
+proxywrite unix - - n - 1 proxymap
+smtp      unix - - n - - smtp
+relay     unix - - n - - smtp
+showq     unix n - n - - showq
+error     unix - - n - - error
+retry     unix - - n - - error
+discard   unix - - n - - discard
+anvil     unix - - n - 1 anvil
+scache    unix - - n - 1 scache
+postlog   unix-dgram n - n - 1 postlogd
+EOT
+}
+
+free_port() { "$PY" -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])'; }
+
+port25_check() {  # returns 1 (and says so) when anything listens on port 25
+    if [ -n "$(ss -ltnH 'sport = :25')" ]; then
+        log "WARNING: something listens on port 25"; return 1
+    fi
+    log "port 25: nothing listens"
+}
