@@ -759,16 +759,15 @@ impl Flusher {
         let mut counts = Counts::default();
         let mut failed: Vec<DsnRecipient> = Vec::new();
         for (r, o) in m.recipients.iter().zip(outcomes) {
-            let (state, attempted, next, reply, uncertain, event, outcome) = match o {
+            // Every outcome here is an attempt: (state, next attempt, reply, uncertain, what happened).
+            let (state, next, reply, uncertain, event) = match o {
                 Outcome::Delivered(rep) => {
                     counts.delivered += 1;
                     (
                         RecipientState::Delivered,
-                        true,
                         now,
                         Some(rep.to_string()),
                         false,
-                        "delivered",
                         "delivered",
                     )
                 }
@@ -777,11 +776,9 @@ impl Flusher {
                     let next = next_attempt(now, r.attempts + 1, &self.config);
                     (
                         RecipientState::Deferred,
-                        true,
                         next,
                         Some(rep.to_string()),
                         false,
-                        "deferred",
                         "deferred",
                     )
                 }
@@ -801,11 +798,9 @@ impl Flusher {
                     });
                     (
                         RecipientState::Bounced,
-                        true,
                         now,
                         Some(rep.to_string()),
                         false,
-                        "bounced",
                         "bounced",
                     )
                 }
@@ -816,7 +811,7 @@ impl Flusher {
                         Uncertain::Resend => RecipientState::Queued,
                         Uncertain::Hold => RecipientState::Held,
                     };
-                    (state, true, now, Some(text), true, "uncertain", "uncertain")
+                    (state, now, Some(text), true, "uncertain")
                 }
                 Outcome::Untouched => {
                     counts.untouched += 1;
@@ -831,14 +826,14 @@ impl Flusher {
             };
             results.push(RcptResult {
                 address: r.address.clone(),
-                outcome: outcome.into(),
+                outcome: event.into(),
                 reply: reply.clone(),
             });
             changes.push(Change::Recipient(RecipientChange {
                 message_id: m.id.clone(),
                 idx: r.idx,
                 state,
-                attempted,
+                attempted: true,
                 next_attempt: next,
                 detail: format!("{} ({peer})", reply.as_deref().unwrap_or("")),
                 last_reply: reply,
