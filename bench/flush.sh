@@ -258,44 +258,7 @@ pfup_sent() { grep -c 'postfix/discard\[.*status=sent' "$PFUP/maillog" || true; 
 # ------------------------------------------------------------------ outpost
 op_start() {  # op_start DIR SERVER CONNS -> OP_PID, OP_PORT, OP_CFG
     local dir=$1
-    mkdir -p "$dir"
-    OP_PORT=$(free_port)
-    OP_CFG=$dir/outpost.toml
-    cat >"$OP_CFG" <<EOF
-hostname = "outpost.bench.example"
-
-[store]
-path = "$dir/queue.sqlite"
-
-[[listen]]
-address = "127.0.0.1:$OP_PORT"
-mode = "relay"
-
-[relay]
-networks = ["127.0.0.0/8"]
-max_message_size = 26214400
-
-[smtp]
-max_connections = 500
-max_connections_per_client = 500
-
-[upstream]
-server = "$2"
-tls = "none"
-connections = $3
-
-[flush]
-on_submit = false
-
-[control]
-socket = "$dir/control.sock"
-
-[submit]
-socket = "$dir/submit.sock"
-
-[log]
-level = "warn"
-EOF
+    op_config "$dir" "$(printf '[upstream]\nserver = "%s"\ntls = "none"\nconnections = %s\n\n[flush]\non_submit = false\n' "$2" "$3")"
     "$OUTPOST" serve --config "$OP_CFG" >>"$dir/outpost.log" 2>&1 &
     OP_PID=$!
     wait_port 127.0.0.1 "$OP_PORT" || { tail -5 "$dir/outpost.log" >&2; die "outpost did not listen on 127.0.0.1:$OP_PORT"; }

@@ -88,3 +88,40 @@ port25_check() {  # returns 1 (and says so) when anything listens on port 25
     fi
     log "port 25: nothing listens"
 }
+
+# op_config DIR [EXTRA_TOML] -> OP_PORT, OP_CFG: outpost's benchmark
+# configuration, a relay listener on a free loopback port, data in DIR.
+op_config() {
+    local dir=$1
+    mkdir -p "$dir"
+    OP_PORT=$(free_port)
+    OP_CFG=$dir/outpost.toml
+    cat >"$OP_CFG" <<EOT
+hostname = "outpost.bench.example"
+
+[store]
+path = "$dir/queue.sqlite"
+
+[[listen]]
+address = "127.0.0.1:$OP_PORT"
+mode = "relay"
+
+[relay]
+networks = ["127.0.0.0/8"]
+max_message_size = 26214400
+
+[smtp]
+max_connections = 500
+max_connections_per_client = 500
+
+[control]
+socket = "$dir/control.sock"
+
+[submit]
+socket = "$dir/submit.sock"
+
+[log]
+level = "warn"
+${2:-}
+EOT
+}
