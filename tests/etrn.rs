@@ -200,55 +200,14 @@ fn flush_domain_releases_a_hold_domain_by_hand() {
     assert_eq!(store(&branch).mailbox("alice").unwrap().len(), 1);
 }
 
-/// A branch that is slow to greet, and counts its connections.
-fn slow_branch() -> (u16, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
-    use std::io::{BufRead, BufReader, Write};
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = l.local_addr().unwrap().port();
-    let conns = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let seen = conns.clone();
-    std::thread::spawn(move || {
-        for s in l.incoming().flatten() {
-            seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            std::thread::spawn(move || {
-                std::thread::sleep(Duration::from_millis(1500));
-                let mut w = s.try_clone().unwrap();
-                let mut r = BufReader::new(s);
-                let _ = w.write_all(b"220 branch ESMTP\r\n");
-                let (mut line, mut data) = (String::new(), false);
-                loop {
-                    line.clear();
-                    if r.read_line(&mut line).unwrap_or(0) == 0 {
-                        break;
-                    }
-                    if data {
-                        if line == ".\r\n" {
-                            data = false;
-                            let _ = w.write_all(b"250 ok\r\n");
-                        }
-                        continue;
-                    }
-                    let reply: &[u8] =
-                        match line.get(..4).unwrap_or("").to_ascii_uppercase().as_str() {
-                            "EHLO" => b"250 branch\r\n",
-                            "DATA" => {
-                                data = true;
-                                b"354 go\r\n"
-                            }
-                            "QUIT" => b"221 bye\r\n",
-                            _ => b"250 ok\r\n",
-                        };
-                    let _ = w.write_all(reply);
-                }
-            });
-        }
-    });
-    (port, conns)
-}
-
 #[test]
 fn a_repeated_etrn_while_delivery_runs_starts_no_second_one() {
-    let (branch, conns) = slow_branch();
+    // A branch that is slow to greet, and counts its connections.
+    let (branch, seen) = common::fake::start(common::fake::Script {
+        greet_delay: Duration::from_millis(1500),
+        ..Default::default()
+    });
+    let conns = &seen.connections;
     let hub = Gateway::start(&format!(
         "[local]\ndomains = [\"hub.example\"]\n[hub]\nhold_domains = [\"branch.example\"]\n[hub.routes]\n\"branch.example\" = \"[127.0.0.1]:{branch}\"\n"
     ));

@@ -3,9 +3,9 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use common::{json_out, queued_id, Client, Gateway};
@@ -312,51 +312,12 @@ fn concurrent_flushes_send_each_message_once() {
     assert_eq!(senders.len(), 40);
 }
 
-/// An upstream that takes the whole message and then hangs up without
-/// answering the final dot (RFC 1047's window). Plain ESMTP, no PIPELINING.
-fn silent_after_dot() -> (u16, Arc<AtomicBool>) {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = l.local_addr().unwrap().port();
-    let got = Arc::new(AtomicBool::new(false));
-    let flag = got.clone();
-    std::thread::spawn(move || {
-        for s in l.incoming().flatten() {
-            let mut w = s.try_clone().unwrap();
-            let mut r = BufReader::new(s);
-            let _ = w.write_all(b"220 silent.test ESMTP\r\n");
-            let mut in_data = false;
-            let mut line = String::new();
-            loop {
-                line.clear();
-                if r.read_line(&mut line).unwrap_or(0) == 0 {
-                    break;
-                }
-                if in_data {
-                    if line == ".\r\n" {
-                        flag.store(true, Ordering::SeqCst);
-                        break; // hang up: no reply to the dot
-                    }
-                    continue;
-                }
-                let reply: &[u8] = match line.get(..4).unwrap_or("").to_ascii_uppercase().as_str() {
-                    "EHLO" => b"250-silent.test\r\n250 8BITMIME\r\n",
-                    "DATA" => {
-                        in_data = true;
-                        b"354 go on\r\n"
-                    }
-                    "QUIT" => b"221 bye\r\n",
-                    _ => b"250 ok\r\n",
-                };
-                let _ = w.write_all(reply);
-            }
-        }
-    });
-    (port, got)
-}
-
 fn uncertain_case(policy: &str) -> (Gateway, Gateway, String) {
     let hub = Gateway::start("");
-    let (silent, got) = silent_after_dot();
+    let (silent, seen) = common::fake::start(common::fake::Script {
+        silent_after_dot: true,
+        ..Default::default()
+    });
     let mut branch = Gateway::start(&format!(
         "{}[retry]\nuncertain = \"{policy}\"\n",
         upstream(silent, "none")
@@ -370,8 +331,9 @@ fn uncertain_case(policy: &str) -> (Gateway, Gateway, String) {
     branch.stop();
     let out = branch.cli(&["flush", "--json"]);
     let v = json_out(&out);
-    assert!(
-        got.load(Ordering::SeqCst),
+    assert_eq!(
+        seen.messages.load(Ordering::SeqCst),
+        1,
         "the silent upstream saw the final dot"
     );
     assert_eq!(v["summary"]["uncertain"], 1, "{v}");
@@ -489,55 +451,13 @@ fn queue_administration() {
     assert!(branch.queue().is_empty());
 }
 
-/// Takes one message, then answers the next MAIL with 421 and hangs up.
-fn closes_after_one() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = l.local_addr().unwrap().port();
-    std::thread::spawn(move || {
-        for s in l.incoming().flatten() {
-            let mut w = s.try_clone().unwrap();
-            let mut r = BufReader::new(s);
-            let _ = w.write_all(b"220 closing.test ESMTP\r\n");
-            let (mut in_data, mut mails) = (false, 0);
-            let mut line = String::new();
-            loop {
-                line.clear();
-                if r.read_line(&mut line).unwrap_or(0) == 0 {
-                    break;
-                }
-                if in_data {
-                    if line == ".\r\n" {
-                        in_data = false;
-                        let _ = w.write_all(b"250 2.0.0 taken\r\n");
-                    }
-                    continue;
-                }
-                let verb = line.get(..4).unwrap_or("").to_ascii_uppercase();
-                if verb == "MAIL" {
-                    mails += 1;
-                    if mails == 2 {
-                        let _ = w.write_all(b"421 4.3.2 closing.test going down\r\n");
-                        break;
-                    }
-                }
-                let reply: &[u8] = match verb.as_str() {
-                    "EHLO" => b"250-closing.test\r\n250 8BITMIME\r\n",
-                    "DATA" => {
-                        in_data = true;
-                        b"354 go on\r\n"
-                    }
-                    _ => b"250 ok\r\n",
-                };
-                let _ = w.write_all(reply);
-            }
-        }
-    });
-    port
-}
-
 #[test]
 fn a_421_leaves_the_rest_untouched_and_due() {
-    let port = closes_after_one();
+    // Takes one message, then answers the next MAIL with 421 and hangs up.
+    let (port, _) = common::fake::start(common::fake::Script {
+        close_at_mail: Some(2),
+        ..Default::default()
+    });
     let mut branch = Gateway::start(&upstream(port, "none"));
     let a = send(
         &branch,

@@ -2,6 +2,7 @@
 //! and cleans up by PID.
 #![allow(dead_code)]
 
+pub mod fake;
 pub mod peers;
 
 use std::io::{BufRead, BufReader, Read, Write};
