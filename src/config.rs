@@ -273,9 +273,15 @@ pub struct UpstreamConfig {
     /// Waiting for a reply to a command (RFC 5321 §4.5.3.2: 5 minutes).
     #[serde(with = "humantime_serde_compat")]
     pub command_timeout: Duration,
-    /// Sending a message and waiting for the reply to its end (10 minutes).
+    /// No progress while sending a message: one block of it not taken by
+    /// the upstream in this long (Postfix's `smtp_data_xfer_timeout`). A
+    /// message that is merely slow never times out.
     #[serde(with = "humantime_serde_compat")]
     pub data_timeout: Duration,
+    /// Waiting for the reply to the end of a message (RFC 5321
+    /// §4.5.3.2.6: 10 minutes).
+    #[serde(with = "humantime_serde_compat")]
+    pub final_timeout: Duration,
 }
 
 impl Default for UpstreamConfig {
@@ -292,7 +298,8 @@ impl Default for UpstreamConfig {
             dsn_sender: None,
             connect_timeout: Duration::from_secs(30),
             command_timeout: Duration::from_secs(300),
-            data_timeout: Duration::from_secs(600),
+            data_timeout: Duration::from_secs(180),
+            final_timeout: Duration::from_secs(600),
         }
     }
 }
@@ -345,7 +352,7 @@ pub enum Uncertain {
     Hold,
 }
 
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct FlushConfig {
     #[serde(
@@ -355,6 +362,20 @@ pub struct FlushConfig {
     pub interval: Option<Duration>,
     pub on_submit: bool,
     pub etrn: Vec<String>,
+    /// Messages larger than this go after every smaller one due in the
+    /// same flush, so small mail is never held behind a big one.
+    pub large_message_size: u64,
+}
+
+impl Default for FlushConfig {
+    fn default() -> Self {
+        FlushConfig {
+            interval: None,
+            on_submit: false,
+            etrn: Vec::new(),
+            large_message_size: 1 << 20,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -428,6 +449,13 @@ pub struct HubConfig {
     /// Where a hold domain's mail goes: `"branch.example" = "[gw.branch.example]:25"`;
     /// a domain not listed goes to its MX.
     pub routes: BTreeMap<String, String>,
+    /// Held mail that no branch took in this long is returned to its
+    /// sender; `retry.max_age_absolute` when unset.
+    #[serde(
+        with = "humantime_serde_compat::option",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub max_hold: Option<Duration>,
 }
 
 impl Default for HubConfig {
@@ -436,6 +464,7 @@ impl Default for HubConfig {
             hold_domains: Vec::new(),
             etrn_networks: vec!["127.0.0.0/8".parse().unwrap(), "::1/128".parse().unwrap()],
             routes: BTreeMap::new(),
+            max_hold: None,
         }
     }
 }
@@ -444,6 +473,11 @@ impl HubConfig {
     pub fn may_etrn(&self, ip: IpAddr) -> bool {
         let ip = canonical_ip(ip);
         self.etrn_networks.iter().any(|n| n.contains(&ip))
+    }
+
+    /// How long held mail waits for its branch.
+    pub fn max_hold(&self, retry: &RetryConfig) -> Duration {
+        self.max_hold.unwrap_or(retry.max_age_absolute)
     }
 
     /// Where `domain`'s held mail goes: the route, or the domain (MX).

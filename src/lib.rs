@@ -18,7 +18,9 @@ pub mod smtp;
 pub mod tls;
 
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
 use anyhow::Context as _;
 use tokio::net::TcpListener;
@@ -89,9 +91,12 @@ pub async fn serve(
     if listeners.is_empty() {
         warn!("no [[listen]] entries: nothing will be accepted");
     }
-    // The flusher in use; a reload publishes a new one.
-    let (flusher_tx, flusher_rx) =
-        watch::channel(Flusher::new(config.clone(), store.clone(), writer.clone()));
+    // The flusher in use; a reload publishes a new one. At shutdown the
+    // flush in progress finishes its transactions in flight and starts none.
+    let stopping = Arc::new(AtomicBool::new(false));
+    let (flusher_tx, flusher_rx) = watch::channel(
+        Flusher::new(config.clone(), store.clone(), writer.clone()).stopping_on(stopping.clone()),
+    );
     let control = control::bind(&config.control.socket)
         .with_context(|| format!("control.socket {}", config.control.socket.display()))?;
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -108,7 +113,7 @@ pub async fn serve(
         etrn: Some(etrn_tx),
         etrn_running: Default::default(),
     };
-    let mut runner = tokio::spawn(flush_runner(
+    let runner = tokio::spawn(flush_runner(
         flusher_rx,
         submitted,
         etrn_rx,
@@ -129,6 +134,7 @@ pub async fn serve(
     let reloader = {
         let shared = shared.clone();
         let first = config.clone();
+        let stopping = stopping.clone();
         tokio::spawn(async move {
             let writer = writer;
             while let Some(new) = reload.recv().await {
@@ -158,7 +164,10 @@ pub async fn serve(
                 }
                 let new = Arc::new(new);
                 shared.reconfigure(new.clone(), tls);
-                let _ = flusher_tx.send(Flusher::new(new.clone(), store.clone(), writer.clone()));
+                let _ = flusher_tx.send(
+                    Flusher::new(new.clone(), store.clone(), writer.clone())
+                        .stopping_on(stopping.clone()),
+                );
                 // The server logs "configuration reloaded" once its
                 // listeners follow.
                 let _ = relisten_tx.send(new.clone());
@@ -169,17 +178,22 @@ pub async fn serve(
     reloader.abort();
     let _ = reloader.await;
     let _ = std::fs::remove_file(&config.submit.socket);
+    stopping.store(true, Ordering::SeqCst);
     let _ = stop_tx.send(true);
     let _ = control_task.await;
-    // A flush in progress may finish its batch, within the grace period.
-    if tokio::time::timeout(config.smtp.shutdown_grace, &mut runner)
-        .await
-        .is_err()
-    {
-        warn!("the flush in progress did not end within smtp.shutdown_grace; its last batch may be sent again");
-        runner.abort();
-        let _ = runner.await;
+    // A flush in progress (scheduled, or asked for on the control socket)
+    // finishes the transactions in flight and starts none; each outcome is
+    // committed as it arrives. It has ended when the flush lock is free.
+    let drained = tokio::time::timeout(
+        config.smtp.shutdown_grace,
+        relay::flush::FlushLock::acquire(&config.store.path),
+    )
+    .await;
+    if drained.is_err() {
+        warn!("the flush in progress did not end within smtp.shutdown_grace; a message whose reply had not come yet will be sent again");
     }
+    runner.abort();
+    let _ = runner.await;
     // Every session and the flusher have ended; the last handle to the
     // writer is gone, and joining the thread waits for its last commit.
     writer_thread.join();
@@ -195,28 +209,49 @@ enum Trigger {
     Etrn,
 }
 
-/// The daemon's flush schedule: `flush.interval`; right after a message is
-/// accepted (`flush.on_submit`) unless the link is known down; and, in the
+/// The instant of the next tick of a `period` schedule (see
+/// [`relay::decide::next_tick`]): fixed by the wall clock, so traffic
+/// never pushes it back.
+fn next_tick(period: Duration) -> tokio::time::Instant {
+    let now_ms = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0);
+    let at = relay::decide::next_tick(period, now_ms);
+    tokio::time::Instant::now() + Duration::from_millis((at - now_ms).max(0) as u64)
+}
+
+/// The daemon's flush schedule: `flush.interval`, at fixed times (the
+/// next tick is set when a scheduled flush starts, never pushed back by
+/// other wake-ups); and as extra wake-ups, right after a message is
+/// accepted (`flush.on_submit`) unless the link is known down, and, in the
 /// hub role, a branch's ETRN. A burst of wake-ups runs one flush.
 /// `outpost flush` does not come here: the control socket runs its own
 /// flush (the flush lock serialises them).
 async fn flush_runner(
-    flushers: watch::Receiver<Flusher>,
+    mut flushers: watch::Receiver<Flusher>,
     submitted: Arc<Notify>,
     mut etrn: tokio::sync::mpsc::UnboundedReceiver<String>,
     etrn_running: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
     mut stop: watch::Receiver<bool>,
 ) {
+    // The schedule's period and its next tick.
+    let mut schedule: Option<(Duration, tokio::time::Instant)> = None;
     loop {
         // The flusher (and so the configuration) of the moment.
-        let flusher = flushers.borrow().clone();
-        let interval = flusher.config.flush.interval;
+        let flusher = flushers.borrow_and_update().clone();
+        schedule = match (flusher.config.flush.interval, schedule) {
+            (Some(i), Some((p, at))) if p == i => Some((i, at)),
+            (Some(i), _) => Some((i, next_tick(i))),
+            (None, _) => None,
+        };
         let mut opts = FlushOptions::default();
         let trigger = tokio::select! {
             _ = stop.changed() => return,
+            _ = flushers.changed() => continue,
             _ = async {
-                match interval {
-                    Some(i) => tokio::time::sleep(i).await,
+                match schedule {
+                    Some((_, at)) => tokio::time::sleep_until(at).await,
                     None => std::future::pending().await,
                 }
             } => Trigger::Interval,
@@ -234,6 +269,11 @@ async fn flush_runner(
                 Trigger::Etrn
             }
         };
+        if trigger == Trigger::Interval {
+            // The next tick is fixed now, as this flush starts: however
+            // long it takes, the schedule does not drift.
+            schedule = schedule.map(|(p, _)| (p, next_tick(p)));
+        }
         if trigger == Trigger::OnSubmit && !flusher.config.flush.on_submit {
             continue;
         }
@@ -258,7 +298,8 @@ async fn flush_runner(
                 );
             }
         };
-        // A flush that started runs to its end; `serve` waits for it up to
+        // A flush that started runs to its end; at shutdown it finishes
+        // what is in flight, and `serve` waits for it up to
         // smtp.shutdown_grace.
         flusher.run(&opts, &mut log).await;
         if trigger == Trigger::Etrn {

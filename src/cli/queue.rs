@@ -11,7 +11,7 @@ use crate::queue::{
     unix_now, Change, MessageSummary, RecipientChange, RecipientState, RecipientStatus, Route,
     Store, Writer,
 };
-use crate::relay::flush::Flusher;
+use crate::relay::flush::{FlushLock, Flusher};
 
 pub fn run(config: &Config, cmd: &QueueCommand) -> ExitCode {
     let store = match open_store(config) {
@@ -218,8 +218,22 @@ enum Admin {
 }
 
 /// delete / hold / release / retry / bounce, through a writer of our own
-/// (the daemon's may be running: SQLite serialises the two).
+/// (the daemon's may be running: SQLite serialises the two). Under the
+/// flush lock: a flush in progress ends first, so a message is never held,
+/// bounced or deleted while it is on its way, and what the flush recorded
+/// is what this command sees.
 fn admin(config: &Config, store: Store, what: Admin, sel: &Selection) -> ExitCode {
+    let _lock = match FlushLock::acquire_blocking(&config.store.path, |_| {
+        eprintln!(
+            "outpost: a flush is in progress; waiting for it to end before changing the queue"
+        )
+    }) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("outpost: {e}");
+            return ExitCode::from(exit::CANTCREAT);
+        }
+    };
     let ids: Vec<String> = if sel.all {
         match store.list(None) {
             Ok(l) => l.into_iter().map(|m| m.id).collect(),

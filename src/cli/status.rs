@@ -29,12 +29,13 @@ pub fn run(config: &Config, as_json: bool) -> ExitCode {
         }
     };
     let oldest_age = counts.oldest.map(|t| (now - t).max(0));
-    // The next flush: the timer's next tick after the last flush, or when
-    // deferred mail next comes due, whichever is later.
+    // The next flush: the schedule's next tick (fixed times, see
+    // relay::decide::next_tick), or when deferred mail next comes due,
+    // whichever is later.
     let next_timer = config
         .flush
         .interval
-        .map(|i| link.last_flush_at.unwrap_or(now) + i.as_secs() as i64);
+        .map(|i| crate::relay::decide::next_tick(i, now * 1000).div_euclid(1000));
     let next_flush = match (next_timer, counts.next_due) {
         (Some(t), Some(d)) => Some(t.max(d)),
         (Some(t), None) => Some(t),

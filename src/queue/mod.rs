@@ -295,18 +295,18 @@ impl Store {
 
     // ---- flushing ---------------------------------------------------------
 
-    /// Every message with recipients still to go out (`queued` or
-    /// `deferred`, due or not): to the upstream, or hold-domain mail released
-    /// by ETRN. Oldest first. The flusher picks what is due.
+    /// Every message with recipients not yet final (`queued`, `deferred` or
+    /// `held`, due or not, on every route), with those recipients. Oldest
+    /// first. The flusher ages them all and picks what is due.
     pub fn pending_outbound(&self) -> Result<Vec<DueMessage>, StoreError> {
         self.with(|c| {
             let mut st = c.prepare_cached(
                 "SELECT m.id, m.received_at, m.up_clock_at_receipt, m.sender, m.body_type, m.smtputf8,
                         m.dsn_ret, m.dsn_envid,
                         r.idx, r.address, r.attempts, r.dsn_notify, r.dsn_orcpt, r.warned, r.last_reply,
-                        r.domain, r.next_attempt, r.route, m.size
+                        r.domain, r.next_attempt, r.route, m.size, r.state
                    FROM recipients r JOIN messages m ON m.id = r.message_id
-                  WHERE r.route IN ('upstream', 'hold') AND r.state IN ('queued', 'deferred')
+                  WHERE r.state IN ('queued', 'deferred', 'held')
                   ORDER BY m.received_at, m.id, r.idx",
             )?;
             let mut out: Vec<DueMessage> = Vec::new();
@@ -335,6 +335,10 @@ impl Store {
                         domain: r.get(15)?,
                         next_attempt: r.get(16)?,
                         route: r.get::<_, String>(17)?.parse().unwrap_or(Route::Upstream),
+                        state: r
+                            .get::<_, String>(19)?
+                            .parse()
+                            .unwrap_or(RecipientState::Queued),
                     },
                 ))
             })?;

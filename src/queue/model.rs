@@ -242,6 +242,9 @@ pub struct DueRecipient {
     pub domain: String,
     pub next_attempt: i64,
     pub route: Route,
+    /// Queued or deferred (waiting), or held (for a branch's ETRN, or by
+    /// the administrator).
+    pub state: RecipientState,
 }
 
 /// Hub role: mail held for one domain.

@@ -23,8 +23,11 @@ pub struct Timeouts {
     pub connect: Duration,
     /// Greeting, EHLO, STARTTLS, AUTH, MAIL, RCPT and DATA replies.
     pub command: Duration,
-    /// Writing a message and the reply to its final dot.
+    /// No progress while writing a message: no octet taken in this long.
+    /// A slow message that keeps moving never times out.
     pub data: Duration,
+    /// The reply to the end of a message (final dot or BDAT LAST).
+    pub final_reply: Duration,
 }
 
 impl Default for Timeouts {
@@ -32,8 +35,30 @@ impl Default for Timeouts {
         Timeouts {
             connect: Duration::from_secs(30),
             command: Duration::from_secs(300),
-            data: Duration::from_secs(600),
+            data: Duration::from_secs(180),
+            final_reply: Duration::from_secs(600),
         }
+    }
+}
+
+/// Message data is handed to the socket at most this much at a time; each
+/// write has its own `Timeouts::data` (RFC 5321 §4.5.3.2.5: a timeout per
+/// block written).
+pub const BLOCK: usize = 64 << 10;
+
+/// How a batch reports as it goes, and how it is told to stop.
+pub struct Report<'a> {
+    /// Called once per message (its index in the batch) as soon as every
+    /// recipient's outcome is known: the caller records it at once, so a
+    /// stop or a crash later resends nothing the upstream took.
+    pub outcome: &'a mut (dyn FnMut(usize, Vec<Outcome>) + Send),
+    /// Once set, no new transaction starts; those in flight finish.
+    pub stop: &'a std::sync::atomic::AtomicBool,
+}
+
+impl Report<'_> {
+    fn stopping(&self) -> bool {
+        self.stop.load(std::sync::atomic::Ordering::SeqCst)
     }
 }
 
@@ -399,40 +424,61 @@ impl Session {
         self.read_reply(phase).await
     }
 
+    /// Writes `bytes`: a command line within the command timeout; message
+    /// data with the data timeout for each write, so that only a stall
+    /// (no octet taken in that long) times out, never a message that is
+    /// merely big or slow.
     async fn write(&mut self, bytes: &[u8], phase: &'static str) -> Result<(), LinkError> {
         let limit = if bytes.len() > 4096 {
             self.timeouts.data
         } else {
             self.timeouts.command
         };
-        let io = &mut self.stream;
-        match tokio::time::timeout(limit, async {
-            let io = io.io()?;
-            io.write_all(bytes).await?;
-            io.flush().await
-        })
-        .await
-        {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(LinkError::Lost {
-                addr: self.addr.clone(),
-                phase,
-                error: e.to_string(),
-            }),
-            Err(_) => Err(LinkError::Timeout {
-                addr: self.addr.clone(),
-                phase,
-            }),
+        let addr = &self.addr;
+        let failed = |e: std::io::Error| LinkError::Lost {
+            addr: addr.clone(),
+            phase,
+            error: e.to_string(),
+        };
+        let stalled = |_| LinkError::Timeout {
+            addr: addr.clone(),
+            phase,
+        };
+        let io = self.stream.io().map_err(failed)?;
+        let mut done = 0;
+        while done < bytes.len() {
+            let end = (done + BLOCK).min(bytes.len());
+            let n = tokio::time::timeout(limit, io.write(&bytes[done..end]))
+                .await
+                .map_err(stalled)?
+                .map_err(failed)?;
+            if n == 0 {
+                return Err(failed(std::io::ErrorKind::WriteZero.into()));
+            }
+            done += n;
         }
+        tokio::time::timeout(limit, io.flush())
+            .await
+            .map_err(stalled)?
+            .map_err(failed)
     }
 
-    /// Reads one (possibly multi-line) reply.
+    /// Reads one (possibly multi-line) reply to a command.
     async fn read_reply(&mut self, phase: &'static str) -> Result<Reply, LinkError> {
-        let limit = if phase == "final dot" {
-            self.timeouts.data
-        } else {
-            self.timeouts.command
-        };
+        self.read_reply_within(phase, self.timeouts.command).await
+    }
+
+    /// Reads the reply to the end of a message.
+    async fn read_final_reply(&mut self) -> Result<Reply, LinkError> {
+        self.read_reply_within("final dot", self.timeouts.final_reply)
+            .await
+    }
+
+    async fn read_reply_within(
+        &mut self,
+        phase: &'static str,
+        limit: Duration,
+    ) -> Result<Reply, LinkError> {
         let deadline = tokio::time::Instant::now() + limit;
         let mut lines: Vec<String> = Vec::new();
         let mut code = 0u16;
@@ -588,30 +634,28 @@ impl Session {
         out.into_bytes()
     }
 
-    /// Sends `msgs` and returns, per message, one outcome per recipient.
-    /// After a connection loss the session is unusable (`None` returned
-    /// with the outcomes); otherwise it is handed back for more.
-    pub async fn send_batch(mut self, msgs: &[&Outgoing]) -> (Vec<Vec<Outcome>>, Option<Session>) {
-        let mut results: Vec<Vec<Outcome>> = msgs
-            .iter()
-            .map(|m| vec![Outcome::Untouched; m.recipients.len()])
-            .collect();
+    /// Sends `msgs`, reporting each message's outcomes (one per
+    /// recipient) through `report` as soon as they are known; a message
+    /// never reported was not tried. After a connection loss the session
+    /// is unusable (`Err`); otherwise it is handed back for more.
+    pub async fn send_batch(
+        mut self,
+        msgs: &[&Outgoing],
+        report: &mut Report<'_>,
+    ) -> Result<Session, LinkError> {
         let r = if self.ext.chunking && self.ext.pipelining {
-            self.send_bdat_pipelined(msgs, &mut results).await
+            self.send_bdat_pipelined(msgs, report).await
         } else {
-            self.send_data(msgs, &mut results).await
+            self.send_data(msgs, report).await
         };
-        match r {
-            Ok(()) => (results, Some(self)),
-            Err(_) => (results, None),
-        }
+        r.map(|()| self)
     }
 
     /// CHUNKING + PIPELINING: keep up to WINDOW transactions in flight.
     async fn send_bdat_pipelined(
         &mut self,
         msgs: &[&Outgoing],
-        results: &mut [Vec<Outcome>],
+        report: &mut Report<'_>,
     ) -> Result<(), LinkError> {
         // Transactions and octets in flight at most. An upstream that holds
         // its replies until its input runs dry (Postfix) answers a whole
@@ -625,14 +669,20 @@ impl Session {
         let mut written: Vec<bool> = vec![false; msgs.len()];
         // On a lost connection: a message written whole may have been
         // taken (RFC 1047), one not written whole cannot have been.
-        let lost = |results: &mut [Vec<Outcome>], written: &[bool], from: usize, e: &LinkError| {
+        let lost = |report: &mut Report<'_>, written: &[bool], from: usize, e: &LinkError| {
             for (i, w) in written.iter().enumerate().skip(from) {
                 if *w {
-                    results[i] = vec![Outcome::Uncertain(e.to_string()); msgs[i].recipients.len()];
+                    (report.outcome)(
+                        i,
+                        vec![Outcome::Uncertain(e.to_string()); msgs[i].recipients.len()],
+                    );
                 }
             }
         };
         while done < msgs.len() {
+            if done == sent && report.stopping() {
+                return Ok(());
+            }
             let mut buf = Vec::new();
             let mut in_buf = Vec::new();
             let in_flight: usize = (done..sent)
@@ -640,13 +690,14 @@ impl Session {
                 .map(|i| msgs[i].body.len())
                 .sum();
             while sent < msgs.len()
+                && !report.stopping()
                 && sent - done < WINDOW
                 && buf.len() < (1 << 20)
                 && (in_flight + buf.len() < WINDOW_BYTES || sent == done)
             {
                 let m = msgs[sent];
                 if let Some(r) = self.refuse_before_sending(m) {
-                    results[sent] = vec![Outcome::Bounced(r); m.recipients.len()];
+                    (report.outcome)(sent, vec![Outcome::Bounced(r); m.recipients.len()]);
                 } else {
                     buf.extend_from_slice(&self.envelope(m, true));
                     buf.extend_from_slice(&m.body);
@@ -656,7 +707,7 @@ impl Session {
             }
             if !buf.is_empty() {
                 if let Err(e) = self.write(&buf, "sending messages").await {
-                    lost(results, &written, done, &e);
+                    lost(report, &written, done, &e);
                     return Err(e);
                 }
                 for i in in_buf {
@@ -676,13 +727,13 @@ impl Session {
                     for _ in &m.recipients {
                         rcpt.push(self.read_reply("RCPT").await?);
                     }
-                    let last = self.read_reply("final dot").await?;
+                    let last = self.read_final_reply().await?;
                     Ok::<_, LinkError>((mail, rcpt, last))
                 };
                 let (mail, rcpt, last) = match replies.await {
                     Ok(r) => r,
                     Err(e) => {
-                        lost(results, &written, done, &e);
+                        lost(report, &written, done, &e);
                         return Err(e);
                     }
                 };
@@ -690,12 +741,12 @@ impl Session {
                 if let Some(e) = self.closing(&mail, &rcpt, &last) {
                     // 421: the upstream is going away; this message was not
                     // refused, and what follows it was never looked at.
-                    lost(results, &written, done + 1, &e);
+                    lost(report, &written, done + 1, &e);
                     return Err(e);
                 }
-                results[done] = outcomes(&mail, &rcpt, Some(&last));
+                (report.outcome)(done, outcomes(&mail, &rcpt, Some(&last)));
                 done += 1;
-                if sent < msgs.len() {
+                if sent < msgs.len() && !report.stopping() {
                     break; // refill the window
                 }
             }
@@ -720,7 +771,7 @@ impl Session {
     async fn send_data(
         &mut self,
         msgs: &[&Outgoing],
-        results: &mut [Vec<Outcome>],
+        report: &mut Report<'_>,
     ) -> Result<(), LinkError> {
         let pipelining = self.ext.pipelining;
         // The envelope of message `i` already sent and awaiting replies.
@@ -730,10 +781,16 @@ impl Session {
             let idx = match pending.take() {
                 Some(p) => p,
                 None => {
+                    if report.stopping() {
+                        return Ok(());
+                    }
                     // Skip messages refused before sending.
                     while i < msgs.len() {
                         if let Some(r) = self.refuse_before_sending(msgs[i]) {
-                            results[i] = vec![Outcome::Bounced(r); msgs[i].recipients.len()];
+                            (report.outcome)(
+                                i,
+                                vec![Outcome::Bounced(r); msgs[i].recipients.len()],
+                            );
                             i += 1;
                         } else {
                             break;
@@ -786,7 +843,7 @@ impl Session {
                 return Err(e);
             }
             if data.code != 354 {
-                results[idx] = outcomes(&mail, &rcpt, Some(&data));
+                (report.outcome)(idx, outcomes(&mail, &rcpt, Some(&data)));
                 // The transaction is not open any more at most servers;
                 // RSET makes sure before the next MAIL.
                 if mail.class() == 2 {
@@ -804,10 +861,10 @@ impl Session {
             buf.extend_from_slice(b".\r\n");
             // Behind the dot: the next message's envelope (RFC 2920 §3.1).
             let mut next = None;
-            if pipelining {
+            if pipelining && !report.stopping() {
                 while i < msgs.len() {
                     if let Some(r) = self.refuse_before_sending(msgs[i]) {
-                        results[i] = vec![Outcome::Bounced(r); msgs[i].recipients.len()];
+                        (report.outcome)(i, vec![Outcome::Bounced(r); msgs[i].recipients.len()]);
                         i += 1;
                     } else {
                         buf.extend_from_slice(&self.envelope(msgs[i], false));
@@ -819,10 +876,13 @@ impl Session {
             }
             if let Err(e) = self.write(&buf, "sending a message").await {
                 // The dot may or may not have gone out.
-                results[idx] = vec![Outcome::Uncertain(e.to_string()); m.recipients.len()];
+                (report.outcome)(
+                    idx,
+                    vec![Outcome::Uncertain(e.to_string()); m.recipients.len()],
+                );
                 return Err(e);
             }
-            match self.read_reply("final dot").await {
+            match self.read_final_reply().await {
                 Ok(last) if last.code == 421 => {
                     // Refused while closing: not taken, try again later.
                     return Err(LinkError::Greeting {
@@ -830,9 +890,12 @@ impl Session {
                         reply: last,
                     });
                 }
-                Ok(last) => results[idx] = outcomes(&mail, &rcpt, Some(&last)),
+                Ok(last) => (report.outcome)(idx, outcomes(&mail, &rcpt, Some(&last))),
                 Err(e) => {
-                    results[idx] = vec![Outcome::Uncertain(e.to_string()); m.recipients.len()];
+                    (report.outcome)(
+                        idx,
+                        vec![Outcome::Uncertain(e.to_string()); m.recipients.len()],
+                    );
                     return Err(e);
                 }
             }

@@ -1,30 +1,33 @@
 //! A flush: send what is due to the upstream, record what happened.
 //!
+//! The driver around [`super::decide`]: it reads the queue, asks the
+//! decisions what to age and what to send, runs the connections, and
+//! commits each message's outcome as soon as its reply arrives.
+//!
 //! One flush at a time, across processes: a lock file beside the database,
-//! shared by the daemon and `outpost flush`, so no message is ever sent by
-//! two flushers at once. A link that does not answer (DNS, connect, TLS,
-//! greeting, AUTH, timeout) marks the link down and burns no attempt
-//! (DESIGN rule 6); `retry.max_age` counts only time with the link up.
+//! shared by the daemon, `outpost flush` and the queue administration
+//! commands, so no message is ever sent by two flushers at once, nor held
+//! or bounced while it is being sent. A link that does not answer (DNS,
+//! connect, TLS, greeting, AUTH, timeout) marks the link down and burns no
+//! attempt: a link that is down is not a delivery failure, and
+//! `retry.max_age` counts only time with the link up.
 
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use rand::Rng;
 use serde::Serialize;
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
 use super::client::{
-    self, ClientSettings, LinkError, OutRecipient, Outcome, Outgoing, Session, TlsPolicy,
+    self, ClientSettings, LinkError, OutRecipient, Outcome, Outgoing, Report, Session, TlsPolicy,
 };
-use super::dsn::{self, DsnKind, DsnRecipient, DsnRequest};
+use super::decide::{self, Counts};
 use super::route;
-use crate::config::{Config, Uncertain, UpstreamTls};
-use crate::queue::{
-    unix_now, Change, DueMessage, LinkState, NewMessage, NewRecipient, QueueId, RecipientChange,
-    RecipientState, Route, Store, StoreError, Writer,
-};
+use crate::config::{Config, UpstreamTls};
+use crate::queue::{unix_now, Change, DueMessage, LinkState, QueueId, Store, StoreError, Writer};
 
 /// What to flush.
 #[derive(Debug, Clone, Default, serde::Deserialize, Serialize)]
@@ -129,6 +132,8 @@ pub struct Flusher {
     pub config: Arc<Config>,
     pub store: Arc<Store>,
     pub writer: Writer,
+    /// Set at shutdown: transactions in flight finish, none starts.
+    stop: Arc<AtomicBool>,
 }
 
 /// Messages handed to one connection at a time, and their octets at most:
@@ -143,7 +148,15 @@ impl Flusher {
             config,
             store,
             writer,
+            stop: Arc::default(),
         }
+    }
+
+    /// This flusher stops starting transactions once `stop` is set (the
+    /// daemon's shutdown); the flag is shared by every clone.
+    pub fn stopping_on(mut self, stop: Arc<AtomicBool>) -> Flusher {
+        self.stop = stop;
+        self
     }
 
     /// One whole flush. `progress` sees every event, `Done` last.
@@ -227,75 +240,51 @@ impl Flusher {
         summary.link = link.state.to_string();
 
         // Age first: expiry and delay warnings do not need the link.
-        let mut due = Vec::new();
-        for m in pending {
-            match self.age(&m, link.up_clock, now) {
-                Aging::Expire(changes, n) => {
-                    self.writer.apply(changes).await?;
-                    summary.expired += n;
-                }
-                Aging::Warn(changes, n) => {
-                    self.writer.apply(changes).await?;
-                    summary.delay_warnings += n;
-                    due.push(m);
-                }
-                Aging::Fine => due.push(m),
+        let mut aged = Vec::with_capacity(pending.len());
+        for mut m in pending {
+            let d = decide::age(&m, link.up_clock, now, &self.config);
+            if !d.is_empty() {
+                summary.expired += d.expired;
+                summary.delay_warnings += d.warnings;
+                let finished: Vec<u32> = d
+                    .changes
+                    .iter()
+                    .filter_map(|c| match c {
+                        Change::Recipient(r) => Some(r.idx),
+                        _ => None,
+                    })
+                    .collect();
+                self.writer
+                    .apply(self.with_notice(d, &m, None, now))
+                    .await?;
+                m.recipients.retain(|r| !finished.contains(&r.idx));
             }
+            aged.push(m);
         }
         // Then what is due now (or everything with --all), in the domains
         // asked, split by where it goes: the upstream, or a hold domain's
         // branch.
-        let mut upstream: VecDeque<DueMessage> = VecDeque::new();
-        let mut held: std::collections::BTreeMap<String, VecDeque<DueMessage>> = Default::default();
-        let mut count = 0;
-        for m in due {
-            if opts.etrn_only {
-                break;
-            }
-            let mine: Vec<_> = m
-                .recipients
-                .iter()
-                .filter(|r| (opts.all || r.next_attempt <= now) && opts.covers(&r.domain))
-                .cloned()
-                .collect();
-            let (up, hold): (Vec<_>, Vec<_>) =
-                mine.into_iter().partition(|r| r.route == Route::Upstream);
-            if !up.is_empty() {
-                count += 1;
-                upstream.push_back(DueMessage {
-                    recipients: up,
-                    ..m.clone()
-                });
-            }
-            let mut by_domain: std::collections::BTreeMap<String, Vec<_>> = Default::default();
-            for r in hold {
-                by_domain
-                    .entry(r.domain.to_ascii_lowercase())
-                    .or_default()
-                    .push(r);
-            }
-            for (d, rcpts) in by_domain {
-                count += 1;
-                held.entry(d).or_default().push_back(DueMessage {
-                    recipients: rcpts,
-                    ..m.clone()
-                });
-            }
-        }
-        progress(&Event::Start { due: count });
+        let selection =
+            decide::select(aged, opts, now, self.config.flush.large_message_size as i64);
+        progress(&Event::Start {
+            due: selection.count,
+        });
 
         let mut etrn_session = None;
-        if !upstream.is_empty() {
+        if !selection.upstream.is_empty() {
             etrn_session = self
                 .deliver(
                     Destination::upstream(&self.config),
-                    upstream,
+                    selection.upstream,
                     progress,
                     summary,
                 )
                 .await?;
         }
-        for (domain, msgs) in held {
+        for (domain, msgs) in selection.held {
+            if self.stopping() {
+                break;
+            }
             let dest = Destination::hold(&self.config, &domain);
             if let Some(s) = self.deliver(dest, msgs, progress, summary).await? {
                 s.quit().await;
@@ -303,8 +292,10 @@ impl Flusher {
         }
         // ETRN: ask the upstream to release this office's mail, whenever
         // the link is not known to be down.
-        let wants_etrn =
-            !self.config.flush.etrn.is_empty() && !opts.no_etrn && opts.domains.is_empty();
+        let wants_etrn = !self.config.flush.etrn.is_empty()
+            && !opts.no_etrn
+            && opts.domains.is_empty()
+            && !self.stopping();
         if wants_etrn && summary.link != "down" {
             let session = match etrn_session {
                 Some(s) => Some(s),
@@ -354,6 +345,49 @@ impl Flusher {
             s.quit().await;
         }
         Ok(())
+    }
+
+    /// A decision's changes, with its notice turned into a DSN message
+    /// (from `body`, or the stored original when not given).
+    fn with_notice(
+        &self,
+        d: decide::Decision,
+        m: &DueMessage,
+        body: Option<&[u8]>,
+        now: i64,
+    ) -> Vec<Change> {
+        let mut changes = d.changes;
+        if let Some(n) = d.notice {
+            let stored;
+            let original = match body {
+                Some(b) => b,
+                None => {
+                    stored = self.store.body(&m.id).ok().flatten().unwrap_or_default();
+                    &stored[..]
+                }
+            };
+            let domain = decide::sender_domain(m);
+            let mailboxes = if self.config.is_local_domain(&domain) {
+                let local = m.sender.rsplit_once('@').map(|(l, _)| l).unwrap_or("");
+                crate::smtp::policy::expand_local(&self.config, local).0
+            } else {
+                Vec::new()
+            };
+            changes.push(Change::Insert(Box::new(decide::notice_message(
+                &self.config,
+                m,
+                &n,
+                original,
+                QueueId::generate(),
+                mailboxes,
+                now,
+            ))));
+        }
+        changes
+    }
+
+    fn stopping(&self) -> bool {
+        self.stop.load(Ordering::SeqCst)
     }
 
     async fn link_up(
@@ -430,7 +464,7 @@ impl Flusher {
                     let changes = due
                         .iter()
                         .flat_map(|m| m.recipients.iter().map(move |r| (m, r)))
-                        .map(|(m, r)| self.held_again(&m.id, r.idx, &text))
+                        .map(|(m, r)| decide::held_again(&m.id, r.idx, &text, unix_now()))
                         .collect();
                     self.writer.apply(changes).await?;
                     summary.untouched += n;
@@ -523,24 +557,6 @@ impl Flusher {
         Ok(open)
     }
 
-    /// A hold-domain recipient goes back to waiting for ETRN.
-    fn held_again(&self, message_id: &str, idx: u32, why: &str) -> Change {
-        let now = unix_now();
-        Change::Recipient(RecipientChange {
-            message_id: message_id.to_string(),
-            idx,
-            state: RecipientState::Held,
-            attempted: false,
-            next_attempt: now,
-            last_reply: Some(why.to_string()),
-            uncertain: false,
-            warned: false,
-            at: now,
-            event: "held",
-            detail: why.to_string(),
-        })
-    }
-
     /// Opens the first session, trying each address in turn.
     async fn connect(&self, dest: &Destination) -> Result<(Session, ClientSettings), LinkError> {
         let targets = route::targets(&dest.server, self.config.upstream.resolver).await?;
@@ -575,6 +591,7 @@ impl Flusher {
                     connect: up.connect_timeout,
                     command: up.command_timeout,
                     data: up.data_timeout,
+                    final_reply: up.final_timeout,
                 },
             });
         }
@@ -611,6 +628,7 @@ impl Flusher {
                 connect: up.connect_timeout,
                 command: up.command_timeout,
                 data: up.data_timeout,
+                final_reply: up.final_timeout,
             },
         })
     }
@@ -625,6 +643,9 @@ impl Flusher {
         tx: mpsc::UnboundedSender<WorkerReport>,
     ) -> Option<Session> {
         loop {
+            if self.stopping() {
+                break;
+            }
             let batch: Vec<DueMessage> = {
                 let mut q = queue.lock().unwrap_or_else(|p| p.into_inner());
                 let mut n = 0;
@@ -673,43 +694,84 @@ impl Flusher {
                     return None;
                 }
             };
-            let mut sendable: Vec<(usize, Outgoing)> = Vec::new();
-            for (i, (m, body)) in batch.iter().zip(&bodies).enumerate() {
+            let mut sendable: Vec<(DueMessage, Outgoing)> = Vec::new();
+            for (m, body) in batch.into_iter().zip(bodies) {
                 match body {
-                    Some(b) => sendable.push((i, outgoing(m, b.clone()))),
+                    Some(b) => {
+                        let o = outgoing(&m, b);
+                        sendable.push((m, o));
+                    }
                     None => warn!(queue_id = %m.id, "message body missing from the store; skipped"),
                 }
             }
+            // Outcomes come back as the upstream answers, and are committed
+            // as they come (the writer groups them): a stop or a crash
+            // later in the batch resends nothing the upstream took.
+            let (otx, orx) = mpsc::unbounded_channel::<(usize, Vec<Outcome>)>();
             let refs: Vec<&Outgoing> = sendable.iter().map(|(_, o)| o).collect();
-            let (results, back) = s.send_batch(&refs).await;
-            for ((i, _), outcomes) in sendable.iter().zip(results) {
-                let m = &batch[*i];
-                let body = bodies[*i].as_deref().unwrap_or_default();
-                let (changes, rcpt_results, counts) = self.record(m, body, &outcomes, &peer);
-                if !changes.is_empty() {
-                    if let Err(e) = self.writer.apply(changes).await {
-                        let _ = tx.send(WorkerReport::StoreFailed(e.to_string()));
-                    }
-                }
-                for r in &rcpt_results {
-                    info!(queue_id = %m.id, rcpt = %r.address, upstream = %peer, outcome = %r.outcome,
-                          reply = r.reply.as_deref().unwrap_or(""), "delivery attempt");
-                }
-                let _ = tx.send(WorkerReport::Message {
-                    id: m.id.clone(),
-                    results: rcpt_results,
-                    counts,
-                });
-            }
-            match back {
-                Some(s) => session = Some(s),
-                None => {
-                    let _ = tx.send(WorkerReport::Lost(format!("connection to {peer} lost")));
+            let stop = self.stop.clone();
+            let send = async move {
+                let mut outcome = move |i: usize, o: Vec<Outcome>| {
+                    let _ = otx.send((i, o));
+                };
+                let mut report = Report {
+                    outcome: &mut outcome,
+                    stop: &stop,
+                };
+                s.send_batch(&refs, &mut report).await
+            };
+            let record = self.record_as_they_come(orx, &sendable, &peer, &tx);
+            let (sent, ()) = tokio::join!(send, record);
+            match sent {
+                Ok(s) => session = Some(s),
+                Err(e) => {
+                    let _ = tx.send(WorkerReport::Lost(e.to_string()));
                     return None;
                 }
             }
         }
         session
+    }
+
+    /// Commits outcomes as they arrive, all those waiting in one request.
+    async fn record_as_they_come(
+        &self,
+        mut outcomes: mpsc::UnboundedReceiver<(usize, Vec<Outcome>)>,
+        sent: &[(DueMessage, Outgoing)],
+        peer: &str,
+        tx: &mpsc::UnboundedSender<WorkerReport>,
+    ) {
+        while let Some(first) = outcomes.recv().await {
+            let mut ready = vec![first];
+            while let Ok(more) = outcomes.try_recv() {
+                ready.push(more);
+            }
+            let now = unix_now();
+            let mut changes = Vec::new();
+            let mut reports = Vec::new();
+            for (i, o) in ready {
+                let (m, out) = &sent[i];
+                let a = decide::attempt(m, &o, peer, now, &self.config, &mut rand::rng());
+                for r in &a.results {
+                    info!(queue_id = %m.id, rcpt = %r.address, upstream = %peer, outcome = %r.outcome,
+                          reply = r.reply.as_deref().unwrap_or(""), "delivery attempt");
+                }
+                changes.extend(self.with_notice(a.decision, m, Some(&out.body), now));
+                reports.push(WorkerReport::Message {
+                    id: m.id.clone(),
+                    results: a.results,
+                    counts: a.counts,
+                });
+            }
+            if !changes.is_empty() {
+                if let Err(e) = self.writer.apply(changes).await {
+                    let _ = tx.send(WorkerReport::StoreFailed(e.to_string()));
+                }
+            }
+            for r in reports {
+                let _ = tx.send(r);
+            }
+        }
     }
 
     /// A further parallel connection; None when the upstream will not take one.
@@ -725,13 +787,14 @@ impl Flusher {
         None
     }
 
-    /// `outpost queue bounce`: return these messages' pending upstream
-    /// recipients to the sender with a DSN, as if the upstream had said 5xx.
+    /// `outpost queue bounce`: return these messages' recipients still
+    /// waiting to the sender with a DSN, as if the upstream had said 5xx.
     pub fn admin_bounce(&self, ids: &[String]) -> Result<Vec<Change>, StoreError> {
         let reply = client::Reply {
             code: 550,
             text: "5.0.0 returned to the sender by the administrator".into(),
         };
+        let now = unix_now();
         let mut changes = Vec::new();
         for m in self
             .store
@@ -740,288 +803,17 @@ impl Flusher {
             .filter(|m| ids.contains(&m.id))
         {
             let outcomes = vec![Outcome::Bounced(reply.clone()); m.recipients.len()];
-            changes.extend(self.record(m, &[], &outcomes, &self.config.hostname).0);
+            let a = decide::attempt(
+                m,
+                &outcomes,
+                &self.config.hostname,
+                now,
+                &self.config,
+                &mut rand::rng(),
+            );
+            changes.extend(self.with_notice(a.decision, m, None, now));
         }
         Ok(changes)
-    }
-
-    /// What to write after one message's attempt.
-    fn record(
-        &self,
-        m: &DueMessage,
-        body: &[u8],
-        outcomes: &[Outcome],
-        peer: &str,
-    ) -> (Vec<Change>, Vec<RcptResult>, Counts) {
-        let now = unix_now();
-        let mut changes = Vec::new();
-        let mut results = Vec::new();
-        let mut counts = Counts::default();
-        let mut failed: Vec<DsnRecipient> = Vec::new();
-        for (r, o) in m.recipients.iter().zip(outcomes) {
-            // Every outcome here is an attempt: (state, next attempt, reply, uncertain, what happened).
-            let (state, next, reply, uncertain, event) = match o {
-                Outcome::Delivered(rep) => {
-                    counts.delivered += 1;
-                    (
-                        RecipientState::Delivered,
-                        now,
-                        Some(rep.to_string()),
-                        false,
-                        "delivered",
-                    )
-                }
-                Outcome::Deferred(rep) => {
-                    counts.deferred += 1;
-                    let next = next_attempt(now, r.attempts + 1, &self.config);
-                    (
-                        RecipientState::Deferred,
-                        next,
-                        Some(rep.to_string()),
-                        false,
-                        "deferred",
-                    )
-                }
-                Outcome::Bounced(rep) => {
-                    counts.bounced += 1;
-                    failed.push(DsnRecipient {
-                        address: r.address.clone(),
-                        orcpt: r.orcpt.clone(),
-                        status: rep
-                            .status()
-                            .map(str::to_string)
-                            .unwrap_or_else(|| format!("{}.0.0", rep.class())),
-                        diagnostic: Some(rep.to_string()),
-                        remote_mta: Some(format!("dns; {peer}")),
-                        last_attempt: Some(now),
-                        will_retry_until: None,
-                    });
-                    (
-                        RecipientState::Bounced,
-                        now,
-                        Some(rep.to_string()),
-                        false,
-                        "bounced",
-                    )
-                }
-                Outcome::Uncertain(why) => {
-                    counts.uncertain += 1;
-                    let text = format!("delivery uncertain: the message was sent but {peer} did not confirm it ({why})");
-                    let state = match self.config.retry.uncertain {
-                        Uncertain::Resend => RecipientState::Queued,
-                        Uncertain::Hold => RecipientState::Held,
-                    };
-                    (state, now, Some(text), true, "uncertain")
-                }
-                Outcome::Untouched => {
-                    counts.untouched += 1;
-                    continue;
-                }
-            };
-            // Hold-domain mail that did not go waits for the next ETRN.
-            let state = if r.route == Route::Hold && !state.is_final() {
-                RecipientState::Held
-            } else {
-                state
-            };
-            results.push(RcptResult {
-                address: r.address.clone(),
-                outcome: event.into(),
-                reply: reply.clone(),
-            });
-            changes.push(Change::Recipient(RecipientChange {
-                message_id: m.id.clone(),
-                idx: r.idx,
-                state,
-                attempted: true,
-                next_attempt: next,
-                detail: format!("{} ({peer})", reply.as_deref().unwrap_or("")),
-                last_reply: reply,
-                uncertain,
-                warned: false,
-                at: now,
-                event,
-            }));
-        }
-        if let Some(dsn) = self.dsn(m, body, DsnKind::Failure, failed, now) {
-            changes.push(dsn);
-        }
-        (changes, results, counts)
-    }
-
-    /// Expiry and delay warnings for one pending message.
-    fn age(&self, m: &DueMessage, up_clock: i64, now: i64) -> Aging {
-        let retry = &self.config.retry;
-        let wall = now - m.received_at;
-        let up_age = up_clock - m.up_clock_at_receipt;
-        if wall > retry.max_age_absolute.as_secs() as i64 || up_age > retry.max_age.as_secs() as i64
-        {
-            let why = if wall > retry.max_age_absolute.as_secs() as i64 {
-                format!(
-                    "4.4.7 message expired: waited {} in all (retry.max_age_absolute)",
-                    human(wall)
-                )
-            } else {
-                format!(
-                    "4.4.7 message expired: not delivered in {} with the link up (retry.max_age)",
-                    human(up_age)
-                )
-            };
-            let mut changes = Vec::new();
-            let mut rcpts = Vec::new();
-            for r in &m.recipients {
-                changes.push(Change::Recipient(RecipientChange {
-                    message_id: m.id.clone(),
-                    idx: r.idx,
-                    state: RecipientState::Expired,
-                    attempted: false,
-                    next_attempt: now,
-                    last_reply: Some(why.clone()),
-                    uncertain: false,
-                    warned: false,
-                    at: now,
-                    event: "expired",
-                    detail: why.clone(),
-                }));
-                rcpts.push(DsnRecipient {
-                    address: r.address.clone(),
-                    orcpt: r.orcpt.clone(),
-                    status: "4.4.7".into(),
-                    diagnostic: r.last_reply.clone(),
-                    remote_mta: None,
-                    last_attempt: None,
-                    will_retry_until: None,
-                });
-            }
-            let n = rcpts.len();
-            changes.extend(self.dsn(m, &[], DsnKind::Failure, rcpts, now));
-            return Aging::Expire(changes, n);
-        }
-        let warn_after = retry.delay_warning.as_secs() as i64;
-        if warn_after > 0 && wall >= warn_after {
-            let cold: Vec<_> = m.recipients.iter().filter(|r| !r.warned).collect();
-            if !cold.is_empty() {
-                let until = m.received_at + retry.max_age_absolute.as_secs() as i64;
-                let mut changes: Vec<Change> = cold
-                    .iter()
-                    .map(|r| Change::Warned {
-                        message_id: m.id.clone(),
-                        idx: r.idx,
-                    })
-                    .collect();
-                let rcpts: Vec<DsnRecipient> = cold
-                    .iter()
-                    .map(|r| DsnRecipient {
-                        address: r.address.clone(),
-                        orcpt: r.orcpt.clone(),
-                        status: "4.4.1".into(),
-                        diagnostic: r.last_reply.clone(),
-                        remote_mta: None,
-                        last_attempt: None,
-                        will_retry_until: Some(until),
-                    })
-                    .collect();
-                let dsn = self.dsn(m, &[], DsnKind::Delay, rcpts, now);
-                let sent = dsn.is_some();
-                changes.extend(dsn);
-                return Aging::Warn(changes, usize::from(sent));
-            }
-        }
-        Aging::Fine
-    }
-
-    /// A DSN to the sender, when one is wanted: never for the null sender
-    /// (no bounce storms), and as NOTIFY asks (absent: failures and delays).
-    /// `body` may be empty: it is then read from the store.
-    fn dsn(
-        &self,
-        m: &DueMessage,
-        body: &[u8],
-        kind: DsnKind,
-        rcpts: Vec<DsnRecipient>,
-        now: i64,
-    ) -> Option<Change> {
-        if m.sender.is_empty() {
-            return None;
-        }
-        let want = match kind {
-            DsnKind::Failure => "FAILURE",
-            DsnKind::Delay => "DELAY",
-        };
-        let rcpts: Vec<DsnRecipient> = rcpts
-            .into_iter()
-            .filter(|d| {
-                let notify = m
-                    .recipients
-                    .iter()
-                    .find(|r| r.address == d.address)
-                    .and_then(|r| r.notify.as_deref());
-                notify.is_none_or(|n| n.split(',').any(|x| x.eq_ignore_ascii_case(want)))
-            })
-            .collect();
-        if rcpts.is_empty() {
-            return None;
-        }
-        let stored;
-        let original = if body.is_empty() {
-            stored = self.store.body(&m.id).ok().flatten().unwrap_or_default();
-            &stored[..]
-        } else {
-            body
-        };
-        let host = &self.config.hostname;
-        let from = format!("MAILER-DAEMON@{host}");
-        let bytes = dsn::build(&DsnRequest {
-            kind,
-            reporting_mta: host,
-            queue_id: &m.id,
-            envid: m.dsn_envid.as_deref(),
-            arrival: m.received_at,
-            to: &m.sender,
-            from: &from,
-            recipients: &rcpts,
-            original,
-            return_full: m.dsn_ret.as_deref() == Some("FULL"),
-            now,
-        });
-        let domain = m
-            .sender
-            .rsplit_once('@')
-            .map(|(_, d)| d.to_ascii_lowercase())
-            .unwrap_or_default();
-        // A local sender's notice goes straight to their mailbox: it does
-        // not wait behind a dead link (DESIGN rule 6).
-        let (route, mailboxes) = if self.config.is_local_domain(&domain) {
-            let local = m.sender.rsplit_once('@').map(|(l, _)| l).unwrap_or("");
-            (
-                Route::Local,
-                crate::smtp::policy::expand_local(&self.config, local).0,
-            )
-        } else {
-            (Route::Upstream, Vec::new())
-        };
-        Some(Change::Insert(Box::new(NewMessage {
-            id: QueueId::generate(),
-            received_at: now,
-            sender: self.config.upstream.dsn_sender.clone().unwrap_or_default(),
-            client_addr: "local".into(),
-            client_helo: String::new(),
-            auth_user: None,
-            protocol: "DSN".into(),
-            body_type: Some("8BITMIME".into()),
-            smtputf8: false,
-            dsn_ret: None,
-            dsn_envid: None,
-            recipients: vec![NewRecipient {
-                address: m.sender.clone(),
-                domain,
-                route,
-                dsn_notify: Some("NEVER".into()),
-                dsn_orcpt: None,
-                mailboxes,
-            }],
-            body: bytes,
-        })))
     }
 }
 
@@ -1054,23 +846,6 @@ impl Destination {
     }
 }
 
-enum Aging {
-    Fine,
-    /// Changes to commit; recipients expired.
-    Expire(Vec<Change>, usize),
-    /// Changes to commit; warnings sent. The message is still due.
-    Warn(Vec<Change>, usize),
-}
-
-#[derive(Debug, Default, Clone, Copy)]
-struct Counts {
-    delivered: usize,
-    deferred: usize,
-    bounced: usize,
-    uncertain: usize,
-    untouched: usize,
-}
-
 enum WorkerReport {
     Message {
         id: String,
@@ -1101,21 +876,6 @@ fn outgoing(m: &DueMessage, body: Vec<u8>) -> Outgoing {
     }
 }
 
-/// Exponential back-off from `retry.base`, capped at `retry.max`, with
-/// ±10 % jitter so deferred mail does not all come due at once.
-pub fn next_attempt(now: i64, attempts: u32, config: &Config) -> i64 {
-    let base = config.retry.base.as_secs_f64();
-    let max = config.retry.max.as_secs_f64();
-    let exp = base * 2f64.powi(attempts.saturating_sub(1).min(30) as i32);
-    let delay = exp.min(max);
-    let jitter = rand::rng().random_range(0.9..=1.1);
-    now + (delay * jitter).round().max(1.0) as i64
-}
-
-fn human(secs: i64) -> String {
-    humantime::format_duration(std::time::Duration::from_secs(secs.max(0) as u64)).to_string()
-}
-
 fn read_secret(path: &Path) -> Result<String, String> {
     use std::os::unix::fs::PermissionsExt;
     let meta = std::fs::metadata(path)
@@ -1140,40 +900,39 @@ impl FlushLock {
 
     /// Waits until no other flush runs, here or in another process.
     pub async fn acquire(store: &Path) -> Result<FlushLock, String> {
+        let store = store.to_path_buf();
+        tokio::task::spawn_blocking(move || Self::acquire_blocking(&store, |_| {}))
+            .await
+            .map_err(|e| e.to_string())?
+    }
+
+    /// The same, for a thread that may block; `waiting` is called once
+    /// when another flush holds the lock (to tell the user why).
+    pub fn acquire_blocking(
+        store: &Path,
+        waiting: impl FnOnce(&Path),
+    ) -> Result<FlushLock, String> {
         let path = Self::path(store);
-        tokio::task::spawn_blocking(move || {
-            let f = std::fs::OpenOptions::new()
-                .create(true)
-                .truncate(false)
-                .write(true)
-                .open(&path)
-                .map_err(|e| format!("flush lock {}: {e}", path.display()))?;
-            f.lock()
-                .map_err(|e| format!("flush lock {}: {e}", path.display()))?;
-            Ok(FlushLock(f))
-        })
-        .await
-        .map_err(|e| e.to_string())?
+        let err = |e: std::io::Error| format!("flush lock {}: {e}", path.display());
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(err)?;
+        match f.try_lock() {
+            Ok(()) => return Ok(FlushLock(f)),
+            Err(std::fs::TryLockError::WouldBlock) => waiting(&path),
+            Err(std::fs::TryLockError::Error(e)) => return Err(err(e)),
+        }
+        f.lock().map_err(err)?;
+        Ok(FlushLock(f))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::path::Path;
-
-    #[test]
-    fn backoff_grows_and_is_capped() {
-        let c = Config::parse("[retry]\nbase = \"60s\"\nmax = \"10m\"\n", Path::new("t")).unwrap();
-        for _ in 0..50 {
-            let d1 = next_attempt(0, 1, &c);
-            assert!((54..=66).contains(&d1), "{d1}");
-            let d3 = next_attempt(0, 3, &c);
-            assert!((216..=264).contains(&d3), "{d3}");
-            let d20 = next_attempt(0, 20, &c);
-            assert!((540..=660).contains(&d20), "{d20}");
-        }
-    }
 
     #[tokio::test]
     async fn flush_lock_is_exclusive() {

@@ -1,11 +1,12 @@
 //! A scripted SMTP upstream for the cases real peers cannot be made to
-//! show: no reply to the final dot, 421 in the middle, a slow greeting.
+//! show: no reply to the final dot, 421 in the middle, a slow greeting, a
+//! slow reader, a slow answer to each message.
 //! Plain ESMTP (no PIPELINING, no CHUNKING), one thread per connection.
 
-use std::io::{BufRead, BufReader, Write};
-use std::net::TcpListener;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// How the fake misbehaves.
@@ -17,6 +18,10 @@ pub struct Script {
     pub silent_after_dot: bool,
     /// Answer the Nth MAIL of a connection (1-based) with 421 and hang up.
     pub close_at_mail: Option<usize>,
+    /// Read at most this many octets a second (a thin link).
+    pub read_rate: Option<usize>,
+    /// Wait this long before answering each final dot.
+    pub reply_delay: Duration,
 }
 
 /// What the fake saw.
@@ -25,6 +30,35 @@ pub struct Seen {
     pub connections: AtomicUsize,
     /// Final dots received.
     pub messages: AtomicUsize,
+    /// Each message's data as received (dot-stuffing undone), in order.
+    pub bodies: Mutex<Vec<Vec<u8>>>,
+}
+
+impl Seen {
+    /// The messages received so far.
+    pub fn bodies(&self) -> Vec<Vec<u8>> {
+        self.bodies.lock().unwrap().clone()
+    }
+}
+
+/// A reader that takes at most `rate` octets a second.
+struct Throttled {
+    inner: TcpStream,
+    rate: Option<usize>,
+}
+
+impl Read for Throttled {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self.rate {
+            None => self.inner.read(buf),
+            Some(rate) => {
+                // A tenth of a second's worth at a time.
+                let slice = (rate / 10).max(1).min(buf.len());
+                std::thread::sleep(Duration::from_millis(100));
+                self.inner.read(&mut buf[..slice])
+            }
+        }
+    }
 }
 
 /// Starts the fake on a free loopback port; it runs until the test ends.
@@ -46,26 +80,35 @@ pub fn start(script: Script) -> (u16, Arc<Seen>) {
 fn session(stream: std::net::TcpStream, script: &Script, seen: &Seen) {
     std::thread::sleep(script.greet_delay);
     let mut w = stream.try_clone().unwrap();
-    let mut r = BufReader::new(stream);
+    let mut r = BufReader::new(Throttled {
+        inner: stream,
+        rate: script.read_rate,
+    });
     let _ = w.write_all(b"220 fake.test ESMTP\r\n");
     let (mut in_data, mut mails) = (false, 0);
-    let mut line = String::new();
+    let mut body = Vec::new();
+    let mut raw = Vec::new();
     loop {
-        line.clear();
-        if r.read_line(&mut line).unwrap_or(0) == 0 {
+        raw.clear();
+        if r.read_until(b'\n', &mut raw).unwrap_or(0) == 0 {
             return;
         }
         if in_data {
-            if line == ".\r\n" {
+            if raw == b".\r\n" {
                 seen.messages.fetch_add(1, Ordering::SeqCst);
                 if script.silent_after_dot {
                     return;
                 }
+                std::thread::sleep(script.reply_delay);
+                seen.bodies.lock().unwrap().push(std::mem::take(&mut body));
                 in_data = false;
                 let _ = w.write_all(b"250 2.0.0 taken\r\n");
+            } else {
+                body.extend_from_slice(raw.strip_prefix(b".").unwrap_or(&raw));
             }
             continue;
         }
+        let line = String::from_utf8_lossy(&raw);
         let verb = line.get(..4).unwrap_or("").to_ascii_uppercase();
         if verb == "MAIL" {
             mails += 1;
