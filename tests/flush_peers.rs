@@ -104,6 +104,19 @@ fn flush(g: &Gateway) -> (i32, Value) {
     (out.status.code().unwrap_or(-1), json_out(&out))
 }
 
+/// `outpost flush --json` in a process whose clock runs `offset` ahead
+/// (`+2s`; libfaketime), so that aging is tested without waiting for time
+/// to pass. The daemon must be stopped: the flush then runs in this
+/// process, on its clock.
+fn flush_later(g: &Gateway, offset: &str) -> (i32, Value) {
+    let out = std::process::Command::new("faketime")
+        .args(["-f", offset, common::BIN, "flush", "--json", "--config"])
+        .arg(&g.config_path)
+        .output()
+        .expect("faketime (Debian package faketime) runs");
+    (out.status.code().unwrap_or(-1), json_out(&out))
+}
+
 fn summary_is(v: &Value, key: &str, want: u64) {
     assert_eq!(
         v["summary"][key].as_u64(),
@@ -398,7 +411,7 @@ fn aiosmtpd_dsn_for_a_local_sender_lands_in_the_mailbox() {
 }
 
 #[test]
-fn aiosmtpd_dsn_for_a_local_sender_without_mailbox_stays_visible() {
+fn aiosmtpd_dsn_for_a_local_sender_without_mailbox_is_explained_then_returned() {
     let up = Upstream::start(free_port());
     let g = Gateway::start(&format!("{}[retry]\nbase = \"5m\"\n", literal(up.port)));
     send(&g, "nobody@branch.example", &["reject1@up.test"], BODY);
@@ -415,6 +428,21 @@ fn aiosmtpd_dsn_for_a_local_sender_without_mailbox_stays_visible() {
         r["last_reply"].as_str().unwrap().contains("no mailbox"),
         "{r}"
     );
+    let dsn_id = dsn[0]["id"].as_str().unwrap().to_string();
+    // The next flush gives it up: nothing would ever deliver it. It is a
+    // notice itself (null sender), so no notice about it goes anywhere;
+    // its history says what happened.
+    let (code, v) = flush(&g);
+    assert_eq!(code, 0, "{v:#}");
+    summary_is(&v, "bounced", 1);
+    assert!(dsns(&g).is_empty(), "{:#?}", g.queue());
+    let show = g.cli(&["queue", "show", &dsn_id]);
+    let text = String::from_utf8_lossy(&show.stdout);
+    assert!(
+        text.contains("bounced") && text.contains("no mailbox"),
+        "{text}"
+    );
+    assert!(g.log().contains("given up"), "{}", g.log());
     assert_eq!(up.messages().len(), 0);
 }
 
@@ -720,15 +748,17 @@ fn postfix_upstream_takes_twenty_messages_over_one_connection() {
 #[test]
 fn delay_warning_once_while_the_link_is_down() {
     let down = free_port(); // nothing listens here
-    let g = Gateway::start(&format!(
-        "{}[retry]\nbase = \"5m\"\ndelay_warning = \"1s\"\n",
+    let mut g = Gateway::start(&format!(
+        "{}[retry]\nbase = \"5m\"\ndelay_warning = \"1m\"\n",
         literal(down)
     ));
     let id = send(&g, "someone@sender.example", &["far@up.test"], BODY);
-    // The warning is due by the clock: let one second pass.
-    std::thread::sleep(Duration::from_millis(1500));
-
+    g.stop();
     let (code, v) = flush(&g);
+    assert_eq!(code, 75, "link down: {v:#}");
+    summary_is(&v, "delay_warnings", 0);
+    // The warning is due by the clock: two minutes later.
+    let (code, v) = flush_later(&g, "+2m");
     assert_eq!(code, 75, "link down: {v:#}");
     assert_eq!(v["summary"]["link"], "down", "{v:#}");
     summary_is(&v, "delay_warnings", 1);
@@ -748,7 +778,7 @@ fn delay_warning_once_while_the_link_is_down() {
     assert_eq!(r["attempts"], 0);
 
     // No second warning for the same recipient.
-    let (code, v) = flush(&g);
+    let (code, v) = flush_later(&g, "+3m");
     assert_eq!(code, 75, "{v:#}");
     summary_is(&v, "delay_warnings", 0);
     assert_eq!(dsns(&g).len(), 1, "{:#?}", g.queue());
@@ -757,17 +787,17 @@ fn delay_warning_once_while_the_link_is_down() {
 #[test]
 fn max_age_counts_only_time_with_the_link_up() {
     let up_port = free_port(); // the upstream starts later
-    let g = Gateway::start(&format!(
-        "{}[retry]\nbase = \"5m\"\nmax_age = \"1s\"\nmax_age_absolute = \"1h\"\n",
+    let mut g = Gateway::start(&format!(
+        "{}[retry]\nbase = \"5m\"\nmax_age = \"1m\"\nmax_age_absolute = \"1h\"\n",
         literal(up_port)
     ));
     let id = send(&g, "someone@sender.example", &["far@up.test"], BODY);
     let stored = g.body(&id);
+    g.stop();
     let (code, v) = flush(&g);
     assert_eq!(code, 75, "link down: {v:#}");
     // Longer than max_age, but all of it with the link down.
-    std::thread::sleep(Duration::from_millis(2100));
-    let (code, v) = flush(&g);
+    let (code, v) = flush_later(&g, "+2m");
     assert_eq!(code, 75, "link down: {v:#}");
     summary_is(&v, "expired", 0);
     let q = g.queue();
@@ -792,17 +822,17 @@ fn max_age_counts_only_time_with_the_link_up() {
 #[test]
 fn max_age_absolute_expires_even_with_the_link_down() {
     let down = free_port();
-    let g = Gateway::start(&format!(
-        "{}[retry]\nbase = \"5m\"\nmax_age = \"1s\"\nmax_age_absolute = \"1s\"\n",
+    let mut g = Gateway::start(&format!(
+        "{}[retry]\nbase = \"5m\"\nmax_age = \"1m\"\nmax_age_absolute = \"1m\"\n",
         literal(down)
     ));
     let id = send(&g, "someone@sender.example", &["far@up.test"], BODY);
+    g.stop();
     let (code, v) = flush(&g);
     assert_eq!(code, 75, "link down: {v:#}");
     summary_is(&v, "expired", 0);
-    std::thread::sleep(Duration::from_millis(2100));
 
-    let (code, v) = flush(&g);
+    let (code, v) = flush_later(&g, "+2m");
     assert!(code == 75 || code == 0, "exit {code}: {v:#}");
     summary_is(&v, "expired", 1);
     let q = g.queue();

@@ -14,6 +14,7 @@ command -v openssl >/dev/null || need+=(openssl)
 [ -x /usr/sbin/postfix ] || need+=(postfix)
 command -v fetchmail >/dev/null || need+=(fetchmail)
 command -v mpop >/dev/null || need+=(mpop)
+command -v faketime >/dev/null || need+=(faketime)
 command -v systemd-analyze >/dev/null || need+=(systemd)
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing: ${need[*]}"

@@ -117,8 +117,10 @@ pub struct Notice {
 pub struct Decision {
     pub changes: Vec<Change>,
     pub notice: Option<Notice>,
-    /// Recipients given up on (expired or bounced).
+    /// Recipients that waited too long.
     pub expired: usize,
+    /// Recipients returned at once (a local name with no mailbox).
+    pub bounced: usize,
     /// Delay warnings sent (0 or 1).
     pub warnings: usize,
 }
@@ -203,8 +205,14 @@ pub fn age(m: &DueMessage, up_clock: i64, now: i64, config: &Config) -> Decision
             continue;
         };
         let (state, event) = match r.route {
-            Route::Local => (RecipientState::Bounced, "bounced"),
-            _ => (RecipientState::Expired, "expired"),
+            Route::Local => {
+                d.bounced += 1;
+                (RecipientState::Bounced, "bounced")
+            }
+            _ => {
+                d.expired += 1;
+                (RecipientState::Expired, "expired")
+            }
         };
         d.changes.push(Change::Recipient(RecipientChange {
             message_id: m.id.clone(),
@@ -229,7 +237,6 @@ pub fn age(m: &DueMessage, up_clock: i64, now: i64, config: &Config) -> Decision
             will_retry_until: None,
         });
     }
-    d.expired = failed.len();
     if !failed.is_empty() {
         d.notice = notice(m, DsnKind::Failure, failed);
         return d;
@@ -393,7 +400,6 @@ pub fn attempt(
             event,
         }));
     }
-    a.decision.expired = failed.len();
     a.decision.notice = notice(m, DsnKind::Failure, failed);
     a
 }

@@ -245,15 +245,18 @@ impl Flusher {
             let d = decide::age(&m, link.up_clock, now, &self.config);
             if !d.is_empty() {
                 summary.expired += d.expired;
+                summary.bounced += d.bounced;
                 summary.delay_warnings += d.warnings;
-                let finished: Vec<u32> = d
-                    .changes
-                    .iter()
-                    .filter_map(|c| match c {
-                        Change::Recipient(r) => Some(r.idx),
-                        _ => None,
-                    })
-                    .collect();
+                let mut finished = Vec::new();
+                for c in &d.changes {
+                    if let Change::Recipient(r) = c {
+                        let rcpt = m.recipients.iter().find(|x| x.idx == r.idx);
+                        warn!(queue_id = %m.id, rcpt = rcpt.map(|x| x.address.as_str()).unwrap_or(""),
+                              outcome = r.event, reason = r.last_reply.as_deref().unwrap_or(""),
+                              notice = d.notice.is_some(), "given up");
+                        finished.push(r.idx);
+                    }
+                }
                 self.writer
                     .apply(self.with_notice(d, &m, None, now))
                     .await?;
