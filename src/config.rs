@@ -365,6 +365,10 @@ pub struct FlushConfig {
     /// Messages larger than this go after every smaller one due in the
     /// same flush, so small mail is never held behind a big one.
     pub large_message_size: u64,
+    /// While the link is down and mail waits, try a TCP connect to the
+    /// upstream this often and flush as soon as it answers ("0s": off).
+    #[serde(with = "humantime_serde_compat")]
+    pub probe_interval: Duration,
 }
 
 impl Default for FlushConfig {
@@ -374,6 +378,7 @@ impl Default for FlushConfig {
             on_submit: false,
             etrn: Vec::new(),
             large_message_size: 1 << 20,
+            probe_interval: Duration::from_secs(5),
         }
     }
 }

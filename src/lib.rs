@@ -107,6 +107,12 @@ pub async fn serve(
         stop_rx.clone(),
     ));
     let submitted = Arc::new(Notify::new());
+    let link_back = Arc::new(Notify::new());
+    let prober = tokio::spawn(link_prober(
+        flusher_rx.clone(),
+        link_back.clone(),
+        stop_rx.clone(),
+    ));
     let (etrn_tx, etrn_rx) = tokio::sync::mpsc::unbounded_channel();
     let triggers = server::Triggers {
         submitted: Some(submitted.clone()),
@@ -116,6 +122,7 @@ pub async fn serve(
     let runner = tokio::spawn(flush_runner(
         flusher_rx,
         submitted,
+        link_back,
         etrn_rx,
         triggers.etrn_running.clone(),
         stop_rx,
@@ -194,6 +201,7 @@ pub async fn serve(
     }
     runner.abort();
     let _ = runner.await;
+    let _ = prober.await;
     // Every session and the flusher have ended; the last handle to the
     // writer is gone, and joining the thread waits for its last commit.
     writer_thread.join();
@@ -207,6 +215,63 @@ enum Trigger {
     Interval,
     OnSubmit,
     Etrn,
+    LinkBack,
+}
+
+/// Flush on link-up: while the link is down and mail waits, a TCP connect
+/// to the upstream every `flush.probe_interval` (slower after a long
+/// outage, see [`relay::decide::probe_delay`]). When the upstream answers
+/// again after it did not, the runner flushes at once. A link that takes
+/// connections but fails later (TLS, AUTH) is not flushed again on every
+/// probe: only the change from silent to answering wakes the runner.
+async fn link_prober(
+    flushers: watch::Receiver<Flusher>,
+    link_back: Arc<Notify>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut answered = false;
+    loop {
+        let flusher = flushers.borrow().clone();
+        let interval = flusher.config.flush.probe_interval;
+        let store = flusher.store.clone();
+        let now = queue::unix_now();
+        let seen = tokio::task::spawn_blocking(move || {
+            let link = store.link(now)?;
+            let counts = store.counts()?;
+            Ok::<_, queue::StoreError>((link, counts))
+        })
+        .await;
+        let delay = match seen {
+            Ok(Ok((link, counts)))
+                if link.state == LinkState::Down
+                    && counts.count(queue::RecipientState::Queued)
+                        + counts.count(queue::RecipientState::Deferred)
+                        > 0 =>
+            {
+                relay::decide::probe_delay(interval, now - link.since)
+            }
+            _ => None,
+        };
+        // Nothing to probe: look again in a while.
+        let wait = delay.unwrap_or(Duration::from_secs(5).max(interval));
+        tokio::select! {
+            _ = stop.changed() => return,
+            _ = tokio::time::sleep(wait) => {}
+        }
+        if delay.is_none() {
+            answered = false;
+            continue;
+        }
+        let now_answers = tokio::select! {
+            _ = stop.changed() => return,
+            a = flusher.probe() => a,
+        };
+        if now_answers && !answered {
+            info!(upstream = %flusher.config.upstream.server, "the upstream answers again: flushing");
+            link_back.notify_one();
+        }
+        answered = now_answers;
+    }
 }
 
 /// The instant of the next tick of a `period` schedule (see
@@ -231,6 +296,7 @@ fn next_tick(period: Duration) -> tokio::time::Instant {
 async fn flush_runner(
     mut flushers: watch::Receiver<Flusher>,
     submitted: Arc<Notify>,
+    link_back: Arc<Notify>,
     mut etrn: tokio::sync::mpsc::UnboundedReceiver<String>,
     etrn_running: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
     mut stop: watch::Receiver<bool>,
@@ -256,6 +322,7 @@ async fn flush_runner(
                 }
             } => Trigger::Interval,
             _ = submitted.notified() => Trigger::OnSubmit,
+            _ = link_back.notified() => Trigger::LinkBack,
             Some(spec) = etrn.recv() => {
                 // Every request waiting now goes in this one delivery.
                 opts.domains.push(spec);

@@ -38,7 +38,11 @@ fn attempts(g: &Gateway) -> Vec<u64> {
 #[test]
 fn link_down_costs_nothing_then_the_next_flush_delivers_byte_exact() {
     let mut hub = Gateway::configure("");
-    let branch = Gateway::start(&upstream(hub.relay, "opportunistic"));
+    // Flushed by hand only: no probe flushes when the hub comes up.
+    let branch = Gateway::start(&format!(
+        "{}[flush]\nprobe_interval = \"0s\"\n",
+        upstream(hub.relay, "opportunistic")
+    ));
     let a = send(
         &branch,
         "s@client.test",

@@ -289,3 +289,71 @@ fn queue_hold_during_a_flush_waits_for_it_and_never_contradicts_it() {
     unique.dedup();
     assert_eq!(unique.len(), taken.len());
 }
+
+#[test]
+fn the_link_coming_back_is_noticed_and_flushed_at_once() {
+    let port = common::free_port(); // nothing listens yet: the link is down
+    let g = Gateway::start(&format!(
+        "{}[flush]\nprobe_interval = \"1s\"\n",
+        upstream(port)
+    ));
+    send(
+        &g,
+        "s@client.test",
+        &["x@far.example"],
+        b"Subject: waiting\r\n\r\nx\r\n",
+    );
+    let out = g.cli(&["flush"]);
+    assert_eq!(out.status.code(), Some(75), "the link is down");
+    // No schedule, no on_submit: only the probe can notice the link.
+    let (_, seen) = fake::start_on(port, Script::default());
+    wait_for(
+        "the flush after the link came back",
+        Duration::from_secs(15),
+        || seen.messages.load(Ordering::SeqCst) == 1,
+    );
+    assert!(
+        g.log().contains("the upstream answers again"),
+        "{}",
+        g.log()
+    );
+    wait_for("the queue to empty", Duration::from_secs(5), || {
+        g.queue().is_empty()
+    });
+}
+
+#[test]
+fn the_network_hook_scripts_flush_when_an_interface_comes_up() {
+    let (port, seen) = fake::start(Script::default());
+    let g = Gateway::start(&upstream(port));
+    let bin_dir = std::path::Path::new(common::BIN).parent().unwrap();
+    let path = format!("{}:{}", bin_dir.display(), std::env::var("PATH").unwrap());
+    let hook = |script: &str, args: &[&str]| {
+        let st = std::process::Command::new("sh")
+            .arg(format!("{}/packaging/{script}", env!("CARGO_MANIFEST_DIR")))
+            .args(args)
+            .env("PATH", &path)
+            .env("OUTPOST_CONFIG", &g.config_path)
+            .status()
+            .unwrap();
+        assert!(st.success(), "{script} {args:?}: {st}");
+    };
+    for (n, (script, args)) in [
+        ("nm-dispatcher", &["eth0", "up"][..]),
+        ("networkd-dispatcher", &[][..]),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        send(
+            &g,
+            "s@client.test",
+            &["x@far.example"],
+            format!("Subject: hook {n}\r\n\r\nx\r\n").as_bytes(),
+        );
+        hook(script, args);
+        wait_for(script, Duration::from_secs(15), || {
+            seen.messages.load(Ordering::SeqCst) == n + 1
+        });
+    }
+}

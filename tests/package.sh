@@ -11,7 +11,9 @@ for path in ./usr/bin/outpost ./etc/outpost/outpost.toml ./lib/systemd/system/ou
     ./lib/systemd/system/outpost-flush.service ./lib/systemd/system/outpost-flush.timer \
     ./usr/lib/sysusers.d/outpost.conf ./usr/lib/tmpfiles.d/outpost.conf \
     ./usr/share/man/man1/outpost.1.gz ./usr/share/man/man1/outpost-flush.1.gz \
-    ./usr/share/doc/outpost/README.md ./usr/share/doc/outpost/CONFIG.md; do
+    ./usr/share/doc/outpost/README.md ./usr/share/doc/outpost/CONFIG.md \
+    ./etc/NetworkManager/dispatcher.d/90-outpost-flush \
+    ./etc/networkd-dispatcher/routable.d/50-outpost-flush; do
   grep -qF " $path" <<<"$contents" || fail "missing $path"
 done
 grep -qE '^l.* \./usr/sbin/sendmail -> \.\./bin/outpost$' <<<"$contents" || fail "no /usr/sbin/sendmail link"

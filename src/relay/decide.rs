@@ -32,6 +32,19 @@ pub fn next_tick(interval: Duration, after_ms: i64) -> i64 {
     (after_ms.div_euclid(period) + 1) * period
 }
 
+/// How long to wait before the next cheap probe (a TCP connect) of a link
+/// that has been down for `down_for` seconds: `interval` at first, growing
+/// evenly to 60 s after an hour down (never below `interval`). `None`
+/// when probing is off (`interval` zero).
+pub fn probe_delay(interval: Duration, down_for: i64) -> Option<Duration> {
+    if interval.is_zero() {
+        return None;
+    }
+    let slowest = Duration::from_secs(60).max(interval);
+    let ramp = down_for.clamp(0, 3600) as u32;
+    Some(interval + (slowest - interval) * ramp / 3600)
+}
+
 /// When a recipient that has now failed `attempts` times is tried again:
 /// exponential back-off from `retry.base`, capped at `retry.max`, with
 /// ±10 % jitter so that deferred mail does not all come due at once.
@@ -609,6 +622,19 @@ mod tests {
         assert_eq!(next_tick(i, first), first + 900_000);
         // Sub-second periods work too (tests use them).
         assert_eq!(next_tick(Duration::from_millis(250), 1_001), 1_250);
+    }
+
+    #[test]
+    fn probes_slow_down_over_the_first_hour() {
+        let five = Duration::from_secs(5);
+        assert_eq!(probe_delay(five, 0), Some(five));
+        assert_eq!(probe_delay(five, 1800), Some(Duration::from_millis(32_500)));
+        assert_eq!(probe_delay(five, 3600), Some(Duration::from_secs(60)));
+        assert_eq!(probe_delay(five, 86_400), Some(Duration::from_secs(60)));
+        assert_eq!(probe_delay(Duration::ZERO, 10), None);
+        // A slow setting stays as slow as asked.
+        let two_min = Duration::from_secs(120);
+        assert_eq!(probe_delay(two_min, 7200), Some(two_min));
     }
 
     #[test]

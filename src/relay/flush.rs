@@ -777,6 +777,22 @@ impl Flusher {
         }
     }
 
+    /// The cheapest look at the link: does any upstream address take a TCP
+    /// connection? Nothing is said on it; it is closed at once.
+    pub async fn probe(&self) -> bool {
+        let up = &self.config.upstream;
+        let Ok(targets) = route::targets(&up.server, up.resolver).await else {
+            return false;
+        };
+        for t in targets {
+            let connect = tokio::net::TcpStream::connect(t.addr);
+            if let Ok(Ok(_)) = tokio::time::timeout(up.connect_timeout, connect).await {
+                return true;
+            }
+        }
+        false
+    }
+
     /// A further parallel connection; None when the upstream will not take one.
     async fn connect_more(&self, dest: &Destination, settings: &ClientSettings) -> Option<Session> {
         let targets = route::targets(&dest.server, self.config.upstream.resolver)

@@ -63,7 +63,12 @@ impl Read for Throttled {
 
 /// Starts the fake on a free loopback port; it runs until the test ends.
 pub fn start(script: Script) -> (u16, Arc<Seen>) {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    start_on(0, script)
+}
+
+/// Starts the fake on `port` (0: a free one).
+pub fn start_on(port: u16, script: Script) -> (u16, Arc<Seen>) {
+    let l = TcpListener::bind(("127.0.0.1", port)).unwrap();
     let port = l.local_addr().unwrap().port();
     let seen = Arc::new(Seen::default());
     let s2 = seen.clone();
