@@ -357,3 +357,42 @@ fn the_network_hook_scripts_flush_when_an_interface_comes_up() {
         });
     }
 }
+
+#[test]
+fn with_several_connections_a_large_message_gets_its_own() {
+    let (port, seen) = fake::start(Script {
+        read_rate: Some(100 << 10),
+        ..Default::default()
+    });
+    let g = Gateway::start(&format!(
+        "{}connections = 2\n[flush]\nlarge_message_size = 102400\n",
+        upstream(port)
+    ));
+    let mut big = b"Subject: big\r\n\r\n".to_vec();
+    while big.len() < 300 << 10 {
+        big.extend_from_slice(&[b'b'; 76]);
+        big.extend_from_slice(b"\r\n");
+    }
+    send(&g, "big@client.test", &["x@far.example"], &big);
+    for i in 0..8 {
+        send(
+            &g,
+            &format!("small{i}@client.test"),
+            &["y@far.example"],
+            b"Subject: small\r\n\r\nsmall\r\n",
+        );
+    }
+    let out = g.cli(&["flush", "--json"]);
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(json_out(&out)["summary"]["delivered"], 9);
+    // The big one started at once, on its own connection, beside the
+    // small ones (not after them all); the small ones were all taken
+    // before it ended.
+    let mails = seen.mails.lock().unwrap().clone();
+    let at = mails.iter().position(|m| m.contains("big@")).unwrap();
+    assert!(at < 2, "{mails:?}");
+    assert_eq!(
+        subjects(&seen.bodies()).last().map(String::as_str),
+        Some("big")
+    );
+}

@@ -486,21 +486,35 @@ impl Flusher {
         } else {
             1
         };
+        // Small mail and large mail wait apart. With several connections,
+        // the last one takes the large messages first, so that they never
+        // hold up the small ones; every other connection takes small mail
+        // first. With one connection, large mail goes last.
+        let large = self.config.flush.large_message_size as i64;
+        let (big, small): (VecDeque<_>, VecDeque<_>) =
+            due.into_iter().partition(|m| m.size > large);
+        let big_lane = n > 1 && !big.is_empty();
+        let small_lanes = if big_lane { n - 1 } else { n };
         // Every connection gets a share: a short queue is not taken whole
         // by the first worker while the others find nothing.
-        let batch = due.len().div_ceil(n).clamp(1, BATCH);
-        let queue = Arc::new(Mutex::new(due));
+        let batch = small.len().div_ceil(small_lanes).clamp(1, BATCH);
+        let small = Arc::new(Mutex::new(small));
+        let big = Arc::new(Mutex::new(big));
         let (tx, mut rx) = mpsc::unbounded_channel::<WorkerReport>();
         let mut workers = Vec::new();
         let mut first = Some(first);
-        for _ in 0..n {
+        for i in 0..n {
             let w = self.clone();
-            let queue = queue.clone();
+            let queues = if big_lane && i == n - 1 {
+                vec![big.clone(), small.clone()]
+            } else {
+                vec![small.clone(), big.clone()]
+            };
             let tx = tx.clone();
             let session = first.take();
             let (settings, dest) = (settings.clone(), dest.clone());
             workers.push(tokio::spawn(async move {
-                w.worker(dest, session, settings, queue, batch, tx).await
+                w.worker(dest, session, settings, queues, batch, tx).await
             }));
         }
         drop(tx);
@@ -535,11 +549,12 @@ impl Flusher {
                 }
             }
         }
-        let left: usize = queue
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+        let left: usize = [small, big]
             .iter()
-            .map(|m| m.recipients.len())
+            .flat_map(|q| {
+                let q = q.lock().unwrap_or_else(|p| p.into_inner());
+                q.iter().map(|m| m.recipients.len()).collect::<Vec<_>>()
+            })
             .sum();
         summary.untouched += left;
         if let Some(e) = lost {
@@ -641,7 +656,7 @@ impl Flusher {
         dest: Destination,
         mut session: Option<Session>,
         settings: ClientSettings,
-        queue: Arc<Mutex<VecDeque<DueMessage>>>,
+        queues: Vec<Arc<Mutex<VecDeque<DueMessage>>>>,
         batch_max: usize,
         tx: mpsc::UnboundedSender<WorkerReport>,
     ) -> Option<Session> {
@@ -649,7 +664,9 @@ impl Flusher {
             if self.stopping() {
                 break;
             }
-            let batch: Vec<DueMessage> = {
+            // A batch from the first queue (in this worker's order) that
+            // has mail.
+            let Some((queue, batch)) = queues.iter().find_map(|queue| {
                 let mut q = queue.lock().unwrap_or_else(|p| p.into_inner());
                 let mut n = 0;
                 let mut bytes = 0;
@@ -657,11 +674,10 @@ impl Flusher {
                     bytes += q[n].size;
                     n += 1;
                 }
-                q.drain(..n).collect()
-            };
-            if batch.is_empty() {
+                (n > 0).then(|| (queue, q.drain(..n).collect::<Vec<_>>()))
+            }) else {
                 break;
-            }
+            };
             let s = match session.take() {
                 Some(s) => s,
                 None => match self.connect_more(&dest, &settings).await {

@@ -32,6 +32,8 @@ pub struct Seen {
     pub messages: AtomicUsize,
     /// Each message's data as received (dot-stuffing undone), in order.
     pub bodies: Mutex<Vec<Vec<u8>>>,
+    /// Each MAIL command's line, in the order they came.
+    pub mails: Mutex<Vec<String>>,
 }
 
 impl Seen {
@@ -116,6 +118,7 @@ fn session(stream: std::net::TcpStream, script: &Script, seen: &Seen) {
         let line = String::from_utf8_lossy(&raw);
         let verb = line.get(..4).unwrap_or("").to_ascii_uppercase();
         if verb == "MAIL" {
+            seen.mails.lock().unwrap().push(line.trim_end().to_string());
             mails += 1;
             if script.close_at_mail == Some(mails) {
                 let _ = w.write_all(b"421 4.3.2 fake.test going down\r\n");
