@@ -139,6 +139,9 @@ pub struct RelayConfig {
     pub networks: Vec<IpNet>,
     pub max_message_size: u64,
     pub max_recipients: usize,
+    /// `Received:` header fields a message may arrive with; more means a
+    /// mail loop (554 5.4.6). Postfix's hopcount_limit.
+    pub max_hops: usize,
 }
 
 impl Default for RelayConfig {
@@ -147,6 +150,7 @@ impl Default for RelayConfig {
             networks: vec!["127.0.0.0/8".parse().unwrap(), "::1/128".parse().unwrap()],
             max_message_size: 25 * 1024 * 1024,
             max_recipients: 100,
+            max_hops: 50,
         }
     }
 }
@@ -194,6 +198,9 @@ pub struct SmtpConfig {
     /// On SIGTERM, how long transactions in flight may take to finish.
     #[serde(with = "humantime_serde_compat")]
     pub shutdown_grace: Duration,
+    /// The longest line of message content, in octets with its CRLF.
+    /// RFC 5321 says 1000; office programs send longer ones.
+    pub max_line_length: usize,
 }
 
 impl Default for SmtpConfig {
@@ -207,6 +214,7 @@ impl Default for SmtpConfig {
             auth_failure_delay: Duration::from_secs(2),
             max_errors: 10,
             shutdown_grace: Duration::from_secs(30),
+            max_line_length: 65536,
         }
     }
 }
@@ -706,6 +714,15 @@ impl Config {
             return Err((
                 "max_recipients",
                 "must be at least 1 (RFC 5321 asks for 100)".into(),
+            ));
+        }
+        if self.relay.max_hops == 0 {
+            return Err(("max_hops", "must be at least 1 (Postfix uses 50)".into()));
+        }
+        if self.smtp.max_line_length < 1000 {
+            return Err((
+                "max_line_length",
+                "must be at least 1000 (RFC 5321 §4.5.3.1.6: 998 octets and the CRLF)".into(),
             ));
         }
         if self.smtp.max_connections == 0 || self.smtp.max_connections_per_client == 0 {

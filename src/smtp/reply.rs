@@ -315,11 +315,21 @@ pub fn nul_in_data() -> Reply {
         "Message refused: it contains NUL octets; nothing was queued",
     )
 }
-pub fn data_line_too_long() -> Reply {
+pub fn data_line_too_long(max: usize) -> Reply {
     Reply::new(
         554,
         "5.6.0",
-        "Message refused: a line is longer than 1000 octets (RFC 5321 §4.5.3.1.6); nothing was queued",
+        format!("Message refused: a line is longer than {max} octets; nothing was queued"),
+    )
+}
+/// RFC 3463 X.4.6: routing loop detected.
+pub fn too_many_hops(max: usize) -> Reply {
+    Reply::new(
+        554,
+        "5.4.6",
+        format!(
+            "Message refused: more than {max} Received headers, it is probably in a mail loop; nothing was queued"
+        ),
     )
 }
 

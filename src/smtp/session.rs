@@ -12,7 +12,7 @@ use crate::auth;
 use crate::config::{Config, Listen, ListenMode};
 use crate::queue::{unix_now, NewMessage, NewRecipient, QueueId, Route};
 
-use super::data::{Canonical, ContentError, DotReader};
+use super::data::{Canonical, ContentError, DotReader, Limits};
 use super::policy;
 use super::reply::{self, Reply};
 use crate::codec::{Codec, Conn, Line};
@@ -583,6 +583,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             .unwrap_or(Ok(false))
     }
 
+    /// What message content may be: `relay.max_message_size`,
+    /// `smtp.max_line_length`, `relay.max_hops`.
+    fn content_limits(&self) -> Limits {
+        let c = &self.config;
+        Limits {
+            size: usize::try_from(c.relay.max_message_size).unwrap_or(usize::MAX),
+            line: c.smtp.max_line_length,
+            hops: c.relay.max_hops,
+        }
+    }
+
     /// Checks that DATA or BDAT may start; returns the reply if not.
     fn content_allowed(&self) -> Option<Reply> {
         match &self.tx {
@@ -600,8 +611,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             return self.error(reply::bdat_in_progress());
         }
         let id = QueueId::generate();
-        let limit = self.config.relay.max_message_size as usize;
-        let mut reader = DotReader::with_prefix(limit, self.message_buffer(&id));
+        let mut reader = DotReader::with_prefix(self.content_limits(), self.message_buffer(&id));
         self.codec.reply(&reply::start_data());
         loop {
             let input = self.codec.buffered();
@@ -626,10 +636,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             (None, Some(open)) => Some(open),
             (None, None) => {
                 let id = QueueId::generate();
-                let limit = self.config.relay.max_message_size as usize;
                 Some((
                     id.clone(),
-                    Canonical::with_prefix(limit, self.message_buffer(&id)),
+                    Canonical::with_prefix(self.content_limits(), self.message_buffer(&id)),
                 ))
             }
             (Some(_), _) => None,
@@ -675,10 +684,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     ContentError::BareLf => reply::bare_lf(),
                     ContentError::BareCr => reply::bare_cr(),
                     ContentError::Nul => reply::nul_in_data(),
-                    ContentError::LineTooLong => reply::data_line_too_long(),
+                    ContentError::LineTooLong => {
+                        reply::data_line_too_long(self.config.smtp.max_line_length)
+                    }
                     ContentError::TooBig => {
                         reply::too_big(self.config.relay.max_message_size as usize)
                     }
+                    ContentError::TooManyHops => reply::too_many_hops(self.config.relay.max_hops),
                 };
                 warn!(peer = %self.peer, from = %tx.sender, size, reply = %r.summary(), "message refused");
                 return self.reply(r);

@@ -5,7 +5,7 @@
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpListener;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// How the fake misbehaves.
@@ -25,6 +25,8 @@ pub struct Seen {
     pub connections: AtomicUsize,
     /// Final dots received.
     pub messages: AtomicUsize,
+    /// The content of each message, dot-unstuffed, as received.
+    pub bodies: Mutex<Vec<Vec<u8>>>,
 }
 
 /// Starts the fake on a free loopback port; it runs until the test ends.
@@ -49,14 +51,18 @@ fn session(stream: std::net::TcpStream, script: &Script, seen: &Seen) {
     let mut r = BufReader::new(stream);
     let _ = w.write_all(b"220 fake.test ESMTP\r\n");
     let (mut in_data, mut mails) = (false, 0);
-    let mut line = String::new();
+    let mut raw = Vec::new();
+    let mut body = Vec::new();
     loop {
-        line.clear();
-        if r.read_line(&mut line).unwrap_or(0) == 0 {
+        raw.clear();
+        if r.read_until(b'\n', &mut raw).unwrap_or(0) == 0 {
             return;
         }
         if in_data {
-            if line == ".\r\n" {
+            if raw != b".\r\n" {
+                body.extend_from_slice(raw.strip_prefix(b".").unwrap_or(&raw));
+            } else {
+                seen.bodies.lock().unwrap().push(std::mem::take(&mut body));
                 seen.messages.fetch_add(1, Ordering::SeqCst);
                 if script.silent_after_dot {
                     return;
@@ -66,6 +72,7 @@ fn session(stream: std::net::TcpStream, script: &Script, seen: &Seen) {
             }
             continue;
         }
+        let line = String::from_utf8_lossy(&raw);
         let verb = line.get(..4).unwrap_or("").to_ascii_uppercase();
         if verb == "MAIL" {
             mails += 1;
