@@ -1,5 +1,6 @@
 //! Inbound limits against the running binary: long lines
-//! (`smtp.max_line_length`) and mail loops (`relay.max_hops`).
+//! (`smtp.max_line_length`), mail loops (`relay.max_hops`) and alias
+//! loops (`local.aliases`).
 
 mod common;
 
@@ -131,4 +132,46 @@ fn a_lower_max_hops_is_honoured_over_bdat_too() {
         let r = c.reply();
         assert!(r.starts_with(want), "{n} hops: {r}");
     }
+}
+
+#[test]
+fn alias_loops_and_deep_chains_are_refused_at_rcpt() {
+    let mut deep = String::new();
+    for i in 0..11 {
+        deep.push_str(&format!("d{i} = [\"d{}\"]\n", i + 1));
+    }
+    let g = Gateway::start(&format!(
+        "[local]\ndomains = [\"branch.example\"]\n[local.aliases]\n\
+         ping = [\"pong\"]\npong = [\"ping@branch.example\"]\n\
+         sales = [\"team\"]\nteam = [\"alice\"]\n{deep}d11 = [\"alice\"]\n"
+    ));
+    g.add_user("alice", "secret");
+    let mut c = Client::connect(g.relay);
+    c.cmd("EHLO client.test");
+    assert!(c.cmd("MAIL FROM:<s@client.test>").starts_with("250"));
+    for (rcpt, want) in [
+        ("ping@branch.example", "550 5.4.6"),
+        // d1 -> d2 ... d11 -> alice: eleven aliases on the way.
+        ("d1@branch.example", "550 5.4.6"),
+        // d2 ... d11 -> alice: ten, the most followed.
+        ("d2@branch.example", "250 "),
+        ("sales@branch.example", "250 "),
+    ] {
+        let r = c.cmd(&format!("RCPT TO:<{rcpt}>"));
+        assert!(r.starts_with(want), "{rcpt}: {r}");
+    }
+    assert!(c.cmd("DATA").starts_with("354"));
+    c.send(b"Subject: via aliases\r\n\r\nhi\r\n.\r\n");
+    let r = c.reply();
+    assert!(queued_id(&r).is_some(), "{r}");
+    let log = g.log();
+    assert!(log.contains("alias loop ping -> pong -> ping"), "{log}");
+    assert!(log.contains("nested more than 10"), "{log}");
+    // d2 and sales lead to alice's mailbox.
+    let store = outpost::queue::Store::open(&g.path("queue.sqlite")).unwrap();
+    common::wait_for(
+        "the message in alice's mailbox",
+        std::time::Duration::from_secs(10),
+        || !store.mailbox("alice").unwrap().is_empty(),
+    );
 }

@@ -428,6 +428,14 @@ pub fn store_failed() -> Reply {
 pub fn store_full() -> Reply {
     Reply::new(452, "4.3.1", "Insufficient system storage; try again later")
 }
+/// RFC 3463 X.4.6: the name's aliases loop (or nest too deep).
+pub fn alias_loop() -> Reply {
+    Reply::new(
+        550,
+        "5.4.6",
+        "Mail for this name cannot be delivered: its aliases form a loop; the postmaster has to correct them",
+    )
+}
 pub fn temp_lookup_failed() -> Reply {
     Reply::new(451, "4.3.0", "Temporary lookup failure; try again later")
 }

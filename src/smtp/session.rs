@@ -488,7 +488,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             }
         }
         let (mailboxes, outside) = if accepted.route == Route::Local {
-            policy::expand_local(&self.config, &accepted.local_part)
+            match policy::try_expand_local(&self.config, &accepted.local_part) {
+                Ok(expanded) => expanded,
+                Err(e) => {
+                    warn!(peer = %self.peer, rcpt = %accepted.address, error = %e, "recipient refused: fix local.aliases");
+                    return self.reply(reply::alias_loop());
+                }
+            }
         } else {
             (Vec::new(), Vec::new())
         };
