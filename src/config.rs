@@ -57,12 +57,17 @@ pub struct Config {
 #[serde(deny_unknown_fields)]
 pub struct StoreConfig {
     pub path: PathBuf,
+    /// Free space (bytes) to keep on the store's file system: below it, MAIL
+    /// is answered 452 4.3.1. Unset: 4 × `relay.max_message_size`; 0: no check.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub min_free: Option<u64>,
 }
 
 impl Default for StoreConfig {
     fn default() -> Self {
         StoreConfig {
             path: PathBuf::from("/var/lib/outpost/queue.sqlite"),
+            min_free: None,
         }
     }
 }
@@ -777,6 +782,14 @@ impl Config {
         Ok(())
     }
 
+    /// Free space to keep on the store's file system (`store.min_free`,
+    /// by default 4 × `relay.max_message_size`); 0 means no check.
+    pub fn min_free(&self) -> u64 {
+        self.store
+            .min_free
+            .unwrap_or_else(|| self.relay.max_message_size.saturating_mul(4))
+    }
+
     pub fn is_local_domain(&self, domain: &str) -> bool {
         self.local
             .domains
@@ -910,7 +923,8 @@ mod tests {
     fn every_key_is_documented() {
         // Every optional key set, so that it is printed.
         let c = parse(
-            "[[listen]]\naddress = \"127.0.0.1:25\"\nmode = \"relay\"\nplaintext_auth = true\n\
+            "[store]\npath = \"q\"\nmin_free = 0\n\
+             [[listen]]\naddress = \"127.0.0.1:25\"\nmode = \"relay\"\nplaintext_auth = true\n\
              [tls]\ncertificate = \"c\"\nkey = \"k\"\n\
              [upstream]\nca_file = \"f\"\ntls_name = \"n\"\nusername = \"u\"\npassword_file = \"p\"\n\
              resolver = \"127.0.0.1:53\"\ndsn_sender = \"s@x\"\n\

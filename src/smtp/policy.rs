@@ -184,6 +184,22 @@ pub fn expand_local(config: &Config, local_part: &str) -> (Vec<String>, Vec<Stri
         .unwrap_or_else(|_| (vec![local_part.to_ascii_lowercase()], Vec::new()))
 }
 
+/// Whether a new message may start with `free` bytes left on the store's
+/// file system, `min_free` to keep (0: no check) and `declared` the SIZE=
+/// of MAIL (0 when none): the reply (452 4.3.1) when not.
+pub fn room_for_message(free: u64, min_free: u64, declared: u64) -> Result<(), Reply> {
+    if min_free == 0 {
+        return Ok(());
+    }
+    if free < min_free {
+        return Err(reply::store_full());
+    }
+    if declared > free - min_free {
+        return Err(reply::no_room_for(declared));
+    }
+    Ok(())
+}
+
 /// `postmaster` always exists (RFC 5321 §4.5.1), even with no account for it.
 pub fn always_exists(local_part: &str) -> bool {
     local_part.eq_ignore_ascii_case("postmaster")
@@ -311,6 +327,17 @@ mod tests {
         assert!(e.to_string().contains("l1 -> l2"), "{e}");
         // A notice for such a name stays in its own account.
         assert_eq!(expand_local(&c, "A"), (vec!["a".to_string()], vec![]));
+    }
+
+    #[test]
+    fn room_for_a_message() {
+        assert!(room_for_message(0, 0, 1 << 30).is_ok(), "0 turns it off");
+        assert!(room_for_message(1000, 400, 0).is_ok());
+        assert!(room_for_message(1000, 400, 600).is_ok());
+        let e = room_for_message(1000, 400, 601).unwrap_err();
+        assert_eq!((e.code, e.status), (452, "4.3.1"));
+        let e = room_for_message(399, 400, 0).unwrap_err();
+        assert_eq!((e.code, e.status), (452, "4.3.1"));
     }
 
     #[test]

@@ -436,6 +436,16 @@ pub fn alias_loop() -> Reply {
         "Mail for this name cannot be delivered: its aliases form a loop; the postmaster has to correct them",
     )
 }
+/// RFC 1870 §6.1: SIZE= more than there is room for now.
+pub fn no_room_for(declared: u64) -> Reply {
+    Reply::new(
+        452,
+        "4.3.1",
+        format!(
+            "Insufficient system storage for a message of {declared} octets now; try again later"
+        ),
+    )
+}
 pub fn temp_lookup_failed() -> Reply {
     Reply::new(451, "4.3.0", "Temporary lookup failure; try again later")
 }

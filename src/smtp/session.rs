@@ -416,6 +416,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             info!(peer = %self.peer, declared = from.size, limit = max, "refused: SIZE over the limit");
             return self.reply(reply::too_big_declared(max));
         }
+        if let Err(r) = self.room_for(from.size as u64) {
+            return self.reply(r);
+        }
         let body_type = if from.flags & proto::MAIL_BODY_8BITMIME != 0 {
             Some("8BITMIME".to_string())
         } else if from.flags & proto::MAIL_BODY_7BIT != 0 {
@@ -442,6 +445,27 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             bdat: None,
         });
         self.reply(reply::sender_ok())
+    }
+
+    /// `store.min_free`: refuses a new message (452 4.3.1) while the store's
+    /// file system is short of space, or short of room for `declared`.
+    fn room_for(&self, declared: u64) -> Result<(), Reply> {
+        let min_free = self.config.min_free();
+        if min_free == 0 {
+            return Ok(());
+        }
+        let free = match crate::queue::space::available(&self.config.store.path) {
+            Ok(f) => f,
+            Err(e) => {
+                // Not knowing is no reason to refuse: a full disk still
+                // shows as 452 when the message is committed.
+                debug!(peer = %self.peer, error = %e, "cannot read the store's free space");
+                return Ok(());
+            }
+        };
+        policy::room_for_message(free, min_free, declared).inspect_err(|r| {
+            warn!(peer = %self.peer, free, min_free, declared, reply = %r.summary(), "MAIL refused: the store's disk is short of space (store.min_free)");
+        })
     }
 
     async fn rcpt(&mut self, to: proto::RcptTo<String>) -> Flow {
