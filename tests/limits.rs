@@ -72,6 +72,31 @@ fn long_lines_up_to_the_limit_are_accepted_and_forwarded_byte_exact() {
     }
 }
 
+#[test]
+fn long_lines_reach_a_chunking_upstream_whole() {
+    // Another outpost as the upstream: PIPELINING and CHUNKING, so the
+    // branch sends BDAT, not dot-stuffed DATA.
+    let hub = Gateway::start("");
+    let branch = Gateway::start(&format!(
+        "[upstream]\nserver = \"[127.0.0.1]:{}\"\ntls = \"none\"\n",
+        hub.relay
+    ));
+    let mut c = Client::connect(branch.relay);
+    c.cmd("EHLO client.test");
+    let (content, wire) = wide_message(65534, true);
+    let r = c.send_mail("s@client.test", &["x@far.example"], &wire);
+    let id = queued_id(&r).unwrap_or_else(|| panic!("{r}"));
+    let stored = branch.body(&id);
+    assert!(stored.ends_with(&content));
+    let out = branch.cli(&["flush", "--json"]);
+    assert_eq!(json_out(&out)["summary"]["delivered"], 1);
+    let q = hub.queue();
+    assert_eq!(q.len(), 1);
+    let got = hub.body(q[0]["id"].as_str().unwrap());
+    // The hub put its own Received header in front of the branch's bytes.
+    assert!(got.ends_with(&stored) && got.len() > stored.len());
+}
+
 /// `n` trace fields, then a short message.
 fn with_received(n: usize) -> Vec<u8> {
     let mut m = Vec::new();
