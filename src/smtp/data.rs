@@ -184,7 +184,7 @@ impl Canonical {
 }
 
 /// True for the start of a `Received:` field: the name in any case, then
-/// the colon, maybe after white space (RFC 5322 §4.5.3's obsolete syntax).
+/// the colon, maybe after white space (RFC 5322 §4.5's obsolete syntax).
 fn is_received(head: &[u8]) -> bool {
     const NAME: &[u8] = b"received";
     head.len() > NAME.len()

@@ -433,7 +433,7 @@ pub fn alias_loop() -> Reply {
     Reply::new(
         550,
         "5.4.6",
-        "Mail for this name cannot be delivered: its aliases form a loop; the postmaster has to correct them",
+        "Mail for this name cannot be delivered: its aliases loop or nest too deeply; the postmaster has to correct them",
     )
 }
 /// RFC 1870 §6.1: SIZE= more than there is room for now.
