@@ -57,12 +57,17 @@ pub struct Config {
 #[serde(deny_unknown_fields)]
 pub struct StoreConfig {
     pub path: PathBuf,
+    /// Free space (bytes) to keep on the store's file system: below it, MAIL
+    /// is answered 452 4.3.1. Unset: 4 × `relay.max_message_size`; 0: no check.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub min_free: Option<u64>,
 }
 
 impl Default for StoreConfig {
     fn default() -> Self {
         StoreConfig {
             path: PathBuf::from("/var/lib/outpost/queue.sqlite"),
+            min_free: None,
         }
     }
 }
@@ -139,6 +144,9 @@ pub struct RelayConfig {
     pub networks: Vec<IpNet>,
     pub max_message_size: u64,
     pub max_recipients: usize,
+    /// `Received:` header fields a message may arrive with; more means a
+    /// mail loop (554 5.4.6). Postfix's hopcount_limit.
+    pub max_hops: usize,
 }
 
 impl Default for RelayConfig {
@@ -147,6 +155,7 @@ impl Default for RelayConfig {
             networks: vec!["127.0.0.0/8".parse().unwrap(), "::1/128".parse().unwrap()],
             max_message_size: 25 * 1024 * 1024,
             max_recipients: 100,
+            max_hops: 50,
         }
     }
 }
@@ -194,6 +203,9 @@ pub struct SmtpConfig {
     /// On SIGTERM, how long transactions in flight may take to finish.
     #[serde(with = "humantime_serde_compat")]
     pub shutdown_grace: Duration,
+    /// The longest line of message content, in octets with its CRLF.
+    /// RFC 5321 says 1000; office programs send longer ones.
+    pub max_line_length: usize,
 }
 
 impl Default for SmtpConfig {
@@ -207,6 +219,7 @@ impl Default for SmtpConfig {
             auth_failure_delay: Duration::from_secs(2),
             max_errors: 10,
             shutdown_grace: Duration::from_secs(30),
+            max_line_length: 65536,
         }
     }
 }
@@ -747,6 +760,15 @@ impl Config {
                 "must be at least 1 (RFC 5321 asks for 100)".into(),
             ));
         }
+        if self.relay.max_hops == 0 {
+            return Err(("max_hops", "must be at least 1 (Postfix uses 50)".into()));
+        }
+        if self.smtp.max_line_length < 1000 {
+            return Err((
+                "max_line_length",
+                "must be at least 1000 (RFC 5321 §4.5.3.1.6: 998 octets and the CRLF)".into(),
+            ));
+        }
         if self.smtp.max_connections == 0 || self.smtp.max_connections_per_client == 0 {
             return Err(("max_connections", "must be at least 1".into()));
         }
@@ -797,6 +819,14 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    /// Free space to keep on the store's file system (`store.min_free`,
+    /// by default 4 × `relay.max_message_size`); 0 means no check.
+    pub fn min_free(&self) -> u64 {
+        self.store
+            .min_free
+            .unwrap_or_else(|| self.relay.max_message_size.saturating_mul(4))
     }
 
     pub fn is_local_domain(&self, domain: &str) -> bool {
@@ -932,7 +962,8 @@ mod tests {
     fn every_key_is_documented() {
         // Every optional key set, so that it is printed.
         let c = parse(
-            "[[listen]]\naddress = \"127.0.0.1:25\"\nmode = \"relay\"\nplaintext_auth = true\n\
+            "[store]\npath = \"q\"\nmin_free = 0\n\
+             [[listen]]\naddress = \"127.0.0.1:25\"\nmode = \"relay\"\nplaintext_auth = true\n\
              [tls]\ncertificate = \"c\"\nkey = \"k\"\n\
              [upstream]\nca_file = \"f\"\ntls_name = \"n\"\nusername = \"u\"\npassword_file = \"p\"\n\
              resolver = \"127.0.0.1:53\"\ndsn_sender = \"s@x\"\n\

@@ -10,6 +10,7 @@ pub mod cli;
 pub mod codec;
 pub mod config;
 pub mod control;
+pub mod logwriter;
 pub mod pop3;
 pub mod queue;
 pub mod relay;

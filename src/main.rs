@@ -43,9 +43,12 @@ fn init_logging(level: &str, format: LogFormat) {
     use tracing_subscriber::EnvFilter;
     // OUTPOST_LOG (EnvFilter syntax) overrides log.level for debugging.
     let filter = EnvFilter::try_from_env("OUTPOST_LOG").unwrap_or_else(|_| EnvFilter::new(level));
+    // A log line that cannot be written is counted and dropped: it must
+    // never take a session (or the store writer) down with it.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(outpost::logwriter::stderr)
+        .log_internal_errors(false);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().flatten_event(true).init(),
@@ -64,7 +67,7 @@ fn serve(cli: &Cli) -> ExitCode {
     {
         Ok(r) => r,
         Err(e) => {
-            eprintln!("outpost: cannot start the runtime: {e}");
+            say(&format!("outpost: cannot start the runtime: {e}"));
             return ExitCode::from(exit::SOFTWARE);
         }
     };
@@ -74,14 +77,42 @@ fn serve(cli: &Cli) -> ExitCode {
         let (reload_tx, reload_rx) = tokio::sync::mpsc::unbounded_channel();
         tokio::spawn(reload_on_sighup(path, reload_tx));
         tokio::spawn(systemd_watch(store_path));
+        tokio::spawn(report_lost_log_lines());
         outpost::serve(config, notify_ready, stop_signal(), reload_rx).await
     });
     match result {
         Ok(()) => ExitCode::from(exit::OK),
         Err(e) => {
             tracing::error!("{e:#}");
-            eprintln!("outpost: {e:#}");
+            say(&format!("outpost: {e:#}"));
             ExitCode::from(exit::CONFIG)
+        }
+    }
+}
+
+/// A line on stderr; if even that fails there is nobody left to tell.
+fn say(line: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "{line}");
+}
+
+/// Says, once the log can be written again, how many lines were lost
+/// while it could not (a full disk, typically).
+async fn report_lost_log_lines() {
+    let mut reported = 0;
+    loop {
+        tokio::time::sleep(std::time::Duration::from_secs(10)).await;
+        let lost = outpost::logwriter::lost();
+        if lost > reported {
+            tracing::warn!(
+                lost = lost - reported,
+                "log lines could not be written (is the log's disk full?)"
+            );
+            // Reported only once it was written: a line lost meanwhile
+            // (this one too) means the whole count is said again later.
+            if outpost::logwriter::lost() == lost {
+                reported = lost;
+            }
         }
     }
 }

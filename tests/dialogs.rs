@@ -30,6 +30,8 @@ hold_domains = ["other.example"]
 auth_failure_delay = "10ms"
 max_auth_failures = 3
 max_errors = 5
+# RFC 5321's own limit, so that long_lines.dialog shows the refusal.
+max_line_length = 1000
 "#;
 
 fn unescape(s: &str) -> Vec<u8> {

@@ -7,6 +7,7 @@
 //! transaction; reads use their own connections.
 
 mod model;
+pub mod space;
 mod writer;
 
 use std::path::{Path, PathBuf};

@@ -421,8 +421,10 @@ fn has_long_line(b: &[u8]) -> bool {
     lines(b).any(|l| content_len(l) > 998)
 }
 
-/// Header lines over 998 octets are cut by folding (CRLF SP). The store
-/// refuses such lines, so this borrows in practice.
+/// Header lines over 998 octets are cut by folding (CRLF SP), so the
+/// returned headers stay within RFC 5322 even when the message came in
+/// with longer lines (`smtp.max_line_length`). Usually nothing to cut, and
+/// this borrows.
 fn fold_long_lines(b: &[u8]) -> Cow<'_, [u8]> {
     if !has_long_line(b) {
         return Cow::Borrowed(b);
@@ -1149,7 +1151,8 @@ mod tests {
 
     #[test]
     fn non_canonical_or_long_originals_are_made_safe() {
-        // The store never holds these; the DSN must stay valid anyway.
+        // Long lines are stored as they came (smtp.max_line_length); bare
+        // CR/LF never are. The DSN must stay valid either way.
         let mut original = b"Subject: bare\nX-Long: ".to_vec();
         original.extend(std::iter::repeat_n(b'h', 1500));
         original.extend_from_slice(b"\r\n\r\nbody\rmore\n");

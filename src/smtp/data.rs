@@ -8,6 +8,12 @@
 //! until the real end so the dialog stays in step. Stored messages therefore
 //! always have canonical CRLF line ends, whatever way they arrived.
 //!
+//! Lines may be longer than RFC 5321's 1000 octets (office programs send
+//! such lines, and Postfix takes them) up to `smtp.max_line_length`; they
+//! are stored and forwarded unchanged. The `Received:` fields of the header
+//! section are counted on the way (`relay.max_hops`): a message that went
+//! round too many times is in a loop.
+//!
 //! Pure functions over bytes: no I/O here.
 
 /// What was wrong with a message's content, if anything. The first problem
@@ -17,39 +23,74 @@ pub enum ContentError {
     BareLf,
     BareCr,
     Nul,
-    /// A line longer than 1000 octets including CRLF (RFC 5321 §4.5.3.1.6).
+    /// A line longer than `Limits::line` octets including CRLF.
     LineTooLong,
     /// More than the size limit; the rest was discarded unread.
     TooBig,
+    /// More than `Limits::hops` `Received:` fields in the header section.
+    TooManyHops,
+}
+
+/// What content may be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Octets of content at most.
+    pub size: usize,
+    /// Octets of one line at most, CRLF included (RFC 5321 §4.5.3.1.6
+    /// counts 1000 this way).
+    pub line: usize,
+    /// `Received:` header fields at most (the one this gateway adds is not
+    /// in the content, so it is not counted).
+    pub hops: usize,
+}
+
+impl Limits {
+    /// `size`, and the defaults of `smtp.max_line_length` and `relay.max_hops`.
+    pub fn with_size(size: usize) -> Limits {
+        Limits {
+            size,
+            line: 65536,
+            hops: 50,
+        }
+    }
 }
 
 /// Checks content line by line and collects it, up to a size limit.
 #[derive(Debug)]
 pub struct Canonical {
-    limit: usize,
+    limits: Limits,
     prev_cr: bool,
     line_len: usize,
     size: usize,
+    /// Still in the header section (before the first empty line).
+    in_header: bool,
+    /// The first octets of the current line, to recognise `Received:`.
+    head: [u8; HEAD],
+    /// `Received:` fields seen in the header section.
+    hops: usize,
     error: Option<ContentError>,
     out: Vec<u8>,
 }
 
-/// Octets of text per line, CRLF excluded (1000 with it).
-const MAX_LINE: usize = 998;
+/// Enough of a line for "Received" and some white space before the colon.
+const HEAD: usize = 16;
 
 impl Canonical {
-    pub fn new(limit: usize) -> Canonical {
-        Canonical::with_prefix(limit, Vec::new())
+    pub fn new(limits: Limits) -> Canonical {
+        Canonical::with_prefix(limits, Vec::new())
     }
 
     /// Collects after `prefix` (the Received header), so the stored message
     /// is built in one buffer and never copied. The prefix is not counted.
-    pub fn with_prefix(limit: usize, prefix: Vec<u8>) -> Canonical {
+    pub fn with_prefix(limits: Limits, prefix: Vec<u8>) -> Canonical {
         Canonical {
-            limit,
+            limits,
             prev_cr: false,
             line_len: 0,
             size: 0,
+            in_header: true,
+            head: [0; HEAD],
+            hops: 0,
             error: None,
             out: prefix,
         }
@@ -72,23 +113,42 @@ impl Canonical {
         }
         match b {
             b'\n' if !self.prev_cr => self.fail(ContentError::BareLf),
-            b'\n' => self.line_len = 0,
+            b'\n' => self.end_line(),
             b'\r' => {}
             0 => self.fail(ContentError::Nul),
             _ => {
+                if self.in_header && self.line_len < HEAD {
+                    self.head[self.line_len] = b;
+                }
                 self.line_len += 1;
-                if self.line_len > MAX_LINE {
+                // The CRLF counts: a line of `line` octets with it is allowed.
+                if self.line_len + 2 > self.limits.line {
                     self.fail(ContentError::LineTooLong);
                 }
             }
         }
         self.prev_cr = b == b'\r';
-        if self.size > self.limit {
+        if self.size > self.limits.size {
             self.fail(ContentError::TooBig);
         }
         if self.error.is_none() {
             self.out.push(b);
         }
+    }
+
+    /// A line ended: counts a `Received:` field while in the header section.
+    fn end_line(&mut self) {
+        if self.in_header {
+            if self.line_len == 0 {
+                self.in_header = false;
+            } else if is_received(&self.head[..self.line_len.min(HEAD)]) {
+                self.hops += 1;
+                if self.hops > self.limits.hops {
+                    self.fail(ContentError::TooManyHops);
+                }
+            }
+        }
+        self.line_len = 0;
     }
 
     /// Takes a run of octets.
@@ -110,14 +170,29 @@ impl Canonical {
         if self.prev_cr {
             self.fail(ContentError::BareCr);
         }
+        if self.line_len > 0 {
+            self.end_line();
+            if self.error.is_none() {
+                self.out.extend_from_slice(b"\r\n");
+            }
+        }
         if let Some(e) = self.error {
             return Err(e);
         }
-        if self.line_len > 0 {
-            self.out.extend_from_slice(b"\r\n");
-        }
         Ok(self.out)
     }
+}
+
+/// True for the start of a `Received:` field: the name in any case, then
+/// the colon, maybe after white space (RFC 5322 §4.5's obsolete syntax).
+fn is_received(head: &[u8]) -> bool {
+    const NAME: &[u8] = b"received";
+    head.len() > NAME.len()
+        && head[..NAME.len()].eq_ignore_ascii_case(NAME)
+        && head[NAME.len()..]
+            .iter()
+            .find(|&&c| c != b' ' && c != b'\t')
+            == Some(&b':')
 }
 
 /// Where the DATA reader is in the raw stream.
@@ -143,14 +218,14 @@ pub struct DotReader {
 }
 
 impl DotReader {
-    pub fn new(limit: usize) -> DotReader {
-        DotReader::with_prefix(limit, Vec::new())
+    pub fn new(limits: Limits) -> DotReader {
+        DotReader::with_prefix(limits, Vec::new())
     }
 
-    pub fn with_prefix(limit: usize, prefix: Vec<u8>) -> DotReader {
+    pub fn with_prefix(limits: Limits, prefix: Vec<u8>) -> DotReader {
         DotReader {
             at: At::LineStart,
-            content: Canonical::with_prefix(limit, prefix),
+            content: Canonical::with_prefix(limits, prefix),
         }
     }
 
@@ -256,7 +331,15 @@ mod tests {
 
     /// Feeds `input` in chunks of `step` and returns (content, octets used).
     fn read(input: &[u8], step: usize) -> (Result<Vec<u8>, ContentError>, Option<usize>) {
-        let mut r = DotReader::new(1 << 20);
+        read_with(Limits::with_size(1 << 20), input, step)
+    }
+
+    fn read_with(
+        limits: Limits,
+        input: &[u8],
+        step: usize,
+    ) -> (Result<Vec<u8>, ContentError>, Option<usize>) {
+        let mut r = DotReader::new(limits);
         let mut used = 0;
         for chunk in input.chunks(step) {
             if let Some(n) = r.feed(chunk) {
@@ -328,18 +411,83 @@ mod tests {
 
     #[test]
     fn limits() {
-        let mut r = DotReader::new(10);
+        let mut r = DotReader::new(Limits::with_size(10));
         assert_eq!(r.feed(b"0123456789abc\r\n.\r\n"), Some(18));
         assert_eq!(r.finish().unwrap_err(), ContentError::TooBig);
-
-        let mut long = vec![b'a'; 998];
-        long.extend_from_slice(b"\r\n.\r\n");
-        assert!(read(&long, 100).0.is_ok());
-        let mut long = vec![b'a'; 999];
-        long.extend_from_slice(b"\r\n.\r\n");
-        assert_eq!(read(&long, 100).0.unwrap_err(), ContentError::LineTooLong);
-
         assert_eq!(read(b"a\0b\r\n.\r\n", 1).0.unwrap_err(), ContentError::Nul);
+    }
+
+    /// A message with one line of `text` octets (CRLF not counted), read
+    /// with a line limit of `line`.
+    fn one_line(text: usize, line: usize) -> Result<Vec<u8>, ContentError> {
+        let mut input = b"Subject: wide\r\n\r\n".to_vec();
+        input.extend(std::iter::repeat_n(b'a', text));
+        input.extend_from_slice(b"\r\n.\r\n");
+        let limits = Limits {
+            line,
+            ..Limits::with_size(1 << 20)
+        };
+        let (body, used) = read_with(limits, &input, 4096);
+        assert_eq!(used, Some(input.len()), "the reader stays in step");
+        body
+    }
+
+    #[test]
+    fn line_limit_counts_the_crlf() {
+        // RFC 5321's own limit: 998 octets of text and the CRLF.
+        assert!(one_line(998, 1000).is_ok());
+        assert_eq!(one_line(999, 1000).unwrap_err(), ContentError::LineTooLong);
+        // Longer lines up to the configured limit are kept unchanged.
+        let body = one_line(65534, 65536).unwrap();
+        assert_eq!(body.len(), 17 + 65534 + 2);
+        assert!(body[17..17 + 65534].iter().all(|&b| b == b'a'));
+        assert_eq!(
+            one_line(65535, 65536).unwrap_err(),
+            ContentError::LineTooLong
+        );
+        // BDAT content is held to the same limit.
+        let limits = Limits {
+            line: 1000,
+            ..Limits::with_size(1 << 20)
+        };
+        let mut c = Canonical::new(limits);
+        c.extend(&[b'b'; 999]);
+        assert_eq!(c.finish().unwrap_err(), ContentError::LineTooLong);
+    }
+
+    fn with_received(n: usize, hops: usize, field: &str) -> Result<Vec<u8>, ContentError> {
+        let mut input = Vec::new();
+        for i in 0..n {
+            input.extend_from_slice(
+                format!("{field} from h{i} by h{};\r\n\tdate\r\n", i + 1).as_bytes(),
+            );
+        }
+        input.extend_from_slice(b"Subject: loop\r\n\r\nReceived: in the body\r\n.\r\n");
+        let limits = Limits {
+            hops,
+            ..Limits::with_size(1 << 20)
+        };
+        read_with(limits, &input, 7).0
+    }
+
+    #[test]
+    fn received_fields_of_the_header_section_are_counted() {
+        assert!(with_received(50, 50, "Received:").is_ok());
+        assert_eq!(
+            with_received(51, 50, "Received:").unwrap_err(),
+            ContentError::TooManyHops
+        );
+        // Any case, white space before the colon (obsolete syntax).
+        assert_eq!(
+            with_received(3, 2, "rECEIVED :").unwrap_err(),
+            ContentError::TooManyHops
+        );
+        // Not Received fields, and Received lines in the body, do not count.
+        assert!(with_received(3, 2, "X-Received:").is_ok());
+        assert!(with_received(3, 2, "Received-SPF:").is_ok());
+        assert!(with_received(2, 2, "Received:").is_ok());
+        assert!(!is_received(b"Received"));
+        assert!(is_received(b"received:"));
     }
 
     #[test]
@@ -363,14 +511,14 @@ mod tests {
 
     #[test]
     fn canonical_for_bdat() {
-        let mut c = Canonical::new(100);
+        let mut c = Canonical::new(Limits::with_size(100));
         c.extend(b"a\r");
         c.extend(b"\nb");
         assert_eq!(c.finish().unwrap(), b"a\r\nb\r\n");
-        let mut c = Canonical::new(100);
+        let mut c = Canonical::new(Limits::with_size(100));
         c.extend(b"a\nb\r\n");
         assert_eq!(c.finish().unwrap_err(), ContentError::BareLf);
-        let mut c = Canonical::new(100);
+        let mut c = Canonical::new(Limits::with_size(100));
         c.extend(b"a\r");
         assert_eq!(c.finish().unwrap_err(), ContentError::BareCr);
     }

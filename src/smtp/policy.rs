@@ -67,43 +67,137 @@ pub fn route_recipient(config: &Config, address: &str, may_relay: bool) -> Resul
     })
 }
 
-/// The account names a local part stands for: itself, `postmaster`'s
-/// account, or an alias's targets. Returns None when the name is unknown
-/// to the config (the store decides about accounts).
-pub fn local_targets(config: &Config, local_part: &str) -> Vec<String> {
-    let lp = local_part.to_ascii_lowercase();
-    if let Some(targets) = config
+/// How many aliases a name may lead through (`a -> b -> carol`, where
+/// carol is an account, is two).
+pub const MAX_ALIAS_DEPTH: usize = 10;
+
+/// Why a local name cannot be expanded: a mistake in `local.aliases`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AliasError {
+    /// The names from the first to the one that came back (`a -> b -> a`).
+    Loop(Vec<String>),
+    /// More than [`MAX_ALIAS_DEPTH`] levels; the names followed.
+    TooDeep(Vec<String>),
+}
+
+impl std::fmt::Display for AliasError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            AliasError::Loop(chain) => write!(f, "alias loop {}", chain.join(" -> ")),
+            AliasError::TooDeep(chain) => write!(
+                f,
+                "aliases nested more than {MAX_ALIAS_DEPTH} deep: {}",
+                chain.join(" -> ")
+            ),
+        }
+    }
+}
+
+/// The targets `name` (lower case) is an alias for, if it is one:
+/// `local.aliases`, or `postmaster`'s account.
+fn alias_targets<'c>(config: &'c Config, name: &str) -> Option<&'c [String]> {
+    if let Some((_, targets)) = config
         .local
         .aliases
         .iter()
-        .find(|(k, _)| k.eq_ignore_ascii_case(&lp))
-        .map(|(_, v)| v)
+        .find(|(k, _)| k.eq_ignore_ascii_case(name))
     {
-        return targets.clone();
+        return Some(targets);
     }
-    if lp == "postmaster" {
-        if let Some(pm) = &config.local.postmaster {
-            return vec![pm.clone()];
-        }
+    match &config.local.postmaster {
+        Some(pm) if name == "postmaster" => Some(std::slice::from_ref(pm)),
+        _ => None,
     }
-    vec![lp]
 }
 
 /// Where mail for a local name goes: mailbox accounts, and outside
-/// addresses an alias names. One level of aliasing: a target in a local
-/// domain is taken as an account name.
-pub fn expand_local(config: &Config, local_part: &str) -> (Vec<String>, Vec<String>) {
+/// addresses an alias names. An alias target that is a local name (bare,
+/// or in a local domain) is expanded again, up to [`MAX_ALIAS_DEPTH`]
+/// levels; a name that is no alias is an account. An alias that names
+/// itself keeps a copy in its own account (`alice = ["alice",
+/// "alice@home.example"]`); any other way back to a name already on the
+/// way is a loop.
+pub fn try_expand_local(
+    config: &Config,
+    local_part: &str,
+) -> Result<(Vec<String>, Vec<String>), AliasError> {
     let mut accounts = Vec::new();
     let mut outside = Vec::new();
-    for t in local_targets(config, local_part) {
-        match split(&t) {
-            Some((lp, d)) if config.is_local_domain(d) => accounts.push(lp.to_ascii_lowercase()),
-            Some(_) => outside.push(t),
-            None => accounts.push(t.to_ascii_lowercase()),
+    let mut chain = Vec::new();
+    expand(
+        config,
+        &local_part.to_ascii_lowercase(),
+        &mut chain,
+        &mut accounts,
+        &mut outside,
+    )?;
+    let mut seen = std::collections::HashSet::new();
+    accounts.retain(|a| seen.insert(a.clone()));
+    let mut seen = std::collections::HashSet::new();
+    outside.retain(|a| seen.insert(a.to_ascii_lowercase()));
+    Ok((accounts, outside))
+}
+
+fn expand(
+    config: &Config,
+    name: &str,
+    chain: &mut Vec<String>,
+    accounts: &mut Vec<String>,
+    outside: &mut Vec<String>,
+) -> Result<(), AliasError> {
+    chain.push(name.to_string());
+    let Some(targets) = alias_targets(config, name) else {
+        accounts.push(name.to_string());
+        chain.pop();
+        return Ok(());
+    };
+    if chain.len() > MAX_ALIAS_DEPTH {
+        return Err(AliasError::TooDeep(chain.clone()));
+    }
+    for t in targets {
+        let local = match split(t) {
+            Some((lp, d)) if config.is_local_domain(d) => lp.to_ascii_lowercase(),
+            Some(_) => {
+                outside.push(t.clone());
+                continue;
+            }
+            None => t.to_ascii_lowercase(),
+        };
+        if local == name {
+            accounts.push(local);
+        } else if chain.contains(&local) {
+            chain.push(local);
+            return Err(AliasError::Loop(chain.clone()));
+        } else {
+            expand(config, &local, chain, accounts, outside)?;
         }
     }
-    accounts.dedup();
-    (accounts, outside)
+    chain.pop();
+    Ok(())
+}
+
+/// [`try_expand_local`] for callers that must put the mail somewhere (a
+/// notice for a local sender): a broken alias leaves it in the account
+/// of the name itself.
+pub fn expand_local(config: &Config, local_part: &str) -> (Vec<String>, Vec<String>) {
+    try_expand_local(config, local_part)
+        .unwrap_or_else(|_| (vec![local_part.to_ascii_lowercase()], Vec::new()))
+}
+
+/// Whether a new message may start with `free` bytes left on the store's
+/// file system, `min_free` to keep (0: no check) and `declared` the SIZE=
+/// of MAIL (0 when none): the reply (452 4.3.1) when not.
+pub fn room_for_message(free: u64, min_free: u64, declared: u64) -> Result<(), Reply> {
+    if min_free == 0 {
+        return Ok(());
+    }
+    if free < min_free {
+        return Err(reply::store_full());
+    }
+    if declared > free - min_free {
+        return Err(reply::no_room_for(declared));
+    }
+    Ok(())
 }
 
 /// `postmaster` always exists (RFC 5321 §4.5.1), even with no account for it.
@@ -191,6 +285,59 @@ mod tests {
             expand_local(&c, "Carol"),
             (vec!["carol".to_string()], vec![])
         );
+    }
+
+    #[test]
+    fn aliases_of_aliases_end_with_accounts_or_a_clear_error() {
+        let c = Config::parse(
+            "[local]\ndomains = [\"branch.example\"]\npostmaster = \"admins\"\n\
+             [local.aliases]\n\
+             admins = [\"root@branch.example\", \"alice\"]\nroot = [\"bob\"]\n\
+             a = [\"b\"]\nb = [\"c@branch.example\"]\nc = [\"A\"]\n\
+             keep = [\"keep\", \"keep@far.example\"]\n\
+             l0 = [\"l1\"]\nl1 = [\"l2\"]\nl2 = [\"l3\"]\nl3 = [\"l4\"]\nl4 = [\"l5\"]\n\
+             l5 = [\"l6\"]\nl6 = [\"l7\"]\nl7 = [\"l8\"]\nl8 = [\"l9\"]\nl9 = [\"l10\"]\n\
+             l10 = [\"l11\"]\nl11 = [\"carol\"]\n",
+            Path::new("t"),
+        )
+        .unwrap();
+        // postmaster -> admins -> root -> bob, and admins -> alice.
+        assert_eq!(
+            try_expand_local(&c, "postmaster").unwrap(),
+            (vec!["bob".to_string(), "alice".to_string()], vec![])
+        );
+        assert_eq!(
+            try_expand_local(&c, "a").unwrap_err(),
+            AliasError::Loop(vec!["a".into(), "b".into(), "c".into(), "a".into()])
+        );
+        assert_eq!(
+            try_expand_local(&c, "keep").unwrap(),
+            (
+                vec!["keep".to_string()],
+                vec!["keep@far.example".to_string()]
+            )
+        );
+        // Ten aliases on the way are followed (l2 .. l11), eleven are not.
+        assert_eq!(
+            try_expand_local(&c, "l2").unwrap(),
+            (vec!["carol".to_string()], vec![])
+        );
+        let e = try_expand_local(&c, "l1").unwrap_err();
+        assert!(matches!(e, AliasError::TooDeep(_)), "{e}");
+        assert!(e.to_string().contains("l1 -> l2"), "{e}");
+        // A notice for such a name stays in its own account.
+        assert_eq!(expand_local(&c, "A"), (vec!["a".to_string()], vec![]));
+    }
+
+    #[test]
+    fn room_for_a_message() {
+        assert!(room_for_message(0, 0, 1 << 30).is_ok(), "0 turns it off");
+        assert!(room_for_message(1000, 400, 0).is_ok());
+        assert!(room_for_message(1000, 400, 600).is_ok());
+        let e = room_for_message(1000, 400, 601).unwrap_err();
+        assert_eq!((e.code, e.status), (452, "4.3.1"));
+        let e = room_for_message(399, 400, 0).unwrap_err();
+        assert_eq!((e.code, e.status), (452, "4.3.1"));
     }
 
     #[test]

@@ -315,11 +315,21 @@ pub fn nul_in_data() -> Reply {
         "Message refused: it contains NUL octets; nothing was queued",
     )
 }
-pub fn data_line_too_long() -> Reply {
+pub fn data_line_too_long(max: usize) -> Reply {
     Reply::new(
         554,
         "5.6.0",
-        "Message refused: a line is longer than 1000 octets (RFC 5321 §4.5.3.1.6); nothing was queued",
+        format!("Message refused: a line is longer than {max} octets; nothing was queued"),
+    )
+}
+/// RFC 3463 X.4.6: routing loop detected.
+pub fn too_many_hops(max: usize) -> Reply {
+    Reply::new(
+        554,
+        "5.4.6",
+        format!(
+            "Message refused: more than {max} Received headers, it is probably in a mail loop; nothing was queued"
+        ),
     )
 }
 
@@ -417,6 +427,24 @@ pub fn store_failed() -> Reply {
 }
 pub fn store_full() -> Reply {
     Reply::new(452, "4.3.1", "Insufficient system storage; try again later")
+}
+/// RFC 3463 X.4.6: the name's aliases loop (or nest too deep).
+pub fn alias_loop() -> Reply {
+    Reply::new(
+        550,
+        "5.4.6",
+        "Mail for this name cannot be delivered: its aliases loop or nest too deeply; the postmaster has to correct them",
+    )
+}
+/// RFC 1870 §6.1: SIZE= more than there is room for now.
+pub fn no_room_for(declared: u64) -> Reply {
+    Reply::new(
+        452,
+        "4.3.1",
+        format!(
+            "Insufficient system storage for a message of {declared} octets now; try again later"
+        ),
+    )
 }
 pub fn temp_lookup_failed() -> Reply {
     Reply::new(451, "4.3.0", "Temporary lookup failure; try again later")

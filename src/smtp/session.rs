@@ -12,7 +12,7 @@ use crate::auth;
 use crate::config::{Config, Listen, ListenMode};
 use crate::queue::{unix_now, NewMessage, NewRecipient, QueueId, Route};
 
-use super::data::{Canonical, ContentError, DotReader};
+use super::data::{Canonical, ContentError, DotReader, Limits};
 use super::policy;
 use super::reply::{self, Reply};
 use crate::codec::{Codec, Conn, Line};
@@ -416,6 +416,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             info!(peer = %self.peer, declared = from.size, limit = max, "refused: SIZE over the limit");
             return self.reply(reply::too_big_declared(max));
         }
+        if let Err(r) = self.room_for(from.size as u64) {
+            return self.reply(r);
+        }
         let body_type = if from.flags & proto::MAIL_BODY_8BITMIME != 0 {
             Some("8BITMIME".to_string())
         } else if from.flags & proto::MAIL_BODY_7BIT != 0 {
@@ -442,6 +445,27 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             bdat: None,
         });
         self.reply(reply::sender_ok())
+    }
+
+    /// `store.min_free`: refuses a new message (452 4.3.1) while the store's
+    /// file system is short of space, or short of room for `declared`.
+    fn room_for(&self, declared: u64) -> Result<(), Reply> {
+        let min_free = self.config.min_free();
+        if min_free == 0 {
+            return Ok(());
+        }
+        let free = match crate::queue::space::available(&self.config.store.path) {
+            Ok(f) => f,
+            Err(e) => {
+                // Not knowing is no reason to refuse: a full disk still
+                // shows as 452 when the message is committed.
+                debug!(peer = %self.peer, error = %e, "cannot read the store's free space");
+                return Ok(());
+            }
+        };
+        policy::room_for_message(free, min_free, declared).inspect_err(|r| {
+            warn!(peer = %self.peer, free, min_free, declared, reply = %r.summary(), "MAIL refused: the store's disk is short of space (store.min_free)");
+        })
     }
 
     async fn rcpt(&mut self, to: proto::RcptTo<String>) -> Flow {
@@ -488,7 +512,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             }
         }
         let (mailboxes, outside) = if accepted.route == Route::Local {
-            policy::expand_local(&self.config, &accepted.local_part)
+            match policy::try_expand_local(&self.config, &accepted.local_part) {
+                Ok(expanded) => expanded,
+                Err(e) => {
+                    warn!(peer = %self.peer, rcpt = %accepted.address, error = %e, "recipient refused: fix local.aliases");
+                    return self.reply(reply::alias_loop());
+                }
+            }
         } else {
             (Vec::new(), Vec::new())
         };
@@ -583,6 +613,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             .unwrap_or(Ok(false))
     }
 
+    /// What message content may be: `relay.max_message_size`,
+    /// `smtp.max_line_length`, `relay.max_hops`.
+    fn content_limits(&self) -> Limits {
+        let c = &self.config;
+        Limits {
+            size: usize::try_from(c.relay.max_message_size).unwrap_or(usize::MAX),
+            line: c.smtp.max_line_length,
+            hops: c.relay.max_hops,
+        }
+    }
+
     /// Checks that DATA or BDAT may start; returns the reply if not.
     fn content_allowed(&self) -> Option<Reply> {
         match &self.tx {
@@ -600,8 +641,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             return self.error(reply::bdat_in_progress());
         }
         let id = QueueId::generate();
-        let limit = self.config.relay.max_message_size as usize;
-        let mut reader = DotReader::with_prefix(limit, self.message_buffer(&id));
+        let mut reader = DotReader::with_prefix(self.content_limits(), self.message_buffer(&id));
         self.codec.reply(&reply::start_data());
         loop {
             let input = self.codec.buffered();
@@ -626,10 +666,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             (None, Some(open)) => Some(open),
             (None, None) => {
                 let id = QueueId::generate();
-                let limit = self.config.relay.max_message_size as usize;
                 Some((
                     id.clone(),
-                    Canonical::with_prefix(limit, self.message_buffer(&id)),
+                    Canonical::with_prefix(self.content_limits(), self.message_buffer(&id)),
                 ))
             }
             (Some(_), _) => None,
@@ -675,10 +714,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     ContentError::BareLf => reply::bare_lf(),
                     ContentError::BareCr => reply::bare_cr(),
                     ContentError::Nul => reply::nul_in_data(),
-                    ContentError::LineTooLong => reply::data_line_too_long(),
+                    ContentError::LineTooLong => {
+                        reply::data_line_too_long(self.config.smtp.max_line_length)
+                    }
                     ContentError::TooBig => {
                         reply::too_big(self.config.relay.max_message_size as usize)
                     }
+                    ContentError::TooManyHops => reply::too_many_hops(self.config.relay.max_hops),
                 };
                 warn!(peer = %self.peer, from = %tx.sender, size, reply = %r.summary(), "message refused");
                 return self.reply(r);

@@ -37,6 +37,8 @@ pub struct Gateway {
     pub submission: u16,
     pub submissions: u16,
     pub config_path: PathBuf,
+    /// Lines for the `[store]` section (after `path`).
+    store: String,
     extra: String,
     child: Option<Child>,
     started_once: bool,
@@ -51,7 +53,12 @@ impl Gateway {
     }
 
     pub fn configure(extra: &str) -> Gateway {
-        let dir = tempfile::tempdir().unwrap();
+        Gateway::configure_in(tempfile::tempdir().unwrap(), "", extra)
+    }
+
+    /// Like `configure`, in `dir` (the store, the log, the sockets), with
+    /// `store` added to the `[store]` section.
+    pub fn configure_in(dir: tempfile::TempDir, store: &str, extra: &str) -> Gateway {
         let config_path = dir.path().join("outpost.toml");
         let g = Gateway {
             dir,
@@ -59,6 +66,7 @@ impl Gateway {
             submission: free_port(),
             submissions: free_port(),
             config_path,
+            store: store.to_string(),
             extra: extra.to_string(),
             child: None,
             started_once: false,
@@ -71,10 +79,12 @@ impl Gateway {
     fn write_config(&self) {
         let d = self.dir.path().display();
         let (relay, submission, submissions) = (self.relay, self.submission, self.submissions);
+        let store = &self.store;
         let mut config = format!(
             r#"hostname = "gw.test"
 [store]
 path = "{d}/queue.sqlite"
+{store}
 [[listen]]
 address = "127.0.0.1:{relay}"
 mode = "relay"
