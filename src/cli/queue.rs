@@ -1,5 +1,6 @@
 //! `outpost queue list|show`.
 
+use std::fmt::Write as _;
 use std::process::ExitCode;
 
 use serde_json::json;
@@ -8,8 +9,8 @@ use super::status::{age, rfc3339};
 use super::{exit, open_store, QueueCommand, Selection};
 use crate::config::Config;
 use crate::queue::{
-    unix_now, Change, MessageSummary, RecipientChange, RecipientState, RecipientStatus, Route,
-    Store, Writer,
+    unix_now, Change, MessageDetail, MessageSummary, RecipientChange, RecipientState,
+    RecipientStatus, Route, Store, Writer,
 };
 use crate::relay::flush::{FlushLock, Flusher};
 
@@ -30,14 +31,14 @@ pub fn run(config: &Config, cmd: &QueueCommand) -> ExitCode {
                     let list: Vec<_> = msgs.iter().map(message_json).collect();
                     println!("{}", serde_json::Value::Array(list));
                 } else {
-                    print!("{}", render_list(&msgs, unix_now()));
+                    print!("{}", terminal_safe(&render_list(&msgs, unix_now())));
                     // Hub role: what waits for which branch, and since when it asked.
                     if let Ok(held) = store.held_by_domain() {
                         let now = unix_now();
                         for h in held {
                             println!(
                                 "-- held for {}: {} messages (last asked {})",
-                                h.domain,
+                                terminal_safe(&h.domain),
                                 h.messages,
                                 h.last_asked
                                     .map(|t| format!("{} ago", age(now - t)))
@@ -55,56 +56,7 @@ pub fn run(config: &Config, cmd: &QueueCommand) -> ExitCode {
         },
         QueueCommand::Show { id } => match store.show(id) {
             Ok(Some(m)) => {
-                let s = &m.summary;
-                println!("id:          {}", s.id);
-                println!(
-                    "received:    {} ({} ago)",
-                    rfc3339(s.received_at),
-                    age(unix_now() - s.received_at)
-                );
-                println!("from:        <{}>", s.sender);
-                println!("size:        {} octets", s.size);
-                println!(
-                    "client:      {} (HELO {}) via {}",
-                    m.client_addr, m.client_helo, s.protocol
-                );
-                if let Some(u) = &m.auth_user {
-                    println!("account:     {u}");
-                }
-                if let Some(b) = &m.body_type {
-                    println!("body:        {b}");
-                }
-                if m.smtputf8 {
-                    println!("smtputf8:    yes");
-                }
-                if m.dsn_ret.is_some() || m.dsn_envid.is_some() {
-                    println!(
-                        "dsn:         RET={} ENVID={}",
-                        m.dsn_ret.as_deref().unwrap_or("-"),
-                        m.dsn_envid.as_deref().unwrap_or("-")
-                    );
-                }
-                println!("recipients:");
-                for r in &s.recipients {
-                    println!("  {}", recipient_line(r));
-                }
-                println!("history:");
-                for h in &m.history {
-                    let who = h
-                        .recipient
-                        .map(|i| format!(" rcpt #{i}"))
-                        .unwrap_or_default();
-                    println!("  {} {}{}: {}", rfc3339(h.at), h.event, who, h.detail);
-                }
-                match &m.headers {
-                    Some(hdrs) => {
-                        println!("headers:");
-                        for line in hdrs.lines() {
-                            println!("  {line}");
-                        }
-                    }
-                    None => println!("headers:     (body removed: every recipient is final)"),
-                }
+                print!("{}", terminal_safe(&render_show(&m, unix_now())));
                 ExitCode::from(exit::OK)
             }
             Ok(None) => {
@@ -162,7 +114,6 @@ fn recipient_line(r: &RecipientStatus) -> String {
 }
 
 fn render_list(msgs: &[MessageSummary], now: i64) -> String {
-    use std::fmt::Write;
     let mut out = String::new();
     if msgs.is_empty() {
         out.push_str("Mail queue is empty\n");
@@ -206,6 +157,89 @@ fn render_list(msgs: &[MessageSummary], now: i64) -> String {
         size(total)
     );
     out
+}
+
+/// `queue show`: envelope, recipients, history and headers.
+fn render_show(m: &MessageDetail, now: i64) -> String {
+    let mut out = String::new();
+    let s = &m.summary;
+    let _ = writeln!(out, "id:          {}", s.id);
+    let _ = writeln!(
+        out,
+        "received:    {} ({} ago)",
+        rfc3339(s.received_at),
+        age(now - s.received_at)
+    );
+    let _ = writeln!(out, "from:        <{}>", s.sender);
+    let _ = writeln!(out, "size:        {} octets", s.size);
+    let _ = writeln!(
+        out,
+        "client:      {} (HELO {}) via {}",
+        m.client_addr, m.client_helo, s.protocol
+    );
+    if let Some(u) = &m.auth_user {
+        let _ = writeln!(out, "account:     {u}");
+    }
+    if let Some(b) = &m.body_type {
+        let _ = writeln!(out, "body:        {b}");
+    }
+    if m.smtputf8 {
+        let _ = writeln!(out, "smtputf8:    yes");
+    }
+    if m.dsn_ret.is_some() || m.dsn_envid.is_some() {
+        let _ = writeln!(
+            out,
+            "dsn:         RET={} ENVID={}",
+            m.dsn_ret.as_deref().unwrap_or("-"),
+            m.dsn_envid.as_deref().unwrap_or("-")
+        );
+    }
+    let _ = writeln!(out, "recipients:");
+    for r in &s.recipients {
+        let _ = writeln!(out, "  {}", recipient_line(r));
+    }
+    let _ = writeln!(out, "history:");
+    for h in &m.history {
+        let who = h
+            .recipient
+            .map(|i| format!(" rcpt #{i}"))
+            .unwrap_or_default();
+        let _ = writeln!(out, "  {} {}{}: {}", rfc3339(h.at), h.event, who, h.detail);
+    }
+    match &m.headers {
+        Some(hdrs) => {
+            let _ = writeln!(out, "headers:");
+            for line in hdrs.lines() {
+                let _ = writeln!(out, "  {line}");
+            }
+        }
+        None => {
+            let _ = writeln!(out, "headers:     (body removed: every recipient is final)");
+        }
+    }
+    out
+}
+
+/// Text for a terminal: whatever a client or an upstream put in the queue
+/// (addresses, ENVID, replies, headers) cannot move the cursor, retitle
+/// the window or clear the screen. Control characters other than line
+/// ends and tabs are shown escaped (`\x1b`, `\u{9b}`).
+pub fn terminal_safe(text: &str) -> std::borrow::Cow<'_, str> {
+    let bad = |c: char| (c.is_control() && c != '\n' && c != '\t') || c == '\u{7f}';
+    if !text.chars().any(bad) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 16);
+    for c in text.chars() {
+        if !bad(c) {
+            out.push(c);
+        } else if (c as u32) < 0x80 {
+            let _ = write!(out, "\\x{:02x}", c as u32);
+        } else {
+            let _ = write!(out, "\\u{{{:x}}}", c as u32);
+        }
+    }
+    std::borrow::Cow::Owned(out)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -370,6 +404,23 @@ fn admin(config: &Config, store: Store, what: Admin, sel: &Selection) -> ExitCod
 mod tests {
     use super::*;
     use crate::queue::Route;
+
+    #[test]
+    fn terminal_escapes_are_shown_not_obeyed() {
+        let hostile = "a\u{1b}]0;pwned\u{7}\u{1b}[2J b\u{9b}31m\r\nnext\tline\n";
+        let safe = terminal_safe(hostile);
+        assert_eq!(
+            safe,
+            "a\\x1b]0;pwned\\x07\\x1b[2J b\\u{9b}31m\\x0d\nnext\tline\n"
+        );
+        assert!(!safe
+            .chars()
+            .any(|c| c.is_control() && c != '\n' && c != '\t'));
+        assert!(matches!(
+            terminal_safe("plain\n"),
+            std::borrow::Cow::Borrowed(_)
+        ));
+    }
 
     #[test]
     fn list_shows_pending_recipients_and_totals() {

@@ -4,6 +4,7 @@ use std::process::ExitCode;
 
 use serde_json::json;
 
+use super::queue::terminal_safe;
 use super::{exit, open_store};
 use crate::config::Config;
 use crate::queue::{unix_now, RecipientState};
@@ -71,14 +72,14 @@ pub fn run(config: &Config, as_json: bool) -> ExitCode {
         age(now - link.since)
     );
     if let Some(e) = &link.last_error {
-        println!("last error:  {e}");
+        println!("last error:  {}", terminal_safe(e));
     }
     match link.last_flush_at {
         Some(at) => println!(
             "last flush:  {} ({} ago): {}",
             rfc3339(at),
             age(now - at),
-            link.last_flush_result.as_deref().unwrap_or("")
+            terminal_safe(link.last_flush_result.as_deref().unwrap_or(""))
         ),
         None => println!("last flush:  never"),
     }
@@ -102,16 +103,17 @@ pub fn run(config: &Config, as_json: bool) -> ExitCode {
     }
     if let (Some(at), Some(result)) = (etrn.0, &etrn.1) {
         println!(
-            "last ETRN:   {} ({} ago): {result}",
+            "last ETRN:   {} ({} ago): {}",
             rfc3339(at),
-            age(now - at)
+            age(now - at),
+            terminal_safe(result)
         );
     }
     for h in &held {
         println!(
             "held:        {} messages for {} (last asked {})",
             h.messages,
-            h.domain,
+            terminal_safe(&h.domain),
             h.last_asked
                 .map(|t| format!("{} ago", age(now - t)))
                 .unwrap_or_else(|| "never".into())

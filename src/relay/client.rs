@@ -41,6 +41,13 @@ impl Default for Timeouts {
     }
 }
 
+/// Bounds on one reply from the upstream: RFC 5321 §4.5.3.1.5 allows 512
+/// octets a line; a little more is tolerated, a peer that never ends its
+/// line or its reply is not.
+const MAX_REPLY_LINE: usize = 4096;
+const MAX_REPLY_LINES: usize = 200;
+const MAX_REPLY_BYTES: usize = 64 << 10;
+
 /// Message data is handed to the socket at most this much at a time; each
 /// write has its own `Timeouts::data` (RFC 5321 §4.5.3.2.5: a timeout per
 /// block written).
@@ -140,8 +147,8 @@ pub enum LinkError {
         phase: &'static str,
         error: String,
     },
-    #[error("{addr} sent a malformed reply")]
-    Protocol { addr: String },
+    #[error("{addr} sent a malformed reply ({why})")]
+    Protocol { addr: String, why: &'static str },
 }
 
 /// The extensions the upstream offered in EHLO.
@@ -482,6 +489,7 @@ impl Session {
         let deadline = tokio::time::Instant::now() + limit;
         let mut lines: Vec<String> = Vec::new();
         let mut code = 0u16;
+        let mut total = 0;
         loop {
             while let Some(lf) = self.rbuf.iter().position(|&b| b == b'\n') {
                 let raw: Vec<u8> = self.rbuf.drain(..=lf).collect();
@@ -491,12 +499,15 @@ impl Session {
                 let (c, sep, text) =
                     split_reply_line(&line).ok_or_else(|| LinkError::Protocol {
                         addr: self.addr.clone(),
+                        why: "not a reply line",
                     })?;
                 if code != 0 && c != code {
                     return Err(LinkError::Protocol {
                         addr: self.addr.clone(),
+                        why: "reply code changed within a reply",
                     });
                 }
+                total += raw.len();
                 code = c;
                 lines.push(text.to_string());
                 if sep != '-' {
@@ -505,11 +516,20 @@ impl Session {
                         text: lines.join("\n"),
                     });
                 }
-                if lines.len() > 1000 {
+                if lines.len() > MAX_REPLY_LINES || total > MAX_REPLY_BYTES {
                     return Err(LinkError::Protocol {
                         addr: self.addr.clone(),
+                        why: "reply too long",
                     });
                 }
+            }
+            // A line without an end: a peer that never stops talking is
+            // cut off, it does not fill memory.
+            if self.rbuf.len() > MAX_REPLY_LINE {
+                return Err(LinkError::Protocol {
+                    addr: self.addr.clone(),
+                    why: "reply line too long",
+                });
             }
             let mut chunk = [0u8; 4096];
             let io = &mut self.stream;
@@ -565,6 +585,18 @@ impl Session {
     /// Checks what the upstream said it accepts; a message it cannot take
     /// is bounced here without being sent.
     pub fn refuse_before_sending(&self, m: &Outgoing) -> Option<Reply> {
+        let unsendable = std::iter::once(&m.sender)
+            .chain(m.recipients.iter().map(|r| &r.address))
+            .find(|a| smtp_path(a).is_none());
+        if let Some(a) = unsendable {
+            return Some(Reply {
+                code: 553,
+                text: format!(
+                    "5.1.7 the address {:?} cannot be written in SMTP (control characters)",
+                    a
+                ),
+            });
+        }
         if let Some(max) = self.ext.size {
             if m.body.len() as u64 > max {
                 return Some(Reply {
@@ -594,7 +626,7 @@ impl Session {
     }
 
     fn envelope(&self, m: &Outgoing, bdat: bool) -> Vec<u8> {
-        let mut out = format!("MAIL FROM:<{}>", m.sender);
+        let mut out = format!("MAIL FROM:<{}>", smtp_path(&m.sender).unwrap_or_default());
         if let Some(max) = self.ext.size.map(|_| m.body.len()) {
             out.push_str(&format!(" SIZE={max}"));
         }
@@ -614,7 +646,10 @@ impl Session {
         }
         out.push_str("\r\n");
         for r in &m.recipients {
-            out.push_str(&format!("RCPT TO:<{}>", r.address));
+            out.push_str(&format!(
+                "RCPT TO:<{}>",
+                smtp_path(&r.address).unwrap_or_default()
+            ));
             if self.ext.dsn {
                 if let Some(n) = &r.notify {
                     out.push_str(&format!(" NOTIFY={n}"));
@@ -927,6 +962,59 @@ fn outcomes(mail: &Reply, rcpt: &[Reply], last: Option<&Reply>) -> Vec<Outcome> 
         .collect()
 }
 
+/// An address as it goes between `<` and `>` (RFC 5321 §4.1.2): the local
+/// part as a dot-atom when it is one, else as a quoted string, so that no
+/// address can end the path early or add parameters (`"a> RET=FULL"@x`
+/// stays one address). `None` when it cannot be written at all (control
+/// characters). UTF-8 passes as it is (RFC 6531).
+pub fn smtp_path(address: &str) -> Option<String> {
+    if address.is_empty() {
+        return Some(String::new());
+    }
+    if address.chars().any(|c| c.is_control()) {
+        return None;
+    }
+    let (local, domain) = match address.rsplit_once('@') {
+        Some((l, d)) => (l, Some(d)),
+        None => (address, None),
+    };
+    let atext =
+        |c: char| c.is_ascii_alphanumeric() || !c.is_ascii() || "!#$%&'*+-/=?^_`{|}~".contains(c);
+    let dot_atom = !local.is_empty()
+        && local
+            .split('.')
+            .all(|a| !a.is_empty() && a.chars().all(atext));
+    let domain_ok = domain.is_none_or(|d| {
+        !d.is_empty()
+            && (d.starts_with('[')
+                && d.ends_with(']')
+                && !d[1..d.len() - 1].contains([']', '[', '\\', ' '])
+                || d.chars()
+                    .all(|c| c.is_alphanumeric() || c == '-' || c == '.'))
+    });
+    if !domain_ok {
+        return None;
+    }
+    let mut out = String::with_capacity(address.len() + 2);
+    if dot_atom {
+        out.push_str(local);
+    } else {
+        out.push('"');
+        for c in local.chars() {
+            if c == '"' || c == '\\' {
+                out.push('\\');
+            }
+            out.push(c);
+        }
+        out.push('"');
+    }
+    if let Some(d) = domain {
+        out.push('@');
+        out.push_str(d);
+    }
+    Some(out)
+}
+
 /// xtext (RFC 3461 §4): `+`, `=`, controls and non-ASCII as +XX.
 fn xtext(s: &str) -> String {
     let mut out = String::new();
@@ -1020,6 +1108,35 @@ mod tests {
             .status(),
             None
         );
+    }
+
+    #[test]
+    fn addresses_cannot_smuggle_parameters() {
+        assert_eq!(smtp_path("").as_deref(), Some(""));
+        assert_eq!(
+            smtp_path("a.b+c@x.example").as_deref(),
+            Some("a.b+c@x.example")
+        );
+        assert_eq!(
+            smtp_path("odd> RET=FULL ENVID=x@outside.example").as_deref(),
+            Some("\"odd> RET=FULL ENVID=x\"@outside.example")
+        );
+        assert_eq!(
+            smtp_path("we\"ird\\@x.example").as_deref(),
+            Some("\"we\\\"ird\\\\\"@x.example")
+        );
+        assert_eq!(
+            smtp_path("a..b@x.example").as_deref(),
+            Some("\"a..b\"@x.example")
+        );
+        assert_eq!(smtp_path("postmaster").as_deref(), Some("postmaster"));
+        assert_eq!(
+            smtp_path("ü@bücher.example").as_deref(),
+            Some("ü@bücher.example")
+        );
+        assert_eq!(smtp_path("a@[192.0.2.1]").as_deref(), Some("a@[192.0.2.1]"));
+        assert_eq!(smtp_path("a\r\nRCPT TO:<b@x>@x.example"), None);
+        assert_eq!(smtp_path("a@x.example> NOTIFY=NEVER"), None);
     }
 
     #[test]
