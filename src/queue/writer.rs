@@ -134,8 +134,17 @@ fn run(mut conn: Connection, path: PathBuf, mut rx: mpsc::UnboundedReceiver<Requ
     }
 }
 
-/// Writes the batch in one transaction. Each message has its own savepoint,
+/// Writes the batch in one transaction. Each request has its own savepoint,
 /// so one that cannot be written fails alone; a failed commit fails all.
+///
+/// On some errors (SQLITE_FULL, SQLITE_IOERR, SQLITE_NOMEM, SQLITE_BUSY:
+/// SQLite's "Response To Errors Within A Transaction") SQLite may roll back
+/// the whole transaction instead of the one statement. The connection is
+/// then in autocommit mode: what the earlier requests wrote is gone, and a
+/// later request's savepoint would start and commit a transaction of its
+/// own, so that it would be stored although the batch fails. So after each
+/// request the transaction must still be open; if it is not, no request of
+/// the batch runs further and every one of them hears the error.
 fn commit(conn: &mut Connection, path: &Path, batch: &[Request]) -> Vec<Result<(), StoreError>> {
     let mut results: Vec<Result<(), StoreError>> = Vec::with_capacity(batch.len());
     let mut tx = match conn.transaction() {
@@ -150,6 +159,9 @@ fn commit(conn: &mut Connection, path: &Path, batch: &[Request]) -> Vec<Result<(
             }
             sp.commit()
         })();
+        if tx.is_autocommit() {
+            return rolled_back(path, batch, results, r);
+        }
         results.push(r.map_err(sql_err(path)));
     }
     // Dropping an uncommitted `tx` rolls the batch back; every session in it
@@ -160,6 +172,45 @@ fn commit(conn: &mut Connection, path: &Path, batch: &[Request]) -> Vec<Result<(
         }
     }
     results
+}
+
+/// The results of a batch whose transaction SQLite rolled back while it
+/// ran the request after `done` (whose outcome is `last`): nothing of the
+/// batch is stored, so every request fails, with the error that caused the
+/// rollback (so that a full disk still reads as full, 452 4.3.1).
+fn rolled_back(
+    path: &Path,
+    batch: &[Request],
+    done: Vec<Result<(), StoreError>>,
+    last: rusqlite::Result<()>,
+) -> Vec<Result<(), StoreError>> {
+    let cause = match last {
+        Err(e) => e,
+        // Cannot happen (a request that succeeded leaves the transaction
+        // open), but if it did, its data is not stored either.
+        Ok(()) => rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_ABORT),
+            Some("the transaction ended while the batch was written".into()),
+        ),
+    };
+    tracing::error!(
+        requests = batch.len(),
+        error = %cause,
+        "the store rolled back a whole batch: every request in it fails, none is stored"
+    );
+    let mut out: Vec<_> = done
+        .into_iter()
+        .map(|r| match r {
+            // Its own error says more than the batch's.
+            Err(e) => Err(e),
+            Ok(()) => Err(copy_err(&cause, path)),
+        })
+        .collect();
+    out.push(Err(copy_err(&cause, path)));
+    while out.len() < batch.len() {
+        out.push(Err(copy_err(&cause, path)));
+    }
+    out
 }
 
 fn apply(tx: &rusqlite::Savepoint<'_>, c: &Change) -> rusqlite::Result<()> {
@@ -513,6 +564,58 @@ mod tests {
         assert!(a.is_err());
         b.unwrap();
         assert_eq!(store.list(None).unwrap().len(), 2);
+    }
+
+    /// A batch the writer would commit: one insert per message.
+    fn batch_of(msgs: &[NewMessage]) -> Vec<super::Request> {
+        msgs.iter()
+            .map(|m| super::Request {
+                changes: vec![super::Change::Insert(Box::new(m.clone()))],
+                done: tokio::sync::oneshot::channel().0,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_batch_rolled_back_by_a_full_database_fails_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("q.sqlite");
+        drop(Store::open(&path).unwrap());
+        let mut conn = super::connect(&path).unwrap();
+        // Room for a few small messages, not for a large one.
+        let pages: i64 = conn
+            .query_row("PRAGMA page_count", [], |r| r.get(0))
+            .unwrap();
+        conn.pragma_update(None, "max_page_count", pages + 40)
+            .unwrap();
+        let mut big = msg(2);
+        big.body = vec![b'x'; 512 * 1024];
+        let msgs = vec![msg(1), big, msg(3), msg(4)];
+        let results = super::commit(&mut conn, &path, &batch_of(&msgs));
+        assert_eq!(results.len(), msgs.len());
+        assert!(
+            results[1].as_ref().is_err_and(|e| e.is_full()),
+            "{:?}",
+            results[1]
+        );
+        // The connection is usable afterwards: no transaction left open.
+        assert!(conn.is_autocommit());
+        let later = msg(5);
+        let after = super::commit(&mut conn, &path, &batch_of(std::slice::from_ref(&later)));
+        after[0].as_ref().unwrap();
+        drop(conn);
+        let store = Store::open(&path).unwrap();
+        assert!(store.exists(later.id.as_str()).unwrap());
+        for (m, r) in msgs.iter().zip(&results) {
+            // Heard Ok: stored. Heard an error: not stored (the client
+            // sends it again, and a stored copy would go out twice).
+            assert_eq!(
+                store.exists(m.id.as_str()).unwrap(),
+                r.is_ok(),
+                "{} heard {r:?}",
+                m.sender
+            );
+        }
     }
 
     #[test]
