@@ -54,15 +54,21 @@ pub struct Config {
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct StoreConfig {
     pub path: PathBuf,
+    /// How long a finished message (every recipient delivered, bounced or
+    /// expired, in no mailbox) stays in the store for `queue show` before
+    /// it and its history are purged.
+    #[serde(with = "humantime_serde_compat")]
+    pub keep_history: Duration,
 }
 
 impl Default for StoreConfig {
     fn default() -> Self {
         StoreConfig {
             path: PathBuf::from("/var/lib/outpost/queue.sqlite"),
+            keep_history: Duration::from_secs(7 * 24 * 3600),
         }
     }
 }

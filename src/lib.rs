@@ -101,6 +101,14 @@ pub async fn serve(
         flusher_rx.clone(),
         stop_rx.clone(),
     ));
+    // Store housekeeping (purge, vacuum, WAL checkpoint): at start, then
+    // every few minutes, until shutdown.
+    let housekeeping = tokio::spawn(queue::run_housekeeping(
+        store.clone(),
+        writer.clone(),
+        config.store.keep_history,
+        stop_rx.clone(),
+    ));
     let submitted = Arc::new(Notify::new());
     let (etrn_tx, etrn_rx) = tokio::sync::mpsc::unbounded_channel();
     let triggers = server::Triggers {
@@ -171,6 +179,7 @@ pub async fn serve(
     let _ = std::fs::remove_file(&config.submit.socket);
     let _ = stop_tx.send(true);
     let _ = control_task.await;
+    let _ = housekeeping.await;
     // A flush in progress may finish its batch, within the grace period.
     if tokio::time::timeout(config.smtp.shutdown_grace, &mut runner)
         .await

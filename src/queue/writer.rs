@@ -46,6 +46,34 @@ pub enum Change {
     MailboxRemove { user: String, ids: Vec<i64> },
     /// Delete a message outright (administrator).
     Delete { message_id: String },
+    /// Housekeeping: of the next `limit` messages after `after` (by id, so
+    /// by arrival; None: from the first), delete those that are finished
+    /// (every recipient delivered, bounced or expired, the last of them
+    /// before `before`, and in no mailbox) with their recipients and
+    /// history. Reports how many went and where to go on ([`Applied`]).
+    /// Bounded, so that one request never holds the write lock long.
+    Purge {
+        before: i64,
+        after: Option<String>,
+        limit: u32,
+    },
+    /// Housekeeping: give up to `pages` free pages back to the file system
+    /// (`PRAGMA incremental_vacuum`); reports how many went.
+    Vacuum { pages: u32 },
+}
+
+/// What a request did beyond being committed, for the changes that say.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Applied {
+    /// [`Change::Purge`]: messages deleted.
+    pub purged: u64,
+    /// [`Change::Purge`]: the last message looked at, to go on after; None
+    /// when there is nothing more to look at.
+    pub purge_next: Option<String>,
+    /// [`Change::Vacuum`]: pages given back.
+    pub vacuumed: i64,
+    /// [`Writer::make_incremental`]: the database was converted.
+    pub converted: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -66,8 +94,16 @@ pub struct RecipientChange {
 }
 
 struct Request {
-    changes: Vec<Change>,
-    done: oneshot::Sender<Result<(), StoreError>>,
+    work: Work,
+    done: oneshot::Sender<Result<Applied, StoreError>>,
+}
+
+enum Work {
+    /// Applied in the batch's transaction, in a savepoint of their own.
+    Changes(Vec<Change>),
+    /// Switch the database to incremental auto-vacuum (VACUUM: alone,
+    /// outside any transaction).
+    MakeIncremental,
 }
 
 /// A handle to the writer thread; cheap to clone.
@@ -109,9 +145,26 @@ impl Writer {
 
     /// Commits `changes` durably and together; returns once on disk.
     pub async fn apply(&self, changes: Vec<Change>) -> Result<(), StoreError> {
+        self.apply_reporting(changes).await.map(|_| ())
+    }
+
+    /// As [`Writer::apply`], and says what the changes did (purge, vacuum).
+    pub async fn apply_reporting(&self, changes: Vec<Change>) -> Result<Applied, StoreError> {
+        self.send(Work::Changes(changes)).await
+    }
+
+    /// Switches a store made before incremental auto-vacuum to it: once,
+    /// with a VACUUM that rewrites the whole file (it needs free disk space
+    /// about twice the database's size, and writes wait meanwhile).
+    /// Returns true when it converted, false when there was nothing to do.
+    pub async fn make_incremental(&self) -> Result<bool, StoreError> {
+        self.send(Work::MakeIncremental).await.map(|a| a.converted)
+    }
+
+    async fn send(&self, work: Work) -> Result<Applied, StoreError> {
         let (done, wait) = oneshot::channel();
         self.tx
-            .send(Request { changes, done })
+            .send(Request { work, done })
             .map_err(|_| StoreError::WriterGone)?;
         wait.await.map_err(|_| StoreError::WriterGone)?
     }
@@ -119,11 +172,32 @@ impl Writer {
 
 fn run(mut conn: Connection, path: PathBuf, mut rx: mpsc::UnboundedReceiver<Request>) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
-    while let Some(first) = rx.blocking_recv() {
+    // A request that must run alone, met while gathering a batch.
+    let mut alone: Option<Request> = None;
+    loop {
+        let first = match alone.take() {
+            Some(r) => r,
+            None => match rx.blocking_recv() {
+                Some(r) => r,
+                None => break,
+            },
+        };
+        if let Work::MakeIncremental = first.work {
+            let r = make_incremental(&conn, &path).map(|converted| Applied {
+                converted,
+                ..Applied::default()
+            });
+            let _ = first.done.send(r);
+            continue;
+        }
         batch.push(first);
         while batch.len() < MAX_BATCH {
             match rx.try_recv() {
-                Ok(r) => batch.push(r),
+                Ok(r) if matches!(r.work, Work::Changes(_)) => batch.push(r),
+                Ok(r) => {
+                    alone = Some(r);
+                    break;
+                }
                 Err(_) => break,
             }
         }
@@ -132,6 +206,24 @@ fn run(mut conn: Connection, path: PathBuf, mut rx: mpsc::UnboundedReceiver<Requ
             let _ = req.done.send(result);
         }
     }
+}
+
+/// Converts a store made with auto_vacuum NONE (before outpost set it) to
+/// INCREMENTAL. VACUUM rewrites the file and cannot run in a transaction.
+fn make_incremental(conn: &Connection, path: &Path) -> Result<bool, StoreError> {
+    let mode: i64 = conn
+        .query_row("PRAGMA auto_vacuum", [], |r| r.get(0))
+        .map_err(sql_err(path))?;
+    if mode == 2 {
+        return Ok(false);
+    }
+    conn.execute_batch("PRAGMA auto_vacuum = INCREMENTAL; VACUUM;")
+        .map_err(sql_err(path))?;
+    // The whole database went through the WAL: copy it back and cut the
+    // WAL short now rather than at some later checkpoint. Readers may keep
+    // it from finishing; journal_size_limit then trims it later.
+    let _ = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()));
+    Ok(true)
 }
 
 /// Writes the batch in one transaction. Each request has its own savepoint,
@@ -145,19 +237,27 @@ fn run(mut conn: Connection, path: PathBuf, mut rx: mpsc::UnboundedReceiver<Requ
 /// own, so that it would be stored although the batch fails. So after each
 /// request the transaction must still be open; if it is not, no request of
 /// the batch runs further and every one of them hears the error.
-fn commit(conn: &mut Connection, path: &Path, batch: &[Request]) -> Vec<Result<(), StoreError>> {
-    let mut results: Vec<Result<(), StoreError>> = Vec::with_capacity(batch.len());
+fn commit(
+    conn: &mut Connection,
+    path: &Path,
+    batch: &[Request],
+) -> Vec<Result<Applied, StoreError>> {
+    let mut results: Vec<Result<Applied, StoreError>> = Vec::with_capacity(batch.len());
     let mut tx = match conn.transaction() {
         Ok(tx) => tx,
         Err(e) => return batch.iter().map(|_| Err(copy_err(&e, path))).collect(),
     };
     for req in batch {
         let r = (|| {
+            let mut applied = Applied::default();
             let sp = tx.savepoint()?;
-            for c in &req.changes {
-                apply(&sp, c)?;
+            if let Work::Changes(changes) = &req.work {
+                for c in changes {
+                    apply(&sp, c, &mut applied)?;
+                }
             }
-            sp.commit()
+            sp.commit()?;
+            Ok(applied)
         })();
         if tx.is_autocommit() {
             return rolled_back(path, batch, results, r);
@@ -181,14 +281,14 @@ fn commit(conn: &mut Connection, path: &Path, batch: &[Request]) -> Vec<Result<(
 fn rolled_back(
     path: &Path,
     batch: &[Request],
-    done: Vec<Result<(), StoreError>>,
-    last: rusqlite::Result<()>,
-) -> Vec<Result<(), StoreError>> {
+    done: Vec<Result<Applied, StoreError>>,
+    last: rusqlite::Result<Applied>,
+) -> Vec<Result<Applied, StoreError>> {
     let cause = match last {
         Err(e) => e,
         // Cannot happen (a request that succeeded leaves the transaction
         // open), but if it did, its data is not stored either.
-        Ok(()) => rusqlite::Error::SqliteFailure(
+        Ok(_) => rusqlite::Error::SqliteFailure(
             rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_ABORT),
             Some("the transaction ended while the batch was written".into()),
         ),
@@ -203,7 +303,7 @@ fn rolled_back(
         .map(|r| match r {
             // Its own error says more than the batch's.
             Err(e) => Err(e),
-            Ok(()) => Err(copy_err(&cause, path)),
+            Ok(_) => Err(copy_err(&cause, path)),
         })
         .collect();
     out.push(Err(copy_err(&cause, path)));
@@ -213,7 +313,7 @@ fn rolled_back(
     out
 }
 
-fn apply(tx: &rusqlite::Savepoint<'_>, c: &Change) -> rusqlite::Result<()> {
+fn apply(tx: &rusqlite::Savepoint<'_>, c: &Change, applied: &mut Applied) -> rusqlite::Result<()> {
     match c {
         Change::Insert(m) => insert(tx, m),
         Change::Recipient(r) => recipient(tx, r),
@@ -301,7 +401,61 @@ fn apply(tx: &rusqlite::Savepoint<'_>, c: &Change) -> rusqlite::Result<()> {
                 .execute([message_id])?;
             Ok(())
         }
+        Change::Purge {
+            before,
+            after,
+            limit,
+        } => purge(tx, *before, after.as_deref(), *limit, applied),
+        Change::Vacuum { pages } => {
+            let free = |tx: &rusqlite::Savepoint<'_>| -> rusqlite::Result<i64> {
+                tx.query_row("PRAGMA freelist_count", [], |r| r.get(0))
+            };
+            let before = free(tx)?;
+            // The pragma frees one page per step: step it to the end.
+            let mut st = tx.prepare(&format!("PRAGMA incremental_vacuum({pages})"))?;
+            let mut rows = st.query([])?;
+            while rows.next()?.is_some() {}
+            drop(rows);
+            applied.vacuumed += before - free(tx)?;
+            Ok(())
+        }
     }
+}
+
+/// See [`Change::Purge`]. Deleting the message deletes its body,
+/// recipients and history with it (ON DELETE CASCADE).
+fn purge(
+    tx: &rusqlite::Savepoint<'_>,
+    before: i64,
+    after: Option<&str>,
+    limit: u32,
+    applied: &mut Applied,
+) -> rusqlite::Result<()> {
+    let chunk: Vec<(String, i64)> = tx
+        .prepare_cached("SELECT id, received_at FROM messages WHERE id > ?1 ORDER BY id LIMIT ?2")?
+        .query_map(params![after.unwrap_or(""), limit], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })?
+        .collect::<Result<_, _>>()?;
+    let mut delete = tx.prepare_cached(
+        "DELETE FROM messages WHERE id = ?1 AND received_at < ?2
+            AND NOT EXISTS (SELECT 1 FROM recipients WHERE message_id = ?1
+                               AND (state NOT IN ('delivered', 'bounced', 'expired')
+                                    OR updated_at >= ?2))
+            AND NOT EXISTS (SELECT 1 FROM mailbox WHERE message_id = ?1)",
+    )?;
+    for (id, _) in &chunk {
+        applied.purged += delete.execute(params![id, before])? as u64;
+    }
+    // Ids sort by arrival: past a message that arrived after `before`,
+    // none can be finished long enough.
+    applied.purge_next = match chunk.last() {
+        Some((id, received_at)) if chunk.len() == limit as usize && *received_at < before => {
+            Some(id.clone())
+        }
+        _ => None,
+    };
+    Ok(())
 }
 
 fn recipient(tx: &rusqlite::Savepoint<'_>, r: &RecipientChange) -> rusqlite::Result<()> {
@@ -570,7 +724,7 @@ mod tests {
     fn batch_of(msgs: &[NewMessage]) -> Vec<super::Request> {
         msgs.iter()
             .map(|m| super::Request {
-                changes: vec![super::Change::Insert(Box::new(m.clone()))],
+                work: super::Work::Changes(vec![super::Change::Insert(Box::new(m.clone()))]),
                 done: tokio::sync::oneshot::channel().0,
             })
             .collect()
