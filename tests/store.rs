@@ -1,11 +1,12 @@
 //! The store's lifetime in the running daemon: finished messages are
-//! purged after store.keep_history, pending and mailbox mail stays.
+//! purged after store.keep_history, pending and mailbox mail stays, and
+//! `outpost status` tells the store's size on disk.
 
 mod common;
 
 use std::time::Duration;
 
-use common::{queued_id, wait_for, Client, Gateway};
+use common::{json_out, queued_id, wait_for, Client, Gateway};
 
 fn store(g: &Gateway) -> outpost::queue::Store {
     outpost::queue::Store::open(&g.path("queue.sqlite")).unwrap()
@@ -52,6 +53,28 @@ fn the_daemon_purges_finished_mail_and_keeps_the_rest() {
     assert_eq!(s.mailbox("alice").unwrap().len(), 1);
     assert_eq!(g.queue_ids(), vec![pending.clone()]);
 
+    let status = json_out(&g.cli(&["status", "--json"]));
+    let st = &status["store"];
+    assert_eq!(
+        st["path"].as_str(),
+        Some(g.path("queue.sqlite").to_str().unwrap()),
+        "{status:#}"
+    );
+    let size = st["size_bytes"].as_u64().unwrap();
+    let on_disk = std::fs::metadata(g.path("queue.sqlite")).unwrap().len();
+    assert!(size >= 4096 && size <= on_disk.max(size), "{status:#}");
+    assert!(st["wal_bytes"].is_u64(), "{status:#}");
+    assert!(st["free_bytes"].is_u64(), "{status:#}");
+    // The contract's fields are still there.
+    for key in ["link", "counts", "oldest_age_seconds", "last_flush"] {
+        assert!(status.get(key).is_some(), "{key} missing: {status:#}");
+    }
+    let text = String::from_utf8_lossy(&g.cli(&["status"]).stdout).to_string();
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("store:") && l.contains("queue.sqlite") && l.contains("WAL")),
+        "{text}"
+    );
     // The housekeeping task ends with the daemon.
     assert_eq!(g.stop(), Some(0), "{}", g.log());
 }
