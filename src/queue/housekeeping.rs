@@ -378,7 +378,7 @@ mod tests {
         thread.join();
     }
 
-    #[tokio::test]
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn an_older_store_is_made_incremental_once() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("q.sqlite");
@@ -391,14 +391,23 @@ mod tests {
         let store = Arc::new(Store::open(&path).unwrap());
         assert_eq!(store.pages().unwrap().auto_vacuum, 0);
         let (writer, thread) = Writer::start(&path).unwrap();
-        writer
-            .insert(msg(unix_now(), &[Route::Upstream], 100))
-            .await
-            .unwrap();
+        // Sessions' messages keep coming meanwhile: the VACUUM runs between
+        // their batches, and none of them is lost.
+        let inserts: Vec<_> = (0..100)
+            .map(|_| {
+                let w = writer.clone();
+                tokio::spawn(
+                    async move { w.insert(msg(unix_now(), &[Route::Upstream], 100)).await },
+                )
+            })
+            .collect();
         make_incremental(&store, &writer).await.unwrap();
+        for t in inserts {
+            t.await.unwrap().unwrap();
+        }
         assert_eq!(store.pages().unwrap().auto_vacuum, 2);
         assert!(!writer.make_incremental().await.unwrap(), "converted once");
-        assert_eq!(store.list(None).unwrap().len(), 1);
+        assert_eq!(store.list(None).unwrap().len(), 100);
         drop(writer);
         thread.join();
     }
