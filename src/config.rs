@@ -54,13 +54,18 @@ pub struct Config {
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct StoreConfig {
     pub path: PathBuf,
     /// Free space (bytes) to keep on the store's file system: below it, MAIL
     /// is answered 452 4.3.1. Unset: 4 × `relay.max_message_size`; 0: no check.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub min_free: Option<u64>,
+    /// How long a finished message (every recipient delivered, bounced or
+    /// expired, in no mailbox) stays in the store for `queue show` before
+    /// it and its history are purged.
+    #[serde(with = "humantime_serde_compat")]
+    pub keep_history: Duration,
 }
 
 impl Default for StoreConfig {
@@ -68,6 +73,7 @@ impl Default for StoreConfig {
         StoreConfig {
             path: PathBuf::from("/var/lib/outpost/queue.sqlite"),
             min_free: None,
+            keep_history: Duration::from_secs(7 * 24 * 3600),
         }
     }
 }

@@ -107,6 +107,14 @@ pub async fn serve(
         flusher_rx.clone(),
         stop_rx.clone(),
     ));
+    // Store housekeeping (purge, vacuum, WAL checkpoint): at start, then
+    // every few minutes, until shutdown.
+    let housekeeping = tokio::spawn(queue::run_housekeeping(
+        store.clone(),
+        writer.clone(),
+        config.store.keep_history,
+        stop_rx.clone(),
+    ));
     let submitted = Arc::new(Notify::new());
     let link_back = Arc::new(Notify::new());
     let prober = tokio::spawn(link_prober(
@@ -203,6 +211,7 @@ pub async fn serve(
     runner.abort();
     let _ = runner.await;
     let _ = prober.await;
+    let _ = housekeeping.await;
     // Every session and the flusher have ended; the last handle to the
     // writer is gone, and joining the thread waits for its last commit.
     writer_thread.join();

@@ -15,12 +15,13 @@ pub fn run(config: &Config, as_json: bool) -> ExitCode {
         Err(code) => return code,
     };
     let now = unix_now();
-    let (link, counts, held, etrn) = match store.link(now).and_then(|l| {
+    let (link, counts, held, etrn, disk) = match store.link(now).and_then(|l| {
         Ok((
             l,
             store.counts()?,
             store.held_by_domain()?,
             store.last_etrn()?,
+            store.disk_usage()?,
         ))
     }) {
         Ok(x) => x,
@@ -61,6 +62,12 @@ pub fn run(config: &Config, as_json: bool) -> ExitCode {
                 "messages": h.messages,
                 "last_asked": h.last_asked.map(rfc3339),
             })).collect::<Vec<_>>(),
+            "store": {
+                "path": store.path().display().to_string(),
+                "size_bytes": disk.size_bytes,
+                "wal_bytes": disk.wal_bytes,
+                "free_bytes": disk.free_bytes,
+            },
         });
         println!("{v}");
         return ExitCode::from(exit::OK);
@@ -124,6 +131,13 @@ pub fn run(config: &Config, as_json: bool) -> ExitCode {
         Some(t) => println!("next flush:  {} (in {})", rfc3339(t), age(t - now)),
         None => println!("next flush:  on `outpost flush` only (no flush.interval)"),
     }
+    println!(
+        "store:       {} {} + {} WAL ({} free inside)",
+        store.path().display(),
+        bytes(disk.size_bytes),
+        bytes(disk.wal_bytes),
+        bytes(disk.free_bytes)
+    );
     ExitCode::from(exit::OK)
 }
 
@@ -131,6 +145,22 @@ pub(super) fn rfc3339(t: i64) -> String {
     chrono::DateTime::from_timestamp(t, 0)
         .map(|d| d.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
         .unwrap_or_default()
+}
+
+/// Bytes for people: "512 B", "3.4 KiB", "12.0 MiB", "1.2 GiB".
+fn bytes(n: u64) -> String {
+    const UNITS: [&str; 4] = ["B", "KiB", "MiB", "GiB"];
+    let mut v = n as f64;
+    let mut unit = 0;
+    while v >= 1024.0 && unit < UNITS.len() - 1 {
+        v /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[unit])
+    }
 }
 
 pub(super) fn age(secs: i64) -> String {

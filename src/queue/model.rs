@@ -366,6 +366,27 @@ impl MailboxEntry {
     }
 }
 
+/// The database's pages (SQLite's page_count, freelist_count, page_size,
+/// auto_vacuum: 0 none, 1 full, 2 incremental).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PageStats {
+    pub pages: i64,
+    pub free: i64,
+    pub size: i64,
+    pub auto_vacuum: i64,
+}
+
+/// The store's size on disk, for `outpost status`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DiskUsage {
+    /// The database file.
+    pub size_bytes: u64,
+    /// Its write-ahead log (`<path>-wal`).
+    pub wal_bytes: u64,
+    /// Free pages inside the database file (reused before the file grows).
+    pub free_bytes: u64,
+}
+
 #[derive(Debug, Clone)]
 pub struct UserRow {
     pub name: String,
