@@ -101,15 +101,30 @@ pub(crate) fn connect(path: &Path) -> Result<Connection, StoreError> {
     // in WAL mode may lose the last commits).
     // journal_size_limit: a WAL that grew past it (a long read, a burst) is
     // cut back to it once checkpointed, instead of keeping its largest size.
-    conn.execute_batch(&format!(
+    let pragmas = format!(
         "PRAGMA auto_vacuum = INCREMENTAL;
          PRAGMA journal_mode = WAL;
          PRAGMA synchronous = FULL;
          PRAGMA foreign_keys = ON;
          PRAGMA journal_size_limit = {JOURNAL_SIZE_LIMIT};"
-    ))
-    .map_err(sql_err(path))?;
-    Ok(conn)
+    );
+    // Switching a new database to WAL needs it to itself for an instant;
+    // when another process opens it at the same moment SQLite answers
+    // "busy" at once instead of waiting (the busy handler does not run for
+    // that lock), so wait here, as long as the busy timeout would.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match conn.execute_batch(&pragmas) {
+            Ok(()) => return Ok(conn),
+            Err(rusqlite::Error::SqliteFailure(e, _))
+                if e.code == rusqlite::ErrorCode::DatabaseBusy
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(e) => return Err(sql_err(path)(e)),
+        }
+    }
 }
 
 /// Bytes the WAL file is cut back to after a checkpoint.
