@@ -10,6 +10,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use crate::window::Window;
 use ipnet::IpNet;
 use serde::de::{self, Deserializer};
 use serde::{Deserialize, Serialize};
@@ -388,6 +389,13 @@ pub struct FlushConfig {
     /// upstream this often and flush as soon as it answers ("0s": off).
     #[serde(with = "humantime_serde_compat")]
     pub probe_interval: Duration,
+    /// When the link may be used at all (local time); always when empty.
+    pub windows: Vec<Window>,
+    /// When messages over `large_message_size` may go (inside `windows`);
+    /// always when empty.
+    pub large_message_window: Vec<Window>,
+    /// Octets sent to the upstream per local day at most; 0: no limit.
+    pub daily_byte_budget: u64,
 }
 
 impl Default for FlushConfig {
@@ -398,6 +406,9 @@ impl Default for FlushConfig {
             etrn: Vec::new(),
             large_message_size: 1 << 20,
             probe_interval: Duration::from_secs(5),
+            windows: Vec::new(),
+            large_message_window: Vec::new(),
+            daily_byte_budget: 0,
         }
     }
 }

@@ -17,6 +17,7 @@ pub mod relay;
 pub mod server;
 pub mod smtp;
 pub mod tls;
+pub mod window;
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -226,6 +227,8 @@ enum Trigger {
     OnSubmit,
     Etrn,
     LinkBack,
+    /// A flush window opened or closed, or a new day's budget began.
+    Gate,
 }
 
 /// Flush on link-up: while the link is down and mail waits, a TCP connect
@@ -322,6 +325,15 @@ async fn flush_runner(
             (None, _) => None,
         };
         let mut opts = FlushOptions::default();
+        // The next edge of a window (or midnight, for the budget): a flush
+        // then sends what waited, or marks the link closed.
+        let gate_change = {
+            let local = chrono::Local::now().naive_local();
+            relay::decide::next_gate_change(&flusher.config.flush, local).map(|at| {
+                let wait = (at - local).to_std().unwrap_or_default();
+                tokio::time::Instant::now() + wait + Duration::from_secs(1)
+            })
+        };
         let trigger = tokio::select! {
             _ = stop.changed() => return,
             _ = flushers.changed() => continue,
@@ -333,6 +345,12 @@ async fn flush_runner(
             } => Trigger::Interval,
             _ = submitted.notified() => Trigger::OnSubmit,
             _ = link_back.notified() => Trigger::LinkBack,
+            _ = async {
+                match gate_change {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            } => Trigger::Gate,
             Some(spec) = etrn.recv() => {
                 // Every request waiting now goes in this one delivery.
                 opts.domains.push(spec);
@@ -357,7 +375,8 @@ async fn flush_runner(
         if trigger == Trigger::OnSubmit {
             let store = flusher.store.clone();
             let link = tokio::task::spawn_blocking(move || store.link(queue::unix_now())).await;
-            if matches!(link, Ok(Ok(ref l)) if l.state == LinkState::Down) {
+            if matches!(link, Ok(Ok(ref l)) if matches!(l.state, LinkState::Down | LinkState::Closed))
+            {
                 continue;
             }
         }

@@ -33,6 +33,10 @@ const MIGRATIONS: &[(&str, &str)] = &[
         include_str!("../../schema/0003_mailboxes.sql"),
     ),
     ("0004_etrn", include_str!("../../schema/0004_etrn.sql")),
+    (
+        "0005_windows",
+        include_str!("../../schema/0005_windows.sql"),
+    ),
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -379,6 +383,17 @@ impl Store {
                 }
             }
             Ok(out)
+        })
+    }
+
+    /// Octets sent to the upstream on `day` (local, `YYYY-MM-DD`).
+    pub fn sent_on(&self, day: &str) -> Result<i64, StoreError> {
+        self.with(|c| {
+            c.query_row(
+                "SELECT coalesce(sum(bytes), 0) FROM sent_bytes WHERE day = ?1",
+                [day],
+                |r| r.get(0),
+            )
         })
     }
 

@@ -150,6 +150,9 @@ pub enum LinkState {
     Up,
     Down,
     Unknown,
+    /// Not to be used now: outside `flush.windows`, or the day's
+    /// `flush.daily_byte_budget` is spent. The link-up clock stands still.
+    Closed,
 }
 
 impl LinkState {
@@ -158,6 +161,7 @@ impl LinkState {
             LinkState::Up => "up",
             LinkState::Down => "down",
             LinkState::Unknown => "unknown",
+            LinkState::Closed => "closed",
         }
     }
 }
@@ -169,6 +173,7 @@ impl FromStr for LinkState {
             "up" => LinkState::Up,
             "down" => LinkState::Down,
             "unknown" => LinkState::Unknown,
+            "closed" => LinkState::Closed,
             _ => return Err(format!("unknown link state {s}")),
         })
     }

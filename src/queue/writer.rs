@@ -35,6 +35,8 @@ pub enum Change {
     },
     /// A flush ended.
     FlushDone { at: i64, result: String },
+    /// `bytes` more octets went to the upstream on `day` (local date).
+    Sent { day: String, bytes: i64 },
     /// A delay warning went out for this recipient.
     Warned { message_id: String, idx: u32 },
     /// Hub role: held mail for `spec` (a domain, or `@domain` with its
@@ -329,6 +331,16 @@ fn apply(tx: &rusqlite::Savepoint<'_>, c: &Change, applied: &mut Applied) -> rus
                   WHERE id = 1",
             )?
             .execute(params![at, state.as_str(), error])?;
+            Ok(())
+        }
+        Change::Sent { day, bytes } => {
+            tx.prepare_cached(
+                "INSERT INTO sent_bytes (day, bytes) VALUES (?1, ?2)
+                 ON CONFLICT (day) DO UPDATE SET bytes = bytes + excluded.bytes",
+            )?
+            .execute(params![day, bytes])?;
+            tx.prepare_cached("DELETE FROM sent_bytes WHERE day < date(?1, '-40 days')")?
+                .execute([day])?;
             Ok(())
         }
         Change::FlushDone { at, result } => {

@@ -118,11 +118,16 @@ pub struct Summary {
     pub error: Option<String>,
     #[serde(default)]
     pub etrn: Vec<EtrnResult>,
+    /// Due upstream mail left for a window or the budget.
+    #[serde(default)]
+    pub waiting: decide::Waiting,
 }
 
 impl Summary {
+    /// The link could not be used: down, or closed (a window or the
+    /// budget) with mail waiting. `outpost flush` exits 75 then.
     pub fn link_down(&self) -> bool {
-        self.link == "down"
+        self.link == "down" || (self.link == "closed" && self.waiting.total() > 0)
     }
 }
 
@@ -232,12 +237,24 @@ impl Flusher {
             self.writer.apply(release).await?;
         }
         let store = self.store.clone();
-        let (pending, link) = tokio::task::spawn_blocking(move || {
-            Ok::<_, StoreError>((store.pending_outbound()?, store.link(now)?))
+        let local = chrono::Local::now().naive_local();
+        let today = local.date().to_string();
+        let (pending, link, sent_today) = tokio::task::spawn_blocking(move || {
+            Ok::<_, StoreError>((
+                store.pending_outbound()?,
+                store.link(now)?,
+                store.sent_on(&today)?,
+            ))
         })
         .await
         .map_err(|e| StoreError::Failed(e.to_string()))??;
         summary.link = link.state.to_string();
+        // Windows and the budget, unless everything is asked for now.
+        let gate = if opts.all {
+            decide::Gate::wide_open()
+        } else {
+            decide::gate(&self.config.flush, local, sent_today)
+        };
 
         // Age first: expiry and delay warnings do not need the link.
         let mut aged = Vec::with_capacity(pending.len());
@@ -267,11 +284,71 @@ impl Flusher {
         // Then what is due now (or everything with --all), in the domains
         // asked, split by where it goes: the upstream, or a hold domain's
         // branch.
-        let selection =
-            decide::select(aged, opts, now, self.config.flush.large_message_size as i64);
+        let selection = decide::select(
+            aged,
+            opts,
+            now,
+            self.config.flush.large_message_size as i64,
+            &gate,
+        );
         progress(&Event::Start {
             due: selection.count,
         });
+        summary.waiting = selection.waiting;
+        // The link is closed (not to be used now) when the window is shut,
+        // or when the budget leaves nothing due to send: the link-up clock
+        // stands still, so what waits does not age.
+        let closed = if !gate.open {
+            let next = decide::next_gate_change(&self.config.flush, local);
+            Some(format!(
+                "outside flush.windows ({}){}",
+                self.config
+                    .flush
+                    .windows
+                    .iter()
+                    .map(|w| w.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                next.map(|t| format!("; the link is used again at {}", t.format("%Y-%m-%d %H:%M")))
+                    .unwrap_or_default()
+            ))
+        } else if selection.upstream.is_empty() && selection.waiting.budget > 0 {
+            Some(format!(
+                "flush.daily_byte_budget spent ({sent_today} of {} octets today); {} message{} wait for tomorrow",
+                self.config.flush.daily_byte_budget,
+                selection.waiting.budget,
+                if selection.waiting.budget == 1 { "" } else { "s" },
+            ))
+        } else {
+            None
+        };
+        if let Some(why) = &closed {
+            info!(reason = %why, waiting = selection.waiting.total(), "link closed");
+            self.writer
+                .apply(vec![Change::Link {
+                    state: LinkState::Closed,
+                    error: Some(why.clone()),
+                    at: now,
+                }])
+                .await?;
+            summary.link = "closed".into();
+            progress(&Event::Link {
+                state: "closed".into(),
+                upstream: self.config.upstream.server.clone(),
+                tls: None,
+                error: Some(why.clone()),
+            });
+        } else if link.state == LinkState::Closed && selection.upstream.is_empty() {
+            // Open again, and nothing to send: not known to be up or down.
+            self.writer
+                .apply(vec![Change::Link {
+                    state: LinkState::Unknown,
+                    error: None,
+                    at: now,
+                }])
+                .await?;
+            summary.link = "unknown".into();
+        }
 
         let mut etrn_session = None;
         if !selection.upstream.is_empty() {
@@ -296,6 +373,7 @@ impl Flusher {
         // ETRN: ask the upstream to release this office's mail, whenever
         // the link is not known to be down.
         let wants_etrn = !self.config.flush.etrn.is_empty()
+            && closed.is_none()
             && !opts.no_etrn
             && opts.domains.is_empty()
             && !self.stopping();
@@ -739,7 +817,7 @@ impl Flusher {
                 };
                 s.send_batch(&refs, &mut report).await
             };
-            let record = self.record_as_they_come(orx, &sendable, &peer, &tx);
+            let record = self.record_as_they_come(orx, &sendable, &peer, dest.upstream, &tx);
             let (sent, ()) = tokio::join!(send, record);
             match sent {
                 Ok(s) => session = Some(s),
@@ -758,6 +836,7 @@ impl Flusher {
         mut outcomes: mpsc::UnboundedReceiver<(usize, Vec<Outcome>)>,
         sent: &[(DueMessage, Outgoing)],
         peer: &str,
+        upstream: bool,
         tx: &mpsc::UnboundedSender<WorkerReport>,
     ) {
         while let Some(first) = outcomes.recv().await {
@@ -768,8 +847,11 @@ impl Flusher {
             let now = unix_now();
             let mut changes = Vec::new();
             let mut reports = Vec::new();
+            // Octets that went over the link, for flush.daily_byte_budget.
+            let mut octets = 0;
             for (i, o) in ready {
                 let (m, out) = &sent[i];
+                octets += m.size;
                 let a = decide::attempt(m, &o, peer, now, &self.config, &mut rand::rng());
                 for r in &a.results {
                     info!(queue_id = %m.id, rcpt = %r.address, upstream = %peer, outcome = %r.outcome,
@@ -780,6 +862,12 @@ impl Flusher {
                     id: m.id.clone(),
                     results: a.results,
                     counts: a.counts,
+                });
+            }
+            if upstream && octets > 0 {
+                changes.push(Change::Sent {
+                    day: chrono::Local::now().date_naive().to_string(),
+                    bytes: octets,
                 });
             }
             if !changes.is_empty() {
