@@ -108,13 +108,16 @@ pub enum ListenMode {
     Submissions,
     Pop3,
     Pop3s,
+    /// Port 366, hub role: branches authenticate and take their held mail
+    /// over their own connection with ATRN (RFC 2645).
+    Odmr,
 }
 
 impl ListenMode {
     pub fn is_smtp(self) -> bool {
         matches!(
             self,
-            ListenMode::Relay | ListenMode::Submission | ListenMode::Submissions
+            ListenMode::Relay | ListenMode::Submission | ListenMode::Submissions | ListenMode::Odmr
         )
     }
     pub fn implicit_tls(self) -> bool {
@@ -130,6 +133,7 @@ impl fmt::Display for ListenMode {
             ListenMode::Submissions => "submissions",
             ListenMode::Pop3 => "pop3",
             ListenMode::Pop3s => "pop3s",
+            ListenMode::Odmr => "odmr",
         })
     }
 }
@@ -302,6 +306,10 @@ pub struct UpstreamConfig {
     /// §4.5.3.2.6: 10 minutes).
     #[serde(with = "humantime_serde_compat")]
     pub final_timeout: Duration,
+    /// Where ATRN goes (`flush.atrn`): `[host]:port`; the upstream's host
+    /// on port 366 when unset.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub odmr: Option<String>,
 }
 
 impl Default for UpstreamConfig {
@@ -320,6 +328,7 @@ impl Default for UpstreamConfig {
             command_timeout: Duration::from_secs(300),
             data_timeout: Duration::from_secs(180),
             final_timeout: Duration::from_secs(600),
+            odmr: None,
         }
     }
 }
@@ -396,6 +405,10 @@ pub struct FlushConfig {
     pub large_message_window: Vec<Window>,
     /// Octets sent to the upstream per local day at most; 0: no limit.
     pub daily_byte_budget: u64,
+    /// After each flush, take this office's held mail from the hub over
+    /// our own connection (ATRN, RFC 2645): passes NAT.
+    #[serde(deserialize_with = "domains")]
+    pub atrn: Vec<String>,
 }
 
 impl Default for FlushConfig {
@@ -409,6 +422,7 @@ impl Default for FlushConfig {
             windows: Vec::new(),
             large_message_window: Vec::new(),
             daily_byte_budget: 0,
+            atrn: Vec::new(),
         }
     }
 }
@@ -491,6 +505,9 @@ pub struct HubConfig {
         skip_serializing_if = "Option::is_none"
     )]
     pub max_hold: Option<Duration>,
+    /// ATRN (RFC 2645): which held domains each account may take over an
+    /// `odmr` listener: `branch7 = ["branch.example"]`.
+    pub odmr: BTreeMap<String, Vec<String>>,
 }
 
 impl Default for HubConfig {
@@ -500,6 +517,7 @@ impl Default for HubConfig {
             etrn_networks: vec!["127.0.0.0/8".parse().unwrap(), "::1/128".parse().unwrap()],
             routes: BTreeMap::new(),
             max_hold: None,
+            odmr: BTreeMap::new(),
         }
     }
 }
@@ -513,6 +531,15 @@ impl HubConfig {
     /// How long held mail waits for its branch.
     pub fn max_hold(&self, retry: &RetryConfig) -> Duration {
         self.max_hold.unwrap_or(retry.max_age_absolute)
+    }
+
+    /// The held domains `account` may take with ATRN (lower case).
+    pub fn odmr_domains(&self, account: &str) -> Vec<String> {
+        self.odmr
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(account))
+            .map(|(_, v)| v.iter().map(|d| d.to_ascii_lowercase()).collect())
+            .unwrap_or_default()
     }
 
     /// Where `domain`'s held mail goes: the route, or the domain (MX).

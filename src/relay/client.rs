@@ -12,10 +12,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::auth;
+use crate::codec::{BoxedIo, Io};
 
 /// How long each phase may take (RFC 5321 §4.5.3.2 gives the minimums).
 #[derive(Debug, Clone)]
@@ -230,22 +231,22 @@ pub enum Outcome {
 enum Stream {
     Plain(TcpStream),
     Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+    /// A connection the other side opened and turned around (ATRN).
+    Turned(BoxedIo),
     /// Only while switching to TLS, or after a failed switch.
     Gone,
 }
 
 impl Stream {
-    fn io(&mut self) -> std::io::Result<&mut dyn AsyncReadWrite> {
+    fn io(&mut self) -> std::io::Result<&mut dyn Io> {
         match self {
             Stream::Plain(s) => Ok(s),
             Stream::Tls(s) => Ok(s.as_mut()),
+            Stream::Turned(s) => Ok(s.as_mut()),
             Stream::Gone => Err(std::io::ErrorKind::NotConnected.into()),
         }
     }
 }
-
-trait AsyncReadWrite: AsyncRead + AsyncWrite + Unpin + Send {}
-impl<T: AsyncRead + AsyncWrite + Unpin + Send> AsyncReadWrite for T {}
 
 /// An open session with the upstream, ready for MAIL.
 pub struct Session {
@@ -314,6 +315,58 @@ impl Session {
             sess.authenticate(user, pass).await?;
         }
         Ok(sess)
+    }
+
+    /// The client side of a connection a branch opened and turned around
+    /// with ATRN (RFC 2645): the branch greets, we say EHLO. No STARTTLS
+    /// and no AUTH: the connection is as secure as the branch made it, and
+    /// the branch authenticated itself before ATRN.
+    pub async fn turned(
+        io: BoxedIo,
+        addr: String,
+        s: &ClientSettings,
+    ) -> Result<Session, LinkError> {
+        let mut sess = Session {
+            stream: Stream::Turned(io),
+            rbuf: Vec::new(),
+            addr: addr.clone(),
+            ext: Extensions::default(),
+            tls: None,
+            timeouts: s.timeouts.clone(),
+        };
+        let greeting = sess.read_reply("greeting").await?;
+        if greeting.class() != 2 {
+            return Err(LinkError::Greeting {
+                addr,
+                reply: greeting,
+            });
+        }
+        sess.ehlo(&s.helo).await?;
+        Ok(sess)
+    }
+
+    /// ATRN (RFC 2645), branch role: ask the hub to turn this connection
+    /// around and deliver the held mail of `domains` over it. The hub may
+    /// take long to answer (it looks through its queue).
+    pub async fn atrn(&mut self, domains: &[String]) -> Result<Reply, LinkError> {
+        self.write(format!("ATRN {}\r\n", domains.join(",")).as_bytes(), "ATRN")
+            .await?;
+        self.read_reply_within("ATRN", self.timeouts.final_reply)
+            .await
+    }
+
+    /// The connection itself, after ATRN's 250: this side becomes the
+    /// server on it. None when it broke.
+    pub fn into_io(mut self) -> Option<BoxedIo> {
+        if !self.rbuf.is_empty() {
+            tracing::warn!(peer = %self.addr, octets = self.rbuf.len(), "input after ATRN's reply discarded");
+        }
+        match std::mem::replace(&mut self.stream, Stream::Gone) {
+            Stream::Plain(s) => Some(Box::new(s)),
+            Stream::Tls(s) => Some(Box::new(*s)),
+            Stream::Turned(s) => Some(s),
+            Stream::Gone => None,
+        }
     }
 
     async fn ehlo(&mut self, helo: &str) -> Result<(), LinkError> {

@@ -221,6 +221,27 @@ pub fn select(
     s
 }
 
+/// Hub role, ATRN: the held mail of `domains` (exact, lower case), for a
+/// branch that asked for it over its own connection.
+pub fn held_for(pending: Vec<DueMessage>, domains: &[String]) -> VecDeque<DueMessage> {
+    pending
+        .into_iter()
+        .filter_map(|m| {
+            let recipients: Vec<DueRecipient> = m
+                .recipients
+                .iter()
+                .filter(|r| {
+                    r.route == Route::Hold
+                        && r.state == RecipientState::Held
+                        && domains.iter().any(|d| d.eq_ignore_ascii_case(&r.domain))
+                })
+                .cloned()
+                .collect();
+            (!recipients.is_empty()).then_some(DueMessage { recipients, ..m })
+        })
+        .collect()
+}
+
 /// A notice to the sender that the driver turns into a DSN message (it
 /// needs the original's text, which is in the store).
 #[derive(Debug, Clone)]

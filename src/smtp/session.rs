@@ -77,7 +77,7 @@ pub struct Session<S> {
     tx: Option<Transaction>,
 }
 
-impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
+impl<S: AsyncRead + AsyncWrite + Unpin + Send + Sync + 'static> Session<S> {
     pub fn new(
         shared: Arc<Shared>,
         listen: Listen,
@@ -207,11 +207,31 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             self.codec.reply(&reply::http_refused());
             return Flow::Close;
         }
+        // RFC 2645 allows ATRN without domains (all the account may take);
+        // the command parser wants at least one.
+        if self.listen.mode == ListenMode::Odmr && line.trim_ascii().eq_ignore_ascii_case(b"ATRN") {
+            return self.atrn(Vec::new()).await;
+        }
         line.extend_from_slice(b"\r\n");
         let request = match Request::parse(&mut line.iter()) {
             Ok(r) => r.into_owned(),
             Err(e) => return self.error(parse_error(e)),
         };
+        let odmr = self.listen.mode == ListenMode::Odmr;
+        if odmr
+            && matches!(
+                request,
+                Request::Mail { .. }
+                    | Request::Rcpt { .. }
+                    | Request::Data
+                    | Request::Bdat { .. }
+                    | Request::Etrn { .. }
+                    | Request::Vrfy { .. }
+                    | Request::Expn { .. }
+            )
+        {
+            return self.error(reply::odmr_only());
+        }
         match request {
             Request::Ehlo { host } => self.helo(host, true),
             Request::Helo { host } => self.helo(host, false),
@@ -240,6 +260,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 initial_response,
             } => self.auth(mechanism, initial_response).await,
             Request::Etrn { name } => self.etrn(name).await,
+            Request::Atrn { domains } if odmr => self.atrn(domains).await,
             Request::Lhlo { .. } | Request::Atrn { .. } | Request::Burl { .. } => {
                 self.error(reply::unknown_command())
             }
@@ -325,6 +346,80 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         })
     }
 
+    /// ATRN (RFC 2645), hub role: an authenticated branch takes the held
+    /// mail of the domains `[hub.odmr]` gives its account, over this very
+    /// connection. After 250 the connection goes to the daemon, which
+    /// delivers as a client; this session ends without closing it.
+    async fn atrn(&mut self, asked: Vec<String>) -> Flow {
+        if self.helo.is_none() {
+            return self.error(reply::need_helo());
+        }
+        let Some(account) = self.auth_user.clone() else {
+            info!(peer = %self.peer, "ATRN refused: not authenticated");
+            return self.reply(reply::atrn_auth_required());
+        };
+        let allowed = self.config.hub.odmr_domains(&account);
+        let domains: Vec<String> = if asked.is_empty() {
+            allowed.clone()
+        } else {
+            asked
+                .iter()
+                .map(|d| d.trim().to_ascii_lowercase())
+                .collect()
+        };
+        if domains.is_empty() {
+            info!(peer = %self.peer, account = %account, "ATRN refused: no domains in [hub.odmr]");
+            return self.reply(reply::atrn_refused(format!(
+                "account {account} has no domains in [hub.odmr]"
+            )));
+        }
+        if let Some(d) = domains.iter().find(|d| !allowed.contains(d)) {
+            info!(peer = %self.peer, account = %account, domain = %d, "ATRN refused: domain not allowed for the account");
+            return self.reply(reply::atrn_refused(format!(
+                "account {account} may not take {d} ([hub.odmr])"
+            )));
+        }
+        let Some(turn) = self.shared.triggers.atrn.clone() else {
+            return self.reply(reply::atrn_unavailable());
+        };
+        let store = self.shared.store.clone();
+        let lookup = domains.clone();
+        let held = tokio::task::spawn_blocking(move || {
+            lookup
+                .iter()
+                .map(|d| store.held_count(d))
+                .sum::<Result<i64, _>>()
+        })
+        .await;
+        let held = match held {
+            Ok(Ok(n)) => n,
+            _ => return self.reply(reply::atrn_unavailable()),
+        };
+        if held == 0 {
+            info!(peer = %self.peer, account = %account, domains = %domains.join(","), "ATRN: no mail");
+            return self.reply(reply::atrn_no_mail());
+        }
+        self.codec
+            .reply(&reply::atrn_turning(held, &domains.join(",")));
+        if self.codec.flush().await.is_err() {
+            return Flow::Close;
+        }
+        if !self.codec.buffered().is_empty() {
+            // The branch spoke before our 250: nothing it said can stand.
+            warn!(peer = %self.peer, octets = self.codec.buffered().len(), "ATRN: input after ATRN discarded");
+            self.codec.discard_input();
+        }
+        info!(peer = %self.peer, account = %account, domains = %domains.join(","), held, "ATRN: turning the connection around");
+        let io = std::mem::replace(self.codec.get_mut(), Conn::Gone);
+        let _ = turn.send(crate::server::Turned {
+            io: Box::new(io),
+            peer: self.peer.to_string(),
+            account,
+            domains,
+        });
+        Flow::Close
+    }
+
     fn may_relay(&self) -> bool {
         self.auth_user.is_some()
             || (self.listen.mode == ListenMode::Relay
@@ -351,7 +446,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             self.helo.as_deref().unwrap_or("")
         )
         .into()];
-        if esmtp {
+        if esmtp && self.listen.mode == ListenMode::Odmr {
+            lines.push("ENHANCEDSTATUSCODES".into());
+            if self.tls.is_some() && !self.tls_active() {
+                lines.push("STARTTLS".into());
+            }
+            if self.auth_offered() && self.auth_user.is_none() {
+                lines.push("AUTH PLAIN LOGIN".into());
+            }
+            lines.push("ATRN".into());
+        } else if esmtp {
             lines.push("PIPELINING".into());
             lines.push(format!("SIZE {}", config.relay.max_message_size).into());
             lines.push("8BITMIME".into());
