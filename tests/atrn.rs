@@ -9,7 +9,8 @@ use std::time::Duration;
 
 use common::{free_port, json_out, queued_id, wait_for, Client, Gateway};
 
-const BODY: &[u8] = b"Subject: for alice, via ATRN\r\n\r\n.a line with a dot\r\nend\r\n";
+/// As sent in DATA: the line "..a dot" is stored as ".a dot".
+const BODY: &[u8] = b"Subject: for alice, via ATRN\r\n\r\n..a line with a dot\r\nend\r\n";
 
 fn hub(odmr: u16) -> Gateway {
     let g = Gateway::start(&format!(
@@ -49,8 +50,9 @@ fn a_branch_takes_its_held_mail_over_its_own_connection() {
     // harness makes when it starts.
     let secret = std::env::temp_dir().join(format!("atrn-secret-{odmr}"));
     std::fs::write(&secret, "secret7\n").unwrap();
+    let pop = free_port();
     let branch = Gateway::start(&format!(
-        "[upstream]\nserver = \"[127.0.0.1]:{}\"\ntls = \"opportunistic\"\nusername = \"branch7\"\n\
+        "[[listen]]\naddress = \"127.0.0.1:{pop}\"\nmode = \"pop3\"\n[upstream]\nserver = \"[127.0.0.1]:{}\"\ntls = \"opportunistic\"\nusername = \"branch7\"\n\
          password_file = \"{}\"\nodmr = \"[127.0.0.1]:{odmr}\"\n\
          [flush]\natrn = [\"branch.example\"]\nprobe_interval = \"0s\"\n",
         hub.relay,
@@ -74,6 +76,45 @@ fn a_branch_takes_its_held_mail_over_its_own_connection() {
     let got = store.body(&mailbox[0].uid).unwrap().unwrap();
     assert!(got.ends_with(&stored), "{}", String::from_utf8_lossy(&got));
     assert!(String::from_utf8_lossy(&got).contains("gw.test"));
+    // And alice reads it with a POP3 client (Python's poplib).
+    let out = std::process::Command::new("/usr/bin/python3")
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/py/pop3_fetch.py"
+        ))
+        .args([
+            &pop.to_string(),
+            "plain",
+            &branch.path("cert.pem").display().to_string(),
+            "alice",
+            "pw",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["stat"][0], 1, "{v}");
+    use base64::Engine as _;
+    let lines: Vec<String> = v["messages"][0]["lines"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| {
+            let raw = base64::engine::general_purpose::STANDARD
+                .decode(l.as_str().unwrap())
+                .unwrap();
+            String::from_utf8(raw).unwrap()
+        })
+        .collect();
+    assert!(
+        lines.iter().any(|l| l == "Subject: for alice, via ATRN"),
+        "{lines:?}"
+    );
+    assert!(lines.iter().any(|l| l == ".a line with a dot"), "{lines:?}");
     // The hub's history says where it went.
     let show = String::from_utf8_lossy(&hub.cli(&["queue", "show", &id]).stdout).to_string();
     assert!(show.contains("delivered"), "{show}");
