@@ -148,6 +148,10 @@ pub enum LinkError {
         phase: &'static str,
         error: String,
     },
+    /// The configuration cannot be used as it is (a password file that
+    /// cannot be read, a CA file that does not load).
+    #[error("{0}")]
+    Config(String),
     #[error("{addr} sent a malformed reply ({why})")]
     Protocol { addr: String, why: &'static str },
 }
@@ -167,6 +171,35 @@ pub struct Extensions {
 }
 
 impl Extensions {
+    /// The extensions offered, as a person reads them.
+    pub fn summary(&self) -> String {
+        let mut out: Vec<String> = Vec::new();
+        for (on, name) in [
+            (self.pipelining, "PIPELINING"),
+            (self.chunking, "CHUNKING"),
+            (self.eightbit, "8BITMIME"),
+            (self.smtputf8, "SMTPUTF8"),
+            (self.dsn, "DSN"),
+            (self.starttls, "STARTTLS"),
+        ] {
+            if on {
+                out.push(name.into());
+            }
+        }
+        if let Some(size) = self.size {
+            out.push(format!("SIZE {size}"));
+        }
+        let auth: Vec<&str> = [(self.auth_plain, "PLAIN"), (self.auth_login, "LOGIN")]
+            .iter()
+            .filter(|(on, _)| *on)
+            .map(|(_, n)| *n)
+            .collect();
+        if !auth.is_empty() {
+            out.push(format!("AUTH {}", auth.join(" ")));
+        }
+        out.join(" ")
+    }
+
     fn parse(reply: &Reply) -> Extensions {
         let mut e = Extensions::default();
         for line in reply.text.lines().skip(1) {
@@ -194,6 +227,26 @@ impl Extensions {
         }
         e
     }
+}
+
+/// A step of opening a session, as it succeeds.
+#[derive(Debug)]
+pub enum Step<'a> {
+    Connected {
+        addr: &'a str,
+        elapsed: Duration,
+    },
+    Greeting(&'a Reply),
+    Ehlo(&'a Extensions),
+    Tls {
+        /// Protocol version and cipher suite.
+        session: &'a str,
+        /// The server's certificate (DER), as it sent it.
+        certificate: Option<&'a [u8]>,
+    },
+    Auth {
+        user: &'a str,
+    },
 }
 
 /// One recipient of an outgoing message.
@@ -264,7 +317,18 @@ impl Session {
         addr: std::net::SocketAddr,
         s: &ClientSettings,
     ) -> Result<Session, LinkError> {
+        Self::open_observed(addr, s, &mut |_| {}).await
+    }
+
+    /// [`Session::open`], telling `seen` each step as it succeeds (for
+    /// `outpost check-upstream`).
+    pub async fn open_observed(
+        addr: std::net::SocketAddr,
+        s: &ClientSettings,
+        seen: &mut (dyn FnMut(Step<'_>) + Send),
+    ) -> Result<Session, LinkError> {
         let a = addr.to_string();
+        let started = std::time::Instant::now();
         let tcp = match tokio::time::timeout(s.timeouts.connect, TcpStream::connect(addr)).await {
             Ok(Ok(t)) => t,
             Ok(Err(e)) => {
@@ -281,6 +345,10 @@ impl Session {
             }
         };
         let _ = tcp.set_nodelay(true);
+        seen(Step::Connected {
+            addr: &a,
+            elapsed: started.elapsed(),
+        });
         let mut sess = Session {
             stream: Stream::Plain(tcp),
             rbuf: Vec::new(),
@@ -296,7 +364,9 @@ impl Session {
                 reply: greeting,
             });
         }
+        seen(Step::Greeting(&greeting));
         sess.ehlo(&s.helo).await?;
+        seen(Step::Ehlo(&sess.ext));
         let want_tls = match s.tls {
             TlsPolicy::Required => {
                 if !sess.ext.starttls {
@@ -309,12 +379,34 @@ impl Session {
         };
         if want_tls {
             sess.starttls(s).await?;
+            let certificate = match &sess.stream {
+                Stream::Tls(t) => t
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .and_then(|c| c.first())
+                    .map(|c| c.as_ref().to_vec()),
+                _ => None,
+            };
+            seen(Step::Tls {
+                session: sess.tls.as_deref().unwrap_or(""),
+                certificate: certificate.as_deref(),
+            });
             sess.ehlo(&s.helo).await?;
         }
         if let Some((user, pass)) = &s.auth {
             sess.authenticate(user, pass).await?;
+            seen(Step::Auth { user });
         }
         Ok(sess)
+    }
+
+    /// A transaction started and abandoned: `MAIL FROM:<>` then `RSET`,
+    /// nothing sent. Tells whether the upstream would take mail from us.
+    pub async fn try_mail(&mut self) -> Result<(Reply, Reply), LinkError> {
+        let mail = self.command("MAIL FROM:<>\r\n", "MAIL").await?;
+        let rset = self.command("RSET\r\n", "RSET").await?;
+        Ok((mail, rset))
     }
 
     /// The client side of a connection a branch opened and turned around

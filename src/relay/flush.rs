@@ -870,42 +870,7 @@ impl Flusher {
                 },
             });
         }
-        let cfg_err = |e: String| LinkError::Tls {
-            addr: up.server.clone(),
-            error: e,
-        };
-        let tls_config =
-            crate::tls::client_config(up.tls == UpstreamTls::Required, up.ca_file.as_deref())
-                .map_err(|e| cfg_err(e.to_string()))?;
-        let auth = match (&up.username, &up.password_file) {
-            (Some(user), Some(file)) => Some((
-                user.clone(),
-                read_secret(file).map_err(|e| LinkError::NoAuth { addr: e })?,
-            )),
-            (Some(_), None) => {
-                return Err(LinkError::NoAuth {
-                    addr: "upstream.username is set but upstream.password_file is not".into(),
-                })
-            }
-            _ => None,
-        };
-        Ok(ClientSettings {
-            helo: self.config.hostname.clone(),
-            tls: match up.tls {
-                UpstreamTls::Required => TlsPolicy::Required,
-                UpstreamTls::Opportunistic => TlsPolicy::Opportunistic,
-                UpstreamTls::None => TlsPolicy::None,
-            },
-            tls_config,
-            tls_name: up.tls_name.clone().unwrap_or_else(|| host.to_string()),
-            auth,
-            timeouts: client::Timeouts {
-                connect: up.connect_timeout,
-                command: up.command_timeout,
-                data: up.data_timeout,
-                final_reply: up.final_timeout,
-            },
-        })
+        upstream_settings(&self.config, host)
     }
 
     async fn worker(
@@ -1176,6 +1141,42 @@ fn outgoing(m: &DueMessage, body: Vec<u8>) -> Outgoing {
         dsn_envid: m.dsn_envid.clone(),
         body,
     }
+}
+
+/// How to talk to the upstream at `host` (an address `upstream.server` led
+/// to): EHLO name, TLS policy and trust, account, timeouts. Fails when the
+/// configuration cannot be used as it is (the password file, the CA file).
+pub fn upstream_settings(config: &Config, host: &str) -> Result<ClientSettings, LinkError> {
+    let up = &config.upstream;
+    let tls_config =
+        crate::tls::client_config(up.tls == UpstreamTls::Required, up.ca_file.as_deref())
+            .map_err(|e| LinkError::Config(format!("upstream.ca_file: {e}")))?;
+    let auth = match (&up.username, &up.password_file) {
+        (Some(user), Some(file)) => Some((user.clone(), read_secret(file).map_err(LinkError::Config)?)),
+        (Some(_), None) => {
+            return Err(LinkError::Config(
+                "upstream.username is set but upstream.password_file is not: name the file that holds the password".into(),
+            ))
+        }
+        _ => None,
+    };
+    Ok(ClientSettings {
+        helo: config.hostname.clone(),
+        tls: match up.tls {
+            UpstreamTls::Required => TlsPolicy::Required,
+            UpstreamTls::Opportunistic => TlsPolicy::Opportunistic,
+            UpstreamTls::None => TlsPolicy::None,
+        },
+        tls_config,
+        tls_name: up.tls_name.clone().unwrap_or_else(|| host.to_string()),
+        auth,
+        timeouts: client::Timeouts {
+            connect: up.connect_timeout,
+            command: up.command_timeout,
+            data: up.data_timeout,
+            final_reply: up.final_timeout,
+        },
+    })
 }
 
 fn read_secret(path: &Path) -> Result<String, String> {
