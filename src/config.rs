@@ -217,6 +217,11 @@ pub struct SmtpConfig {
     /// The longest line of message content, in octets with its CRLF.
     /// RFC 5321 says 1000; office programs send longer ones.
     pub max_line_length: usize,
+    /// CHECKPOINT (RFC 1845): how long an interrupted transaction, or the
+    /// id of a completed one, is kept for its client to resume; 0: not
+    /// offered.
+    #[serde(with = "humantime_serde_compat")]
+    pub checkpoint_keep: Duration,
 }
 
 impl Default for SmtpConfig {
@@ -231,6 +236,7 @@ impl Default for SmtpConfig {
             max_errors: 10,
             shutdown_grace: Duration::from_secs(30),
             max_line_length: 65536,
+            checkpoint_keep: Duration::from_secs(24 * 3600),
         }
     }
 }

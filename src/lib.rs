@@ -118,6 +118,7 @@ pub async fn serve(
         store.clone(),
         writer.clone(),
         config.store.keep_history,
+        config.smtp.checkpoint_keep,
         stop_rx.clone(),
     ));
     let submitted = Arc::new(Notify::new());

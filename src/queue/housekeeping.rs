@@ -124,6 +124,7 @@ pub async fn run_housekeeping(
     store: Arc<Store>,
     writer: Writer,
     keep_history: Duration,
+    checkpoint_keep: Duration,
     mut stop: watch::Receiver<bool>,
 ) {
     let every = housekeeping_interval(keep_history);
@@ -162,6 +163,11 @@ pub async fn run_housekeeping(
                 ),
                 Err(e) => warn!("store housekeeping failed, tried again in {}: {e}", humantime::format_duration(every)),
             },
+        }
+        // Checkpoints (RFC 1845) no client came back for.
+        let before = super::unix_now() - checkpoint_keep.as_secs() as i64;
+        if let Err(e) = writer.apply(vec![Change::PurgePartials { before }]).await {
+            warn!("purging old checkpoints failed: {e}");
         }
         tokio::select! {
             _ = stopped(&mut stop) => return,

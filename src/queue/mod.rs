@@ -37,6 +37,10 @@ const MIGRATIONS: &[(&str, &str)] = &[
         "0005_windows",
         include_str!("../../schema/0005_windows.sql"),
     ),
+    (
+        "0006_checkpoint",
+        include_str!("../../schema/0006_checkpoint.sql"),
+    ),
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -383,6 +387,36 @@ impl Store {
                 }
             }
             Ok(out)
+        })
+    }
+
+    /// The checkpointed transaction `key`, if one is kept.
+    pub fn partial(&self, key: &TransactionKey) -> Result<Option<Partial>, StoreError> {
+        self.with(|c| {
+            c.query_row(
+                "SELECT sender, envelope, content, size, queue_id, updated_at FROM partials
+                  WHERE transid = ?1 AND helo = ?2 AND client = ?3",
+                params![key.transid, key.helo, key.client],
+                |r| {
+                    let envelope: String = r.get(1)?;
+                    Ok(Partial {
+                        key: key.clone(),
+                        sender: r.get(0)?,
+                        envelope: serde_json::from_str(&envelope).map_err(|e| {
+                            rusqlite::Error::FromSqlConversionFailure(
+                                1,
+                                rusqlite::types::Type::Text,
+                                Box::new(e),
+                            )
+                        })?,
+                        content: r.get(2)?,
+                        size: r.get(3)?,
+                        queue_id: r.get(4)?,
+                        updated_at: r.get(5)?,
+                    })
+                },
+            )
+            .optional()
         })
     }
 

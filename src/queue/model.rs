@@ -53,7 +53,8 @@ impl fmt::Display for QueueId {
 }
 
 /// Where a recipient's copy goes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Route {
     /// Forwarded to the upstream relay.
     Upstream,
@@ -281,7 +282,7 @@ pub struct NewMessage {
     pub body: Vec<u8>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct NewRecipient {
     pub address: String,
     pub domain: String,
@@ -291,6 +292,41 @@ pub struct NewRecipient {
     /// For a local recipient: the accounts whose mailboxes get the message
     /// in the same commit (an alias may name several).
     pub mailboxes: Vec<String>,
+}
+
+/// Which interrupted (or completed) transaction: the client's TRANSID, its
+/// EHLO name, and who it is (its account, or its address).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TransactionKey {
+    pub transid: String,
+    pub helo: String,
+    pub client: String,
+}
+
+/// The MAIL parameters and recipients of a transaction, kept with a
+/// checkpoint so that a resumed transaction needs neither again.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct Envelope {
+    pub body_type: Option<String>,
+    pub smtputf8: bool,
+    pub dsn_ret: Option<String>,
+    pub dsn_envid: Option<String>,
+    pub recipients: Vec<NewRecipient>,
+}
+
+/// A checkpointed transaction (RFC 1845).
+#[derive(Debug, Clone)]
+pub struct Partial {
+    pub key: TransactionKey,
+    pub sender: String,
+    pub envelope: Envelope,
+    /// The message content received so far (empty once complete).
+    pub content: Vec<u8>,
+    /// Octets of content: received so far, or the whole message.
+    pub size: i64,
+    /// The queue id, once the message was committed.
+    pub queue_id: Option<String>,
+    pub updated_at: i64,
 }
 
 impl NewRecipient {

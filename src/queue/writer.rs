@@ -35,6 +35,11 @@ pub enum Change {
     },
     /// A flush ended.
     FlushDone { at: i64, result: String },
+    /// A transaction marked with TRANSID: interrupted (what came is kept),
+    /// or committed (its queue id is kept, the content is not).
+    SavePartial(Box<super::Partial>),
+    /// Checkpoints older than `before` are dropped (smtp.checkpoint_keep).
+    PurgePartials { before: i64 },
     /// `bytes` more octets went to the upstream on `day` (local date).
     Sent { day: String, bytes: i64 },
     /// A delay warning went out for this recipient.
@@ -331,6 +336,32 @@ fn apply(tx: &rusqlite::Savepoint<'_>, c: &Change, applied: &mut Applied) -> rus
                   WHERE id = 1",
             )?
             .execute(params![at, state.as_str(), error])?;
+            Ok(())
+        }
+        Change::SavePartial(p) => {
+            let envelope = serde_json::to_string(&p.envelope)
+                .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
+            tx.prepare_cached(
+                "INSERT OR REPLACE INTO partials
+                    (transid, helo, client, sender, envelope, content, size, queue_id, updated_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+            )?
+            .execute(params![
+                p.key.transid,
+                p.key.helo,
+                p.key.client,
+                p.sender,
+                envelope,
+                p.content,
+                p.size,
+                p.queue_id,
+                p.updated_at
+            ])?;
+            Ok(())
+        }
+        Change::PurgePartials { before } => {
+            tx.prepare_cached("DELETE FROM partials WHERE updated_at < ?1")?
+                .execute([before])?;
             Ok(())
         }
         Change::Sent { day, bytes } => {

@@ -242,6 +242,33 @@ pub fn held_for(pending: Vec<DueMessage>, domains: &[String]) -> VecDeque<DueMes
         .collect()
 }
 
+/// The TRANSID (RFC 1845) of this copy of `m`: the queue id and which of
+/// its recipients go, at our host name. The same on every try of the same
+/// copy, so that the upstream resumes it; another copy (other recipients)
+/// gets another. At most 78 octets, as the RFC allows 80 with the brackets.
+pub fn transid(m: &DueMessage, hostname: &str) -> String {
+    let idx: Vec<String> = m.recipients.iter().map(|r| r.idx.to_string()).collect();
+    let mut tag = idx.join("-");
+    if tag.len() > 16 {
+        // FNV-1a of the list: short, stable across runs and builds.
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for b in tag.bytes() {
+            h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+        }
+        tag = format!("h{h:016x}");
+    }
+    let local = format!("{}.r{tag}", m.id);
+    let room = 78usize.saturating_sub(local.len() + 1);
+    let mut host: String = hostname.chars().take(room).collect();
+    while host.ends_with('.') || host.ends_with('-') {
+        host.pop();
+    }
+    if host.is_empty() {
+        host.push_str("outpost");
+    }
+    format!("{local}@{host}")
+}
+
 /// A notice to the sender that the driver turns into a DSN message (it
 /// needs the original's text, which is in the store).
 #[derive(Debug, Clone)]

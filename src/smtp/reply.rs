@@ -204,6 +204,23 @@ pub fn etrn_nothing(name: &str) -> Reply {
         format!("OK, no messages waiting for node {name}"),
     )
 }
+/// CHECKPOINT (RFC 1845): the transaction resumes after `offset` octets.
+pub fn checkpoint_offset(offset: i64) -> Reply {
+    Reply {
+        code: 355,
+        status: "",
+        lines: vec![format!("{offset} is the transaction offset").into()],
+    }
+}
+/// A resumed transaction that was already committed.
+pub fn already_queued(id: &str) -> Reply {
+    Reply::new(
+        250,
+        "2.0.0",
+        format!("Ok: queued as {id} (already, before the link broke)"),
+    )
+}
+
 /// ODMR (RFC 2645) replies.
 pub fn odmr_only() -> Reply {
     Reply::new(

@@ -77,6 +77,8 @@ pub struct Extensions {
     pub dsn: bool,
     pub starttls: bool,
     pub auth_plain: bool,
+    /// RFC 1845: transactions resume after a cut.
+    pub checkpoint: bool,
     pub auth_login: bool,
 }
 
@@ -91,6 +93,7 @@ impl Extensions {
             (self.smtputf8, "SMTPUTF8"),
             (self.dsn, "DSN"),
             (self.starttls, "STARTTLS"),
+            (self.checkpoint, "CHECKPOINT"),
         ] {
             if on {
                 out.push(name.into());
@@ -121,6 +124,7 @@ impl Extensions {
                 "8BITMIME" => e.eightbit = true,
                 "SMTPUTF8" => e.smtputf8 = true,
                 "DSN" => e.dsn = true,
+                "CHECKPOINT" => e.checkpoint = true,
                 "STARTTLS" => e.starttls = true,
                 "SIZE" => e.size = words.next().and_then(|n| n.parse().ok()).filter(|&n| n > 0),
                 "AUTH" => {

@@ -20,6 +20,10 @@ impl Report<'_> {
     }
 }
 
+/// Messages larger than this go with a TRANSID when the upstream offers
+/// CHECKPOINT: sent alone (one round trip more), they resume after a cut.
+pub const RESUME_OVER: usize = 64 << 10;
+
 /// One recipient of an outgoing message.
 #[derive(Debug, Clone)]
 pub struct OutRecipient {
@@ -38,6 +42,9 @@ pub struct Outgoing {
     pub smtputf8: bool,
     pub dsn_ret: Option<String>,
     pub dsn_envid: Option<String>,
+    /// The transaction id this copy goes with (RFC 1845, without the
+    /// angle brackets): the same on every try, so a cut transfer resumes.
+    pub transid: Option<String>,
 }
 
 /// What happened to one recipient.
@@ -96,7 +103,8 @@ impl Session {
         None
     }
 
-    fn envelope(&self, m: &Outgoing, bdat: bool) -> Vec<u8> {
+    /// The MAIL command for `m`, with the parameters the upstream takes.
+    fn mail_command(&self, m: &Outgoing) -> String {
         let mut out = format!("MAIL FROM:<{}>", smtp_path(&m.sender).unwrap_or_default());
         if let Some(max) = self.ext.size.map(|_| m.body.len()) {
             out.push_str(&format!(" SIZE={max}"));
@@ -115,22 +123,33 @@ impl Session {
                 out.push_str(&format!(" ENVID={}", xtext(envid)));
             }
         }
+        if let Some(t) = self.transid(m) {
+            out.push_str(&format!(" TRANSID=<{t}>"));
+        }
         out.push_str("\r\n");
-        for r in &m.recipients {
-            out.push_str(&format!(
-                "RCPT TO:<{}>",
-                smtp_path(&r.address).unwrap_or_default()
-            ));
-            if self.ext.dsn {
-                if let Some(n) = &r.notify {
-                    out.push_str(&format!(" NOTIFY={n}"));
-                }
-                if let Some(o) = &r.orcpt {
-                    let (kind, addr) = o.split_once(';').unwrap_or(("rfc822", o));
-                    out.push_str(&format!(" ORCPT={kind};{}", xtext(addr)));
-                }
+        out
+    }
+
+    /// The RCPT command for one recipient.
+    fn rcpt_command(&self, r: &OutRecipient) -> String {
+        let mut out = format!("RCPT TO:<{}>", smtp_path(&r.address).unwrap_or_default());
+        if self.ext.dsn {
+            if let Some(n) = &r.notify {
+                out.push_str(&format!(" NOTIFY={n}"));
             }
-            out.push_str("\r\n");
+            if let Some(o) = &r.orcpt {
+                let (kind, addr) = o.split_once(';').unwrap_or(("rfc822", o));
+                out.push_str(&format!(" ORCPT={kind};{}", xtext(addr)));
+            }
+        }
+        out.push_str("\r\n");
+        out
+    }
+
+    fn envelope(&self, m: &Outgoing, bdat: bool) -> Vec<u8> {
+        let mut out = self.mail_command(m);
+        for r in &m.recipients {
+            out.push_str(&self.rcpt_command(r));
         }
         if bdat {
             out.push_str(&format!("BDAT {} LAST\r\n", m.body.len()));
@@ -140,21 +159,162 @@ impl Session {
         out.into_bytes()
     }
 
+    /// The TRANSID `m` goes with (RFC 1845), when the upstream offers
+    /// CHECKPOINT and `m` is big enough for resuming to matter.
+    fn transid<'m>(&self, m: &'m Outgoing) -> Option<&'m str> {
+        (self.ext.checkpoint && m.body.len() > RESUME_OVER)
+            .then_some(m.transid.as_deref())
+            .flatten()
+    }
+
     /// Sends `msgs`, reporting each message's outcomes (one per
     /// recipient) through `report` as soon as they are known; a message
     /// never reported was not tried. After a connection loss the session
     /// is unusable (`Err`); otherwise it is handed back for more.
+    /// Messages that go with a TRANSID go one at a time, the others
+    /// pipelined in runs between them.
     pub async fn send_batch(
         mut self,
         msgs: &[&Outgoing],
         report: &mut Report<'_>,
     ) -> Result<Session, LinkError> {
-        let r = if self.ext.chunking && self.ext.pipelining {
-            self.send_bdat_pipelined(msgs, report).await
-        } else {
-            self.send_data(msgs, report).await
+        let mut i = 0;
+        while i < msgs.len() && !report.stopping() {
+            if self.transid(msgs[i]).is_some() {
+                self.send_resumable(i, msgs[i], report).await?;
+                i += 1;
+                continue;
+            }
+            let end = (i..msgs.len())
+                .find(|&k| self.transid(msgs[k]).is_some())
+                .unwrap_or(msgs.len());
+            let offset = i;
+            let outcome = &mut *report.outcome;
+            let mut shifted = |k: usize, o: Vec<Outcome>| outcome(k + offset, o);
+            let mut run = Report {
+                outcome: &mut shifted,
+                stop: report.stop,
+            };
+            if self.ext.chunking && self.ext.pipelining {
+                self.send_bdat_pipelined(&msgs[i..end], &mut run).await?;
+            } else {
+                self.send_data(&msgs[i..end], &mut run).await?;
+            }
+            i = end;
+        }
+        Ok(self)
+    }
+
+    /// One message with a TRANSID (RFC 1845 CHECKPOINT): MAIL alone. 355
+    /// means the upstream kept the transaction when the link broke: its
+    /// recipients stand, and only the content after the offset goes (none
+    /// at all when it was taken whole and the reply never came, RFC 1047).
+    /// 250 means a new transaction, sent whole. A link that breaks during
+    /// the content leaves the message unreported (still due): the next try
+    /// resumes, so nothing is sent twice.
+    async fn send_resumable(
+        &mut self,
+        idx: usize,
+        m: &Outgoing,
+        report: &mut Report<'_>,
+    ) -> Result<(), LinkError> {
+        let n = m.recipients.len();
+        if let Some(r) = self.refuse_before_sending(m) {
+            (report.outcome)(idx, vec![Outcome::Bounced(r); n]);
+            return Ok(());
+        }
+        let bdat = self.ext.chunking;
+        let mail = self.command(&self.mail_command(m), "MAIL").await?;
+        let (rcpt, offset) = match mail.code {
+            355 => {
+                let offset = mail
+                    .text
+                    .split_whitespace()
+                    .next()
+                    .and_then(|o| o.parse::<usize>().ok())
+                    .filter(|&o| o <= m.body.len())
+                    .ok_or_else(|| LinkError::Protocol {
+                        addr: self.addr.clone(),
+                        why: "a 355 reply without a usable octet offset",
+                    })?;
+                tracing::info!(upstream = %self.addr, transid = self.transid(m).unwrap_or(""), offset,
+                               size = m.body.len(), "CHECKPOINT: resuming");
+                // The upstream kept the recipients it accepted.
+                let ok = Reply {
+                    code: 250,
+                    text: "2.1.5 kept from the interrupted transaction".into(),
+                };
+                (vec![ok; n], offset)
+            }
+            c if c / 100 == 2 => {
+                let mut rcpt = Vec::with_capacity(n);
+                if self.ext.pipelining {
+                    let cmds: String = m.recipients.iter().map(|r| self.rcpt_command(r)).collect();
+                    self.write(cmds.as_bytes(), "RCPT").await?;
+                    for _ in 0..n {
+                        rcpt.push(self.read_reply("RCPT").await?);
+                    }
+                } else {
+                    for r in &m.recipients {
+                        rcpt.push(self.command(&self.rcpt_command(r), "RCPT").await?);
+                    }
+                }
+                if let Some(e) = self.closing(&mail, &rcpt, &mail) {
+                    return Err(e);
+                }
+                if !rcpt.iter().any(|r| r.class() == 2) {
+                    (report.outcome)(idx, outcomes(&mail, &rcpt, None));
+                    let _ = self.command("RSET\r\n", "RSET").await?;
+                    return Ok(());
+                }
+                (rcpt, 0)
+            }
+            _ => {
+                if mail.code == 421 {
+                    return Err(LinkError::Greeting {
+                        addr: self.addr.clone(),
+                        reply: mail,
+                    });
+                }
+                (report.outcome)(idx, outcomes(&mail, &vec![mail.clone(); n], None));
+                return Ok(());
+            }
         };
-        r.map(|()| self)
+        let rest = &m.body[offset..];
+        if bdat {
+            let mut buf = format!("BDAT {} LAST\r\n", rest.len()).into_bytes();
+            buf.extend_from_slice(rest);
+            self.write(&buf, "sending a message").await?;
+        } else {
+            let go = self.command("DATA\r\n", "DATA").await?;
+            if go.code != 354 {
+                if go.code == 421 {
+                    return Err(LinkError::Greeting {
+                        addr: self.addr.clone(),
+                        reply: go,
+                    });
+                }
+                (report.outcome)(idx, outcomes(&mail, &rcpt, Some(&go)));
+                let _ = self.command("RSET\r\n", "RSET").await?;
+                return Ok(());
+            }
+            let mut buf = crate::smtp::data::dot_stuff(rest);
+            buf.extend_from_slice(b".\r\n");
+            self.write(&buf, "sending a message").await?;
+        }
+        let last = self.read_final_reply().await?;
+        if last.code == 421 {
+            return Err(LinkError::Greeting {
+                addr: self.addr.clone(),
+                reply: last,
+            });
+        }
+        let mail_ok = Reply {
+            code: 250,
+            text: mail.text.clone(),
+        };
+        (report.outcome)(idx, outcomes(&mail_ok, &rcpt, Some(&last)));
+        Ok(())
     }
 
     /// CHUNKING + PIPELINING: keep up to WINDOW transactions in flight.

@@ -286,7 +286,7 @@ impl Flusher {
             for (m, body) in batch.into_iter().zip(bodies) {
                 match body {
                     Some(b) => {
-                        let o = outgoing(&m, b);
+                        let o = outgoing(&m, b, &self.config.hostname);
                         sendable.push((m, o));
                     }
                     None => warn!(queue_id = %m.id, "message body missing from the store; skipped"),
@@ -412,7 +412,7 @@ enum WorkerReport {
     StoreFailed(String),
 }
 
-fn outgoing(m: &DueMessage, body: Vec<u8>) -> Outgoing {
+fn outgoing(m: &DueMessage, body: Vec<u8>, hostname: &str) -> Outgoing {
     Outgoing {
         sender: m.sender.clone(),
         recipients: m
@@ -428,6 +428,7 @@ fn outgoing(m: &DueMessage, body: Vec<u8>) -> Outgoing {
         smtputf8: m.smtputf8,
         dsn_ret: m.dsn_ret.clone(),
         dsn_envid: m.dsn_envid.clone(),
+        transid: Some(decide::transid(m, hostname)),
         body,
     }
 }
