@@ -17,7 +17,7 @@ mod send;
 mod wire;
 
 pub use reply::{Extensions, LinkError, Reply};
-pub use send::{smtp_path, OutRecipient, Outcome, Outgoing, Report};
+pub use send::{smtp_path, OutRecipient, Outcome, Outgoing, Report, RESUME_OVER};
 pub use wire::BLOCK;
 
 use std::sync::Arc;
@@ -122,9 +122,30 @@ pub struct Session {
     pub ext: Extensions,
     pub tls: Option<String>,
     timeouts: Timeouts,
+    progress: Arc<Progress>,
+}
+
+/// How far the message on its way has got, for the big messages sent
+/// alone: the flusher reads it while they go (`outpost status`).
+#[derive(Debug, Default)]
+pub struct Progress {
+    /// The message's index in its batch, plus one; 0 while none goes.
+    pub message: std::sync::atomic::AtomicUsize,
+    /// Octets of the message, where this try started (the CHECKPOINT
+    /// offset), and how far it has got (the offset included).
+    pub size: std::sync::atomic::AtomicU64,
+    pub resumed_at: std::sync::atomic::AtomicU64,
+    pub sent: std::sync::atomic::AtomicU64,
+    /// When the content began to go (Unix seconds).
+    pub started_at: std::sync::atomic::AtomicI64,
 }
 
 impl Session {
+    /// How far the message on its way has got.
+    pub fn progress(&self) -> Arc<Progress> {
+        self.progress.clone()
+    }
+
     /// Connects to `addr` and runs greeting, EHLO, STARTTLS and AUTH.
     pub async fn open(
         addr: std::net::SocketAddr,
@@ -169,6 +190,7 @@ impl Session {
             ext: Extensions::default(),
             tls: None,
             timeouts: s.timeouts.clone(),
+            progress: Arc::default(),
         };
         let greeting = sess.read_reply("greeting").await?;
         if greeting.class() != 2 {
@@ -238,6 +260,7 @@ impl Session {
             ext: Extensions::default(),
             tls: None,
             timeouts: s.timeouts.clone(),
+            progress: Arc::default(),
         };
         let greeting = sess.read_reply("greeting").await?;
         if greeting.class() != 2 {

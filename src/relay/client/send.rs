@@ -2,6 +2,8 @@
 //! recipient's replies mean; addresses written so that nothing a client
 //! sent can become a parameter.
 
+use std::sync::atomic::Ordering;
+
 use super::{LinkError, Reply, Session};
 
 /// How a batch reports as it goes, and how it is told to stop.
@@ -281,8 +283,38 @@ impl Session {
             }
         };
         let rest = &m.body[offset..];
+        let progress = &self.progress;
+        progress.size.store(m.body.len() as u64, Ordering::Relaxed);
+        progress.resumed_at.store(offset as u64, Ordering::Relaxed);
+        progress.sent.store(offset as u64, Ordering::Relaxed);
+        progress
+            .started_at
+            .store(crate::queue::unix_now(), Ordering::Relaxed);
+        progress.message.store(idx + 1, Ordering::Relaxed);
+        let sent = self.send_rest(rest, bdat, &mail, &rcpt, idx, report).await;
+        self.progress.message.store(0, Ordering::Relaxed);
+        sent
+    }
+
+    /// The content after `offset` of a message sent alone, and its reply.
+    async fn send_rest(
+        &mut self,
+        rest: &[u8],
+        bdat: bool,
+        mail: &Reply,
+        rcpt: &[Reply],
+        idx: usize,
+        report: &mut Report<'_>,
+    ) -> Result<(), LinkError> {
         if bdat {
             let mut buf = format!("BDAT {} LAST\r\n", rest.len()).into_bytes();
+            // The command line is not the message's.
+            self.progress.sent.fetch_sub(
+                buf.len()
+                    .min(self.progress.sent.load(Ordering::Relaxed) as usize)
+                    as u64,
+                Ordering::Relaxed,
+            );
             buf.extend_from_slice(rest);
             self.write(&buf, "sending a message").await?;
         } else {
@@ -294,7 +326,7 @@ impl Session {
                         reply: go,
                     });
                 }
-                (report.outcome)(idx, outcomes(&mail, &rcpt, Some(&go)));
+                (report.outcome)(idx, outcomes(mail, rcpt, Some(&go)));
                 let _ = self.command("RSET\r\n", "RSET").await?;
                 return Ok(());
             }
@@ -313,7 +345,7 @@ impl Session {
             code: 250,
             text: mail.text.clone(),
         };
-        (report.outcome)(idx, outcomes(&mail_ok, &rcpt, Some(&last)));
+        (report.outcome)(idx, outcomes(&mail_ok, rcpt, Some(&last)));
         Ok(())
     }
 
