@@ -183,22 +183,7 @@ impl Session {
             addr: &a,
             elapsed: started.elapsed(),
         });
-        let mut sess = Session {
-            stream: Stream::Plain(tcp),
-            rbuf: Vec::new(),
-            addr: a.clone(),
-            ext: Extensions::default(),
-            tls: None,
-            timeouts: s.timeouts.clone(),
-            progress: Arc::default(),
-        };
-        let greeting = sess.read_reply("greeting").await?;
-        if greeting.class() != 2 {
-            return Err(LinkError::Greeting {
-                addr: a,
-                reply: greeting,
-            });
-        }
+        let (mut sess, greeting) = Session::begin(Stream::Plain(tcp), a.clone(), s).await?;
         seen(Step::Greeting(&greeting));
         sess.ehlo(&s.helo).await?;
         seen(Step::Ehlo(&sess.ext));
@@ -236,6 +221,31 @@ impl Session {
         Ok(sess)
     }
 
+    /// A session on `stream`, once the server greeted it with 2xx.
+    async fn begin(
+        stream: Stream,
+        addr: String,
+        s: &ClientSettings,
+    ) -> Result<(Session, Reply), LinkError> {
+        let mut sess = Session {
+            stream,
+            rbuf: Vec::new(),
+            addr,
+            ext: Extensions::default(),
+            tls: None,
+            timeouts: s.timeouts.clone(),
+            progress: Arc::default(),
+        };
+        let greeting = sess.read_reply("greeting").await?;
+        if greeting.class() != 2 {
+            return Err(LinkError::Greeting {
+                addr: sess.addr,
+                reply: greeting,
+            });
+        }
+        Ok((sess, greeting))
+    }
+
     /// A transaction started and abandoned: `MAIL FROM:<>` then `RSET`,
     /// nothing sent. Tells whether the upstream would take mail from us.
     pub async fn try_mail(&mut self) -> Result<(Reply, Reply), LinkError> {
@@ -253,22 +263,7 @@ impl Session {
         addr: String,
         s: &ClientSettings,
     ) -> Result<Session, LinkError> {
-        let mut sess = Session {
-            stream: Stream::Turned(io),
-            rbuf: Vec::new(),
-            addr: addr.clone(),
-            ext: Extensions::default(),
-            tls: None,
-            timeouts: s.timeouts.clone(),
-            progress: Arc::default(),
-        };
-        let greeting = sess.read_reply("greeting").await?;
-        if greeting.class() != 2 {
-            return Err(LinkError::Greeting {
-                addr,
-                reply: greeting,
-            });
-        }
+        let (mut sess, _) = Session::begin(Stream::Turned(io), addr, s).await?;
         sess.ehlo(&s.helo).await?;
         Ok(sess)
     }

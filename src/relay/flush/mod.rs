@@ -134,6 +134,14 @@ pub struct Summary {
 }
 
 impl Summary {
+    /// Nothing happened yet: the link was not tried.
+    pub fn untried() -> Summary {
+        Summary {
+            link: "unknown".into(),
+            ..Summary::default()
+        }
+    }
+
     /// The link could not be used: down, or closed (a window or the
     /// budget) with mail waiting. `outpost flush` exits 75 then.
     pub fn link_down(&self) -> bool {
@@ -177,10 +185,7 @@ impl Flusher {
         opts: &FlushOptions,
         progress: &mut (dyn FnMut(&Event) + Send),
     ) -> Summary {
-        let mut summary = Summary {
-            link: "unknown".into(),
-            ..Summary::default()
-        };
+        let mut summary = Summary::untried();
         let _lock = match FlushLock::acquire(&self.config.store.path).await {
             Ok(l) => l,
             Err(e) => {
