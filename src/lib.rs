@@ -5,11 +5,14 @@
 //! The library never touches process-wide state (signals, argv, the global
 //! log subscriber): `main.rs` does.
 
+pub mod address;
+pub mod aliases;
 pub mod auth;
 pub mod cli;
 pub mod codec;
 pub mod config;
 pub mod control;
+pub mod dotstuff;
 pub mod logwriter;
 pub mod pop3;
 pub mod queue;

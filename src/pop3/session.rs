@@ -419,7 +419,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 // into the output as well.
                 self.codec
                     .write(format!("+OK {} octets\r\n", entry.size()).as_bytes());
-                let mut stuffer = crate::smtp::data::DotStuffer::default();
+                let mut stuffer = crate::dotstuff::DotStuffer::default();
                 let mut buf = Vec::with_capacity(PIECE + PIECE / 32);
                 stuffer.push(&mut buf, entry.return_path().as_bytes());
                 for piece in part.chunks(PIECE) {

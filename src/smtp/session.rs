@@ -321,8 +321,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + Sync + 'static> Session<S> {
         }
         let config = &self.config;
         let held_here = config.hub.hold_domains.iter().any(|h| {
-            crate::relay::flush::domain_matches(&name, h)
-                || crate::relay::flush::domain_matches(h, &name)
+            crate::address::domain_matches(&name, h) || crate::address::domain_matches(h, &name)
         });
         if name.is_empty() || !held_here {
             info!(peer = %self.peer, name = %name, "ETRN for a domain not held here");
@@ -875,7 +874,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + Sync + 'static> Session<S> {
         // lines, so dot-stuffing goes on where it left off).
         if let Some(tx) = &self.tx {
             if !tx.resumed.is_empty() {
-                let _ = reader.feed(&crate::smtp::data::dot_stuff(&tx.resumed)[..]);
+                let _ = reader.feed(&crate::dotstuff::dot_stuff(&tx.resumed)[..]);
             }
         }
         self.codec.reply(&reply::start_data());

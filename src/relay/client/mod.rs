@@ -16,8 +16,9 @@ mod reply;
 mod send;
 mod wire;
 
+pub use crate::address::smtp_path;
 pub use reply::{Extensions, LinkError, Reply};
-pub use send::{smtp_path, OutRecipient, Outcome, Outgoing, Report, RESUME_OVER};
+pub use send::{OutRecipient, Outcome, Outgoing, Report, RESUME_OVER};
 pub use wire::BLOCK;
 
 use std::sync::Arc;
