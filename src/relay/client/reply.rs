@@ -113,33 +113,32 @@ impl Extensions {
         out.join(" ")
     }
 
+    /// The keywords of an EHLO reply, read by smtp-proto's EHLO parser
+    /// (the reply is given back its wire form for it).
     pub(super) fn parse(reply: &Reply) -> Extensions {
-        let mut e = Extensions::default();
-        for line in reply.text.lines().skip(1) {
-            let mut words = line.split_whitespace();
-            let kw = words.next().unwrap_or("").to_ascii_uppercase();
-            match kw.as_str() {
-                "PIPELINING" => e.pipelining = true,
-                "CHUNKING" => e.chunking = true,
-                "8BITMIME" => e.eightbit = true,
-                "SMTPUTF8" => e.smtputf8 = true,
-                "DSN" => e.dsn = true,
-                "CHECKPOINT" => e.checkpoint = true,
-                "STARTTLS" => e.starttls = true,
-                "SIZE" => e.size = words.next().and_then(|n| n.parse().ok()).filter(|&n| n > 0),
-                "AUTH" => {
-                    for m in words {
-                        match m.to_ascii_uppercase().as_str() {
-                            "PLAIN" => e.auth_plain = true,
-                            "LOGIN" => e.auth_login = true,
-                            _ => {}
-                        }
-                    }
-                }
-                _ => {}
-            }
+        use smtp_proto as p;
+        let lines: Vec<&str> = reply.text.split('\n').collect();
+        let mut wire = String::new();
+        for (i, line) in lines.iter().enumerate() {
+            let sep = if i + 1 == lines.len() { ' ' } else { '-' };
+            wire.push_str(&format!("{}{sep}{line}\r\n", reply.code));
         }
-        e
+        let Ok(ehlo) = p::EhloResponse::<String>::parse(&mut wire.as_bytes().iter()) else {
+            return Extensions::default();
+        };
+        let has = |ext: u32| ehlo.capabilities & ext != 0;
+        Extensions {
+            pipelining: has(p::EXT_PIPELINING),
+            chunking: has(p::EXT_CHUNKING),
+            size: (has(p::EXT_SIZE) && ehlo.size > 0).then_some(ehlo.size as u64),
+            eightbit: has(p::EXT_8BIT_MIME),
+            smtputf8: has(p::EXT_SMTP_UTF8),
+            dsn: has(p::EXT_DSN),
+            starttls: has(p::EXT_START_TLS),
+            auth_plain: ehlo.auth_mechanisms & p::AUTH_PLAIN != 0,
+            checkpoint: has(p::EXT_CHECKPOINT),
+            auth_login: ehlo.auth_mechanisms & p::AUTH_LOGIN != 0,
+        }
     }
 }
 
@@ -151,11 +150,12 @@ mod tests {
     fn extensions() {
         let r = Reply {
             code: 250,
-            text: "hub greets\nPIPELINING\nSIZE 1000\nCHUNKING\nAUTH LOGIN plain\nDSN\n8BITMIME"
+            text: "hub greets\nPIPELINING\nSIZE 1000\nCHUNKING\nAUTH LOGIN plain\nDSN\n8BITMIME\nCHECKPOINT"
                 .into(),
         };
         let e = Extensions::parse(&r);
         assert!(e.pipelining && e.chunking && e.dsn && e.eightbit && e.auth_login && e.auth_plain);
+        assert!(e.checkpoint);
         assert_eq!(e.size, Some(1000));
         assert!(!e.starttls && !e.smtputf8);
     }
