@@ -40,7 +40,7 @@ fn advice(e: &LinkError) -> (&'static str, u8) {
             "check the line, the firewall and the port in upstream.server; nothing is lost meanwhile, mail waits",
             exit::TEMPFAIL,
         ),
-        LinkError::Greeting { .. } | LinkError::Protocol { .. } => (
+        LinkError::Greeting { .. } | LinkError::Closing { .. } | LinkError::Protocol { .. } => (
             "the upstream refuses us: its reply says why (our address or EHLO name, `hostname`, may not be allowed)",
             exit::TEMPFAIL,
         ),

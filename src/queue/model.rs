@@ -146,10 +146,12 @@ impl FromStr for RecipientState {
 }
 
 /// What is known about the link to the upstream.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum LinkState {
     Up,
     Down,
+    #[default]
     Unknown,
     /// Not to be used now: outside `flush.windows`, or the day's
     /// `flush.daily_byte_budget` is spent. The link-up clock stands still.

@@ -42,6 +42,10 @@ pub enum LinkError {
     Tls { addr: String, error: String },
     #[error("{addr} does not offer STARTTLS and upstream.tls = \"required\"")]
     NoStartTls { addr: String },
+    /// The upstream ended the session in the middle (a 421, or a RSET it
+    /// would not take): what was not answered stays due.
+    #[error("{addr} ended the session: {reply}")]
+    Closing { addr: String, reply: Reply },
     #[error("{addr} refused the session: {reply}")]
     Greeting { addr: String, reply: Reply },
     #[error("authentication at {addr} failed: {reply} (check upstream.username and upstream.password_file)")]

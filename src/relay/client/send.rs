@@ -274,7 +274,7 @@ impl Session {
             }
             _ => {
                 if mail.code == 421 {
-                    return Err(LinkError::Greeting {
+                    return Err(LinkError::Closing {
                         addr: self.addr.clone(),
                         reply: mail,
                     });
@@ -322,7 +322,7 @@ impl Session {
             let go = self.command("DATA\r\n", "DATA").await?;
             if go.code != 354 {
                 if go.code == 421 {
-                    return Err(LinkError::Greeting {
+                    return Err(LinkError::Closing {
                         addr: self.addr.clone(),
                         reply: go,
                     });
@@ -337,7 +337,7 @@ impl Session {
         }
         let last = self.read_final_reply().await?;
         if last.code == 421 {
-            return Err(LinkError::Greeting {
+            return Err(LinkError::Closing {
                 addr: self.addr.clone(),
                 reply: last,
             });
@@ -459,7 +459,7 @@ impl Session {
             .chain(rcpt)
             .chain(std::iter::once(last))
             .find(|r| r.code == 421)
-            .map(|r| LinkError::Greeting {
+            .map(|r| LinkError::Closing {
                 addr: self.addr.clone(),
                 reply: r.clone(),
             })
@@ -548,7 +548,7 @@ impl Session {
                 if mail.class() == 2 {
                     let r = self.command("RSET\r\n", "RSET").await?;
                     if r.class() != 2 {
-                        return Err(LinkError::Greeting {
+                        return Err(LinkError::Closing {
                             addr: self.addr.clone(),
                             reply: r,
                         });
@@ -584,7 +584,7 @@ impl Session {
             match self.read_final_reply().await {
                 Ok(last) if last.code == 421 => {
                     // Refused while closing: not taken, try again later.
-                    return Err(LinkError::Greeting {
+                    return Err(LinkError::Closing {
                         addr: self.addr.clone(),
                         reply: last,
                     });

@@ -165,7 +165,7 @@ impl Flusher {
                         at: unix_now(),
                     }])
                     .await?;
-                summary.link = "down".into();
+                summary.link = LinkState::Down;
             }
             summary.error.get_or_insert(e);
         }

@@ -72,7 +72,7 @@ pub enum Event {
         due: usize,
     },
     Link {
-        state: String,
+        state: LinkState,
         upstream: String,
         tls: Option<String>,
         error: Option<String>,
@@ -109,8 +109,9 @@ pub struct Summary {
     /// Due but not tried (the connection ended first).
     pub untouched: usize,
     pub delay_warnings: usize,
-    /// up, down or unknown (nothing was due, so the link was not tried).
-    pub link: String,
+    /// up, down, closed, or unknown (nothing was due, so the link was not
+    /// tried).
+    pub link: LinkState,
     pub error: Option<String>,
     #[serde(default)]
     pub etrn: Vec<EtrnResult>,
@@ -125,16 +126,13 @@ pub struct Summary {
 impl Summary {
     /// Nothing happened yet: the link was not tried.
     pub fn untried() -> Summary {
-        Summary {
-            link: "unknown".into(),
-            ..Summary::default()
-        }
+        Summary::default()
     }
 
     /// The link could not be used: down, or closed (a window or the
     /// budget) with mail waiting. `outpost flush` exits 75 then.
     pub fn link_down(&self) -> bool {
-        self.link == "down" || (self.link == "closed" && self.waiting.total() > 0)
+        self.link == LinkState::Down || (self.link == LinkState::Closed && self.waiting.total() > 0)
     }
 }
 
@@ -249,7 +247,7 @@ impl Flusher {
         })
         .await
         .map_err(|e| StoreError::Failed(e.to_string()))??;
-        summary.link = link.state.to_string();
+        summary.link = link.state;
         // Windows and the budget, unless everything is asked for now.
         let gate = if opts.all {
             decide::Gate::wide_open()
@@ -332,9 +330,9 @@ impl Flusher {
                     at: now,
                 }])
                 .await?;
-            summary.link = "closed".into();
+            summary.link = LinkState::Closed;
             progress(&Event::Link {
-                state: "closed".into(),
+                state: LinkState::Closed,
                 upstream: self.config.upstream.server.clone(),
                 tls: None,
                 error: Some(why.clone()),
@@ -348,7 +346,7 @@ impl Flusher {
                     at: now,
                 }])
                 .await?;
-            summary.link = "unknown".into();
+            summary.link = LinkState::Unknown;
         }
 
         let mut etrn_session = None;
@@ -378,7 +376,7 @@ impl Flusher {
             && !opts.no_etrn
             && opts.domains.is_empty()
             && !self.stopping();
-        if wants_etrn && summary.link != "down" {
+        if wants_etrn && summary.link != LinkState::Down {
             let session = match etrn_session {
                 Some(s) => Some(s),
                 None => match self.connect(&Destination::upstream(&self.config)).await {
@@ -431,7 +429,7 @@ impl Flusher {
             && closed.is_none()
             && !opts.no_etrn
             && opts.domains.is_empty()
-            && summary.link != "down"
+            && summary.link != LinkState::Down
             && !self.stopping();
         if wants_atrn {
             self.take_by_atrn(summary).await?;
@@ -496,9 +494,9 @@ impl Flusher {
                 at: unix_now(),
             }])
             .await?;
-        summary.link = "up".into();
+        summary.link = LinkState::Up;
         progress(&Event::Link {
-            state: "up".into(),
+            state: LinkState::Up,
             upstream: s.addr.clone(),
             tls: s.tls.clone(),
             error: None,
@@ -522,10 +520,10 @@ impl Flusher {
                 at: unix_now(),
             }])
             .await?;
-        summary.link = "down".into();
+        summary.link = LinkState::Down;
         summary.error = Some(e.to_string());
         progress(&Event::Link {
-            state: "down".into(),
+            state: LinkState::Down,
             upstream,
             tls: None,
             error: Some(e.to_string()),
