@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::watch;
-use tracing::{info, warn};
+use tracing::{info, warn, Instrument};
 
 use crate::relay::flush::{Event, FlushOptions, Flusher, Summary};
 
@@ -103,7 +103,10 @@ async fn handle(stream: UnixStream, flusher: Flusher) -> std::io::Result<()> {
                 let mut send = |e: &Event| {
                     let _ = tx.send(e.clone());
                 };
-                flusher.run(&opts, &mut send).await
+                flusher
+                    .run(&opts, &mut send)
+                    .instrument(tracing::info_span!("flush", trigger = "control"))
+                    .await
             });
             while let Some(e) = rx.recv().await {
                 let mut s = serde_json::to_string(&e).unwrap_or_default();

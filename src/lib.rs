@@ -30,7 +30,7 @@ use std::time::{Duration, SystemTime};
 use anyhow::Context as _;
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Notify};
-use tracing::{error, info, warn};
+use tracing::{error, info, warn, Instrument};
 
 use config::Config;
 use queue::{LinkState, Store, Writer};
@@ -334,18 +334,22 @@ async fn atrn_hub(
             break;
         };
         let flusher = flushers.borrow().clone();
-        running.spawn(async move {
-            let mut log = |e: &Event| {
-                if let Event::Done(s) = e {
-                    info!(peer = %t.peer, account = %t.account, delivered = s.delivered,
+        let span = tracing::info_span!("atrn", peer = %t.peer, account = %t.account);
+        running.spawn(
+            async move {
+                let mut log = |e: &Event| {
+                    if let Event::Done(s) = e {
+                        info!(peer = %t.peer, account = %t.account, delivered = s.delivered,
                           deferred = s.deferred, bounced = s.bounced,
                           error = s.error.as_deref().unwrap_or(""), "ATRN delivery done");
-                }
-            };
-            flusher
-                .deliver_turned(t.io, t.peer.clone(), t.domains, &mut log)
-                .await;
-        });
+                    }
+                };
+                flusher
+                    .deliver_turned(t.io, t.peer.clone(), t.domains, &mut log)
+                    .await;
+            }
+            .instrument(span),
+        );
     }
     // A delivery in progress ends by itself (the flusher stops starting
     // transactions at shutdown).
@@ -497,7 +501,10 @@ async fn flush_runner(
         // A flush that started runs to its end; at shutdown it finishes
         // what is in flight, and `serve` waits for it up to
         // smtp.shutdown_grace.
-        flusher.run(&opts, &mut log).await;
+        flusher
+            .run(&opts, &mut log)
+            .instrument(tracing::info_span!("flush", trigger = ?trigger))
+            .await;
         if trigger == Trigger::Etrn {
             let mut running = etrn_running.lock().unwrap_or_else(|p| p.into_inner());
             for d in &opts.domains {

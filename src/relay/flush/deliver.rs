@@ -7,7 +7,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::mpsc;
-use tracing::{info, warn};
+use tracing::{info, warn, Instrument};
 
 use super::super::client::{
     self, ClientSettings, LinkError, OutRecipient, Outcome, Outgoing, Report, Session, TlsPolicy,
@@ -110,9 +110,12 @@ impl Flusher {
             let tx = tx.clone();
             let session = first.take();
             let (settings, dest) = (settings.clone(), dest.clone());
-            workers.push(tokio::spawn(async move {
-                w.worker(dest, session, settings, queues, batch, tx).await
-            }));
+            // Every line a connection logs carries where it goes.
+            let span = tracing::info_span!("upstream", dest = %dest.name, conn = i + 1);
+            workers.push(tokio::spawn(
+                async move { w.worker(dest, session, settings, queues, batch, tx).await }
+                    .instrument(span),
+            ));
         }
         drop(tx);
         let mut lost: Option<String> = None;
