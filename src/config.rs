@@ -206,6 +206,12 @@ pub struct SmtpConfig {
     /// The longest line of message content, in octets with its CRLF.
     /// RFC 5321 says 1000; office programs send longer ones.
     pub max_line_length: usize,
+    /// The longest a session may last, whatever it does (421 then).
+    #[serde(with = "humantime_serde_compat")]
+    pub max_session_time: Duration,
+    /// IPv6 clients in one network of this prefix length count as one
+    /// client for `max_connections_per_client` and failed logins.
+    pub ipv6_client_prefix: u8,
 }
 
 impl Default for SmtpConfig {
@@ -220,6 +226,8 @@ impl Default for SmtpConfig {
             max_errors: 10,
             shutdown_grace: Duration::from_secs(30),
             max_line_length: 65536,
+            max_session_time: Duration::from_secs(3600),
+            ipv6_client_prefix: 64,
         }
     }
 }
@@ -236,6 +244,9 @@ pub struct Pop3Config {
     /// Pause before answering a failed login.
     #[serde(with = "humantime_serde_compat")]
     pub auth_failure_delay: Duration,
+    /// The longest a session may last, whatever it does.
+    #[serde(with = "humantime_serde_compat")]
+    pub max_session_time: Duration,
 }
 
 impl Default for Pop3Config {
@@ -244,6 +255,7 @@ impl Default for Pop3Config {
             idle_timeout: Duration::from_secs(600),
             max_auth_failures: 3,
             auth_failure_delay: Duration::from_secs(2),
+            max_session_time: Duration::from_secs(1800),
         }
     }
 }
@@ -771,6 +783,12 @@ impl Config {
         }
         if self.smtp.max_connections == 0 || self.smtp.max_connections_per_client == 0 {
             return Err(("max_connections", "must be at least 1".into()));
+        }
+        if !(16..=128).contains(&self.smtp.ipv6_client_prefix) {
+            return Err((
+                "ipv6_client_prefix",
+                "must be a prefix length from 16 to 128 (64: one customer network)".into(),
+            ));
         }
         if let Err(e) = self.upstream.target() {
             return Err(("server", e));

@@ -175,7 +175,7 @@ impl Shared {
             .clone()
             .try_acquire_owned()
             .map_err(|_| reply::too_many_connections())?;
-        let ip = canonical_ip(ip);
+        let ip = client_key(ip, self.config().smtp.ipv6_client_prefix);
         let mut map = self.per_client.lock().unwrap_or_else(|p| p.into_inner());
         let n = map.entry(ip).or_insert(0);
         if *n >= self.config().smtp.max_connections_per_client {
@@ -187,6 +187,19 @@ impl Shared {
             ip,
             _permit: permit,
         })
+    }
+}
+
+/// The client an address belongs to, for per-client limits: an IPv4
+/// address (also when it reaches a dual-stack socket as `::ffff:a.b.c.d`),
+/// or the IPv6 network of `v6_prefix` bits it is in, since one customer
+/// usually has a whole /64 (or more) to connect from.
+pub fn client_key(ip: IpAddr, v6_prefix: u8) -> IpAddr {
+    match canonical_ip(ip) {
+        IpAddr::V6(v6) => ipnet::Ipv6Net::new(v6, v6_prefix.min(128))
+            .map(|n| IpAddr::V6(n.network()))
+            .unwrap_or(IpAddr::V6(v6)),
+        v4 => v4,
     }
 }
 
@@ -442,6 +455,37 @@ async fn accept_local(
 async fn refuse<S: tokio::io::AsyncWrite + Unpin>(mut stream: S, r: Reply) {
     let mut out = Vec::new();
     r.write_to(&mut out);
-    let _ = tokio::time::timeout(Duration::from_secs(5), stream.write_all(&out)).await;
-    let _ = stream.shutdown().await;
+    let limit = Duration::from_secs(5);
+    if let Ok(Ok(())) = tokio::time::timeout(limit, stream.write_all(&out)).await {
+        let _ = tokio::time::timeout(limit, stream.shutdown()).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(ip: &str, prefix: u8) -> String {
+        client_key(ip.parse().unwrap(), prefix).to_string()
+    }
+
+    #[test]
+    fn clients_are_ipv4_addresses_and_ipv6_networks() {
+        // IPv4: the address itself, in either form.
+        assert_eq!(key("192.0.2.7", 64), "192.0.2.7");
+        assert_eq!(key("::ffff:192.0.2.7", 64), "192.0.2.7");
+        assert_ne!(key("192.0.2.7", 64), key("192.0.2.8", 64));
+        // IPv6: every address of one /64 is one client...
+        assert_eq!(key("2001:db8:1:2::1", 64), "2001:db8:1:2::");
+        assert_eq!(
+            key("2001:db8:1:2:ffff:ffff:ffff:ffff", 64),
+            key("2001:db8:1:2::1", 64)
+        );
+        // ...and the next /64 another.
+        assert_ne!(key("2001:db8:1:3::1", 64), key("2001:db8:1:2::1", 64));
+        // The prefix is configurable: a /56 per customer, or exact addresses.
+        assert_eq!(key("2001:db8:1:2ff::1", 56), key("2001:db8:1:200::9", 56));
+        assert_ne!(key("2001:db8::1", 128), key("2001:db8::2", 128));
+        assert_eq!(key("::1", 64), "::");
+    }
 }

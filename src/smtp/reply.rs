@@ -274,6 +274,13 @@ pub fn timeout() -> Reply {
         "Timeout waiting for the client, closing connection",
     )
 }
+pub fn session_too_long() -> Reply {
+    Reply::new(
+        421,
+        "4.4.2",
+        "Session time limit reached, closing connection; nothing unfinished was queued",
+    )
+}
 pub fn too_many_connections() -> Reply {
     Reply::new(421, "4.7.0", "Too many connections, try again later")
 }

@@ -3,8 +3,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::time::Instant;
+
 use smtp_proto::{self as proto, Request};
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
@@ -22,8 +24,11 @@ use crate::server::{phase_reached, Peer, Phase, Shared};
 const MAX_COMMAND: usize = 512;
 /// RFC 4954 §4: an AUTH response line may be up to 12288 octets.
 const MAX_AUTH_LINE: usize = 12288;
-/// How long a TLS handshake may take.
+/// How long a TLS handshake may take (less when `smtp.command_timeout` is).
 const TLS_TIMEOUT: Duration = Duration::from_secs(30);
+/// After a timeout, how long the last reply may take to leave: the peer
+/// is probably stuck, and its slot is wanted.
+const LINGER: Duration = Duration::from_secs(1);
 
 enum Flow {
     Go,
@@ -75,6 +80,12 @@ pub struct Session<S> {
     auth_failures: u32,
     errors: u32,
     tx: Option<Transaction>,
+    /// `smtp.max_session_time` from the start.
+    deadline: Instant,
+    /// How long the last reply may take to leave at the end: the write
+    /// timeout, [`LINGER`] after a read timeout, nothing when the peer
+    /// already left output untaken.
+    linger: Duration,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
@@ -85,13 +96,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         stream: S,
         phase: watch::Receiver<Phase>,
     ) -> Self {
+        let config = shared.config();
+        let mut codec = Codec::new(Conn::Plain(stream));
+        // Writes wait as long as reads: a peer that stops taking replies
+        // is cut off like one that stops sending commands.
+        codec.set_write_timeout(config.smtp.command_timeout);
+        let linger = config.smtp.command_timeout;
         Session {
-            config: shared.config(),
+            linger,
+            deadline: Instant::now() + config.smtp.max_session_time,
+            config,
             tls: shared.tls(),
             shared,
             listen,
             peer,
-            codec: Codec::new(Conn::Plain(stream)),
+            codec,
             phase,
             helo: None,
             esmtp: false,
@@ -99,6 +118,28 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             auth_failures: 0,
             errors: 0,
             tx: None,
+        }
+    }
+
+    /// How long the next read may wait: `limit`, or less when the session's
+    /// time is nearly up.
+    fn read_limit(&self, limit: Duration) -> Duration {
+        limit.min(self.deadline.saturating_duration_since(Instant::now()))
+    }
+
+    /// A read timed out: says why (the wait, or the whole session) and
+    /// queues the 421.
+    fn read_timed_out(&mut self, waiting_for: &str) {
+        self.linger = LINGER;
+        if Instant::now() >= self.deadline {
+            warn!(peer = %self.peer, limit = ?self.config.smtp.max_session_time, "session time limit reached (smtp.max_session_time), closing");
+            self.codec.reply(&reply::session_too_long());
+        } else if self.codec.pending_output() > 0 {
+            self.linger = Duration::ZERO;
+            info!(peer = %self.peer, "the client takes no replies (smtp.command_timeout), closing");
+        } else {
+            info!(peer = %self.peer, "timeout waiting for {waiting_for}");
+            self.codec.reply(&reply::timeout());
         }
     }
 
@@ -125,8 +166,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 break;
             }
         }
-        let _ = self.codec.flush().await;
-        let _ = self.codec.get_mut().shutdown().await;
+        self.codec.close(self.linger).await;
         debug!(peer = %self.peer, "disconnect");
     }
 
@@ -138,7 +178,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         } else {
             Phase::Draining
         };
-        let timeout = self.config.smtp.command_timeout;
+        if Instant::now() >= self.deadline {
+            self.read_timed_out("a command");
+            return None;
+        }
+        let timeout = self.read_limit(self.config.smtp.command_timeout);
         let mut phase = self.phase.clone();
         tokio::select! {
             biased;
@@ -149,12 +193,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             r = tokio::time::timeout(timeout, self.codec.read_line(max)) => match r {
                 Ok(Ok(line)) => Some(line),
                 Ok(Err(e)) => {
-                    debug!(peer = %self.peer, error = %e, "connection error");
+                    if e.kind() == std::io::ErrorKind::TimedOut {
+                        info!(peer = %self.peer, "the client takes no replies (smtp.command_timeout), closing");
+                    } else {
+                        debug!(peer = %self.peer, error = %e, "connection error");
+                    }
                     None
                 }
                 Err(_) => {
-                    info!(peer = %self.peer, "timeout waiting for a command");
-                    self.codec.reply(&reply::timeout());
+                    self.read_timed_out("a command");
                     None
                 }
             }
@@ -163,7 +210,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
 
     /// Reads more message content; false when the session must end.
     async fn fill_data(&mut self) -> bool {
-        let timeout = self.config.smtp.data_timeout;
+        if Instant::now() >= self.deadline {
+            self.read_timed_out("message data; nothing was queued");
+            return false;
+        }
+        let timeout = self.read_limit(self.config.smtp.data_timeout);
         let mut phase = self.phase.clone();
         tokio::select! {
             biased;
@@ -179,8 +230,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 }
                 Ok(Ok(_)) => true,
                 Err(_) => {
-                    info!(peer = %self.peer, "timeout waiting for message data; nothing was queued");
-                    self.codec.reply(&reply::timeout());
+                    self.read_timed_out("message data; nothing was queued");
                     false
                 }
             }
@@ -859,7 +909,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         let Some(acceptor) = self.tls.clone() else {
             return false;
         };
-        match self.codec.start_tls(&acceptor, TLS_TIMEOUT).await {
+        let limit = self.read_limit(TLS_TIMEOUT.min(self.config.smtp.command_timeout));
+        match self.codec.start_tls(&acceptor, limit).await {
             Ok(()) => {
                 let (v, c) = self.codec.get_ref().tls_info().unwrap_or_default();
                 debug!(peer = %self.peer, version = %v, cipher = %c, "TLS established");
