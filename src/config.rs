@@ -209,6 +209,9 @@ pub struct SmtpConfig {
     /// The longest a session may last, whatever it does (421 then).
     #[serde(with = "humantime_serde_compat")]
     pub max_session_time: Duration,
+    /// Errors, refused recipients included, after which a session that
+    /// had a recipient refused is closed (Postfix's smtpd_hard_error_limit).
+    pub max_rcpt_errors: u32,
     /// IPv6 clients in one network of this prefix length count as one
     /// client for `max_connections_per_client` and failed logins.
     pub ipv6_client_prefix: u8,
@@ -227,6 +230,7 @@ impl Default for SmtpConfig {
             shutdown_grace: Duration::from_secs(30),
             max_line_length: 65536,
             max_session_time: Duration::from_secs(3600),
+            max_rcpt_errors: 20,
             ipv6_client_prefix: 64,
         }
     }
@@ -789,6 +793,9 @@ impl Config {
                 "ipv6_client_prefix",
                 "must be a prefix length from 16 to 128 (64: one customer network)".into(),
             ));
+        }
+        if self.smtp.max_rcpt_errors == 0 {
+            return Err(("max_rcpt_errors", "must be at least 1".into()));
         }
         if let Err(e) = self.upstream.target() {
             return Err(("server", e));

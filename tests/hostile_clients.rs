@@ -246,3 +246,56 @@ fn per_client_limits_count_each_ipv4_address() {
         first_line(g.relay, Some(STUCK)).starts_with("220 ")
     });
 }
+
+// ---------------------------------------------------------------------------
+// Harvesting
+
+/// Measured before: one session probed 500 unknown local users and got 500
+/// answers. Now the session ends with 421 at smtp.max_rcpt_errors (20).
+#[test]
+fn harvesting_local_names_ends_the_session() {
+    let g = Gateway::start("");
+    let mut c = Client::connect(g.relay);
+    c.cmd("EHLO client.test");
+    assert!(c.cmd("MAIL FROM:<s@client.test>").starts_with("250"));
+    let mut refused = 0;
+    let mut last = String::new();
+    for i in 0..500 {
+        let r = c.cmd(&format!("RCPT TO:<nobody{i}@branch.example>"));
+        if r.starts_with("550 5.1.1") {
+            refused += 1;
+            continue;
+        }
+        last = r;
+        break;
+    }
+    assert_eq!(refused, 20, "answers before the session ended");
+    assert!(last.starts_with("421 4.7.0"), "{last}");
+    assert!(c.closed());
+    assert!(g.log().contains("smtp.max_rcpt_errors"));
+}
+
+/// Refused recipients count as errors, but a message with more refused
+/// recipients than smtp.max_errors (10) and fewer than max_rcpt_errors
+/// still goes to the others; a protocol error after them ends the session.
+#[test]
+fn refused_recipients_count_with_protocol_errors() {
+    let g = Gateway::start("");
+    g.add_user("alice", "pw");
+    let mut c = Client::connect(g.relay);
+    c.cmd("EHLO client.test");
+    assert!(c.cmd("MAIL FROM:<s@client.test>").starts_with("250"));
+    assert!(c.cmd("RCPT TO:<alice@branch.example>").starts_with("250"));
+    for i in 0..12 {
+        let r = c.cmd(&format!("RCPT TO:<nobody{i}@branch.example>"));
+        assert!(r.starts_with("550 5.1.1"), "{r}");
+    }
+    assert!(c.cmd("DATA").starts_with("354"));
+    let r = c.cmd("Subject: x\r\n\r\nx\r\n.");
+    assert!(r.starts_with("250 2.0.0"), "{r}");
+    // 12 errors already: the next protocol error is past smtp.max_errors.
+    let r = c.cmd("BOGUS");
+    assert!(r.starts_with("500"), "{r}");
+    let r = c.reply();
+    assert!(r.starts_with("421 4.7.0 Too many errors"), "{r}");
+}

@@ -170,6 +170,13 @@ pub fn bdat_in_progress() -> Reply {
 pub fn too_many_errors() -> Reply {
     Reply::new(421, "4.7.0", "Too many errors, closing connection")
 }
+pub fn too_many_rcpt_errors() -> Reply {
+    Reply::new(
+        421,
+        "4.7.0",
+        "Too many errors and refused recipients, closing connection",
+    )
+}
 pub fn tls_already() -> Reply {
     Reply::new(503, "5.5.1", "TLS is already active")
 }

@@ -78,7 +78,11 @@ pub struct Session<S> {
     esmtp: bool,
     auth_user: Option<String>,
     auth_failures: u32,
+    /// Protocol errors and refused recipients.
     errors: u32,
+    /// `errors` when last judged against `smtp.max_errors`: only a protocol
+    /// error closes the session there.
+    checked_errors: u32,
     tx: Option<Transaction>,
     /// `smtp.max_session_time` from the start.
     deadline: Instant,
@@ -117,6 +121,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             auth_user: None,
             auth_failures: 0,
             errors: 0,
+            checked_errors: 0,
             tx: None,
         }
     }
@@ -151,11 +156,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         let greeting = reply::greeting(&self.config.hostname);
         self.codec.reply(&greeting);
         loop {
-            if self.errors >= self.config.smtp.max_errors {
+            if self.errors >= self.config.smtp.max_errors && self.errors > self.checked_errors {
                 warn!(peer = %self.peer, errors = self.errors, "too many protocol errors, closing");
                 self.codec.reply(&reply::too_many_errors());
                 break;
             }
+            self.checked_errors = self.errors;
             let flow = match self.next_line(MAX_COMMAND).await {
                 Some(Line::Text(line)) => self.command(line).await,
                 Some(Line::TooLong) => self.error(reply::line_too_long()),
@@ -245,6 +251,23 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
 
     fn reply(&mut self, r: Reply) -> Flow {
         self.codec.reply(&r);
+        Flow::Go
+    }
+
+    /// A recipient refused for what the client asked (not for a limit or
+    /// a failure on this side): an error like a protocol error, and at
+    /// `smtp.max_rcpt_errors` the end of the session, so that one session
+    /// cannot probe a long list of names.
+    fn refuse_rcpt(&mut self, r: Reply) -> Flow {
+        self.errors += 1;
+        // Judged against max_rcpt_errors here, not against max_errors.
+        self.checked_errors = self.errors;
+        self.codec.reply(&r);
+        if self.errors >= self.config.smtp.max_rcpt_errors {
+            warn!(peer = %self.peer, errors = self.errors, "too many errors and refused recipients (smtp.max_rcpt_errors), closing");
+            self.codec.reply(&reply::too_many_rcpt_errors());
+            return Flow::Close;
+        }
         Flow::Go
     }
 
@@ -528,7 +551,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             return self.error(reply::bdat_in_progress());
         }
         if !to.address.is_ascii() && !tx.smtputf8 {
-            return self.reply(reply::non_ascii_address());
+            return self.refuse_rcpt(reply::non_ascii_address());
         }
         let notify_any =
             proto::RCPT_NOTIFY_SUCCESS | proto::RCPT_NOTIFY_FAILURE | proto::RCPT_NOTIFY_DELAY;
@@ -545,7 +568,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             Ok(a) => a,
             Err(r) => {
                 info!(peer = %self.peer, rcpt = %to.address, reply = %r.summary(), "recipient refused");
-                return self.reply(r);
+                return self.refuse_rcpt(r);
             }
         };
         if accepted.route == Route::Local {
@@ -553,7 +576,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 Ok(true) => {}
                 Ok(false) => {
                     info!(peer = %self.peer, rcpt = %accepted.address, "recipient refused: no such local user");
-                    return self.reply(reply::unknown_user());
+                    return self.refuse_rcpt(reply::unknown_user());
                 }
                 Err(e) => {
                     warn!(peer = %self.peer, error = %e, "account lookup failed");
