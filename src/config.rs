@@ -36,6 +36,8 @@ pub struct Config {
     #[serde(default)]
     pub pop3: Pop3Config,
     #[serde(default)]
+    pub auth: AuthConfig,
+    #[serde(default)]
     pub upstream: UpstreamConfig,
     #[serde(default)]
     pub flush: FlushConfig,
@@ -260,6 +262,39 @@ impl Default for Pop3Config {
             max_auth_failures: 3,
             auth_failure_delay: Duration::from_secs(2),
             max_session_time: Duration::from_secs(1800),
+        }
+    }
+}
+
+/// Failed logins (SMTP AUTH and POP3) counted across sessions, and the
+/// password checks themselves.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// Failed logins from one client (an IPv4 address, an IPv6
+    /// `smtp.ipv6_client_prefix` network) within `failure_window` after
+    /// which that client is refused logins for `block_time`.
+    pub max_failures: u32,
+    #[serde(with = "humantime_serde_compat")]
+    pub failure_window: Duration,
+    #[serde(with = "humantime_serde_compat")]
+    pub block_time: Duration,
+    /// Failed logins for one account (from anywhere) within
+    /// `failure_window` after which the account is reported as under
+    /// attack; each address that fails for it is then blocked at once.
+    pub max_account_failures: u32,
+    /// Password checks (argon2, about 19 MiB each) run at once.
+    pub verify_threads: usize,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            max_failures: 10,
+            failure_window: Duration::from_secs(900),
+            block_time: Duration::from_secs(900),
+            max_account_failures: 30,
+            verify_threads: 2,
         }
     }
 }
@@ -796,6 +831,12 @@ impl Config {
         }
         if self.smtp.max_rcpt_errors == 0 {
             return Err(("max_rcpt_errors", "must be at least 1".into()));
+        }
+        if self.auth.verify_threads == 0 || self.auth.verify_threads > 64 {
+            return Err(("verify_threads", "must be from 1 to 64".into()));
+        }
+        if self.auth.max_failures == 0 || self.auth.max_account_failures == 0 {
+            return Err(("max_failures", "must be at least 1".into()));
         }
         if let Err(e) = self.upstream.target() {
             return Err(("server", e));

@@ -10,6 +10,7 @@ pub mod cli;
 pub mod codec;
 pub mod config;
 pub mod control;
+pub mod guard;
 pub mod logwriter;
 pub mod pop3;
 pub mod queue;
@@ -101,10 +102,12 @@ pub async fn serve(
     let control = control::bind(&config.control.socket)
         .with_context(|| format!("control.socket {}", config.control.socket.display()))?;
     let (stop_tx, stop_rx) = watch::channel(false);
+    let logins = Arc::new(guard::LoginGuard::default());
     let control_task = tokio::spawn(control::serve(
         control,
         config.control.socket.clone(),
         flusher_rx.clone(),
+        logins.clone(),
         stop_rx.clone(),
     ));
     let submitted = Arc::new(Notify::new());
@@ -128,13 +131,10 @@ pub async fn serve(
         triggers.etrn_running.clone(),
         stop_rx,
     ));
-    let shared = Arc::new(Shared::new(
-        config.clone(),
-        store.clone(),
-        writer.clone(),
-        tls,
-        triggers,
-    ));
+    let shared = Arc::new(
+        Shared::new(config.clone(), store.clone(), writer.clone(), tls, triggers)
+            .with_logins(logins),
+    );
     info!(hostname = %config.hostname, store = %config.store.path.display(), "outpost ready");
     ready();
     // Reloads: everything but the store, the sockets and logging.

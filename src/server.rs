@@ -102,6 +102,10 @@ pub struct Shared {
     per_client: Mutex<HashMap<IpAddr, usize>>,
     /// POP3 maildrops open in a session (lower-case account names).
     maildrops: Mutex<std::collections::HashSet<String>>,
+    /// Failed logins across sessions (`[auth]`).
+    pub logins: Arc<crate::guard::LoginGuard>,
+    /// Where password checks run (`auth.verify_threads`).
+    pub verifier: crate::auth::VerifyPool,
 }
 
 /// How sessions hand work to the daemon's flush runner.
@@ -128,11 +132,25 @@ impl Shared {
             slots: Arc::new(Semaphore::new(config.smtp.max_connections)),
             per_client: Mutex::new(HashMap::new()),
             maildrops: Mutex::new(std::collections::HashSet::new()),
+            logins: Arc::default(),
+            verifier: crate::auth::VerifyPool::new(config.auth.verify_threads),
             config: std::sync::RwLock::new(config),
             store,
             writer,
             tls: std::sync::RwLock::new(tls),
         }
+    }
+
+    /// Shares `logins` (the daemon shows it on the control socket).
+    pub fn with_logins(mut self, logins: Arc<crate::guard::LoginGuard>) -> Shared {
+        self.logins = logins;
+        self
+    }
+
+    /// The client `peer` counts as for per-client limits, if it has an
+    /// address.
+    pub fn client_of(&self, peer: IpAddr) -> IpAddr {
+        client_key(peer, self.config().smtp.ipv6_client_prefix)
     }
 
     /// The configuration now (a reload replaces it for new sessions).

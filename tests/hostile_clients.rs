@@ -9,7 +9,8 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
-use common::{free_port, wait_for, Client, Gateway};
+use base64::Engine;
+use common::{free_port, json_out, wait_for, Client, Gateway};
 
 /// Connects from `local` (127.0.0.1 when None) and returns the first reply
 /// line, or "<EOF>" / "<timeout>".
@@ -298,4 +299,139 @@ fn refused_recipients_count_with_protocol_errors() {
     assert!(r.starts_with("500"), "{r}");
     let r = c.reply();
     assert!(r.starts_with("421 4.7.0 Too many errors"), "{r}");
+}
+
+// ---------------------------------------------------------------------------
+// Guessing passwords across sessions
+
+fn b64(s: &str) -> String {
+    base64::engine::general_purpose::STANDARD.encode(s)
+}
+
+/// A POP3 line client from `local`.
+struct Pop {
+    r: BufReader<TcpStream>,
+    w: TcpStream,
+}
+
+impl Pop {
+    fn connect(port: u16, local: &str) -> Pop {
+        let s = raw_from(port, local);
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let mut p = Pop {
+            r: BufReader::new(s.try_clone().unwrap()),
+            w: s,
+        };
+        let g = p.line();
+        assert!(g.starts_with("+OK"), "{g}");
+        p
+    }
+    fn line(&mut self) -> String {
+        let mut l = String::new();
+        self.r.read_line(&mut l).unwrap();
+        l.trim_end().to_string()
+    }
+    fn cmd(&mut self, c: &str) -> String {
+        self.w.write_all(format!("{c}\r\n").as_bytes()).unwrap();
+        self.line()
+    }
+}
+
+/// Measured before: 30 failed AUTHs from one address in 10 sessions, then
+/// the right password from the same address: accepted. Now the address is
+/// blocked after auth.max_failures (10) and refused even with the right
+/// password, while the account's owner logs in from another address; the
+/// block shows in `outpost status`, and holds for POP3 too.
+#[test]
+fn guessing_across_sessions_blocks_the_address_not_the_account() {
+    let pop = free_port();
+    let g = Gateway::start(&format!(
+        "[smtp]\nauth_failure_delay = \"10ms\"\n[pop3]\nauth_failure_delay = \"10ms\"\n\
+         [[listen]]\naddress = \"127.0.0.1:{pop}\"\nmode = \"pop3\"\nplaintext_auth = true\n"
+    ));
+    g.add_user("alice", "right");
+    let wrong = b64("\0alice\0wrong");
+    let (mut failed, mut blocked) = (0, 0);
+    for _ in 0..10 {
+        let mut c = Client::connect_from(g.relay, Some(STUCK));
+        assert!(c.cmd("EHLO guesser.test").contains("AUTH PLAIN"));
+        for _ in 0..3 {
+            let r = c.cmd(&format!("AUTH PLAIN {wrong}"));
+            match &r[..3] {
+                "535" => failed += 1,
+                "454" => blocked += 1,
+                // The session's own limit (smtp.max_auth_failures).
+                "421" => {
+                    failed += 1;
+                    break;
+                }
+                _ => panic!("{r}"),
+            }
+        }
+    }
+    assert_eq!(failed, 10, "passwords checked before the block");
+    assert_eq!(blocked, 20);
+    let right = b64("\0alice\0right");
+    let mut c = Client::connect_from(g.relay, Some(STUCK));
+    c.cmd("EHLO guesser.test");
+    let r = c.cmd(&format!("AUTH PLAIN {right}"));
+    assert!(
+        r.starts_with("454 4.7.0") && r.contains("failed logins"),
+        "{r}"
+    );
+    // POP3 from the same address: refused too.
+    let mut p = Pop::connect(pop, STUCK);
+    p.cmd("USER alice");
+    let r = p.cmd("PASS right");
+    assert!(r.starts_with("-ERR [SYS/TEMP]"), "{r}");
+    // The owner, elsewhere, is not locked out.
+    let mut c = Client::connect_from(g.relay, Some("127.0.0.2"));
+    c.cmd("EHLO owner.test");
+    let r = c.cmd(&format!("AUTH PLAIN {right}"));
+    assert!(r.starts_with("235"), "{r}");
+    assert!(g.log().contains("client blocked"), "{}", g.log());
+    // `outpost status` shows the block.
+    let v = json_out(&g.cli(&["status", "--json"]));
+    let blocked = &v["logins"]["blocked"];
+    assert_eq!(blocked[0]["client"], STUCK, "{v}");
+    assert_eq!(blocked[0]["failures"], 10, "{v}");
+    let text = String::from_utf8_lossy(&g.cli(&["status"]).stdout).to_string();
+    assert!(
+        text.contains("blocked:     127.0.0.3 after 10 failed logins"),
+        "{text}"
+    );
+}
+
+/// Failed POP3 logins count as well: an address that guesses over POP3 is
+/// refused SMTP AUTH too.
+#[test]
+fn failed_pop3_logins_count_toward_the_block() {
+    let pop = free_port();
+    let g = Gateway::start(&format!(
+        "[smtp]\nauth_failure_delay = \"10ms\"\n[pop3]\nauth_failure_delay = \"10ms\"\n\
+         [auth]\nmax_failures = 4\n\
+         [[listen]]\naddress = \"127.0.0.1:{pop}\"\nmode = \"pop3\"\nplaintext_auth = true\n"
+    ));
+    g.add_user("bob", "right");
+    let from = "127.0.0.4";
+    let mut answers = Vec::new();
+    for _ in 0..2 {
+        let mut p = Pop::connect(pop, from);
+        for _ in 0..2 {
+            p.cmd("USER bob");
+            answers.push(p.cmd("PASS wrong"));
+        }
+    }
+    assert!(
+        answers.iter().all(|a| a.starts_with("-ERR [AUTH]")),
+        "{answers:?}"
+    );
+    let mut p = Pop::connect(pop, from);
+    p.cmd("USER bob");
+    let r = p.cmd("PASS right");
+    assert!(r.starts_with("-ERR [SYS/TEMP]"), "{r}");
+    let mut c = Client::connect_from(g.relay, Some(from));
+    c.cmd("EHLO x.test");
+    let r = c.cmd(&format!("AUTH PLAIN {}", b64("\0bob\0right")));
+    assert!(r.starts_with("454 4.7.0"), "{r}");
 }

@@ -30,6 +30,7 @@ pub fn run(config: &Config, as_json: bool) -> ExitCode {
         }
     };
     let oldest_age = counts.oldest.map(|t| (now - t).max(0));
+    let logins = daemon_logins(config);
     // The next flush: the schedule's next tick (fixed times, see
     // relay::decide::next_tick), or when deferred mail next comes due,
     // whichever is later.
@@ -61,6 +62,8 @@ pub fn run(config: &Config, as_json: bool) -> ExitCode {
                 "messages": h.messages,
                 "last_asked": h.last_asked.map(rfc3339),
             })).collect::<Vec<_>>(),
+            // null when no daemon runs (the state is the daemon's).
+            "logins": logins,
         });
         println!("{v}");
         return ExitCode::from(exit::OK);
@@ -119,12 +122,44 @@ pub fn run(config: &Config, as_json: bool) -> ExitCode {
                 .unwrap_or_else(|| "never".into())
         );
     }
+    if let Some(r) = &logins {
+        if r.blocked.is_empty() {
+            println!("logins:      no client blocked");
+        }
+        for b in &r.blocked {
+            println!(
+                "blocked:     {} after {} failed logins (for {} more)",
+                terminal_safe(&b.client),
+                b.failures,
+                age(b.seconds_left as i64)
+            );
+        }
+        for a in &r.accounts_under_attack {
+            println!(
+                "attacked:    account {}: {} failed logins from several clients",
+                terminal_safe(&a.account),
+                a.failures
+            );
+        }
+    }
     match next_flush {
         Some(t) if t <= now => println!("next flush:  now (mail is due)"),
         Some(t) => println!("next flush:  {} (in {})", rfc3339(t), age(t - now)),
         None => println!("next flush:  on `outpost flush` only (no flush.interval)"),
     }
     ExitCode::from(exit::OK)
+}
+
+/// Clients blocked after failed logins, from the running daemon (None when
+/// none runs or it does not answer).
+fn daemon_logins(config: &Config) -> Option<crate::guard::Report> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .ok()?;
+    rt.block_on(crate::control::request_logins(&config.control.socket))
+        .ok()
+        .flatten()
 }
 
 pub(super) fn rfc3339(t: i64) -> String {

@@ -307,7 +307,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 }
                 match auth::decode_b64(&response).and_then(|d| auth::parse_plain(&d)) {
                     Some((user, pass)) => self.login(user, pass).await,
-                    None => self.login_failed(None).await,
+                    None => {
+                        if self.refused_as_blocked() {
+                            return Flow::Go;
+                        }
+                        self.login_failed(None, false).await
+                    }
                 }
             }
             "APOP" => {
@@ -321,17 +326,32 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         }
     }
 
+    /// Refuses the login at once when this client is blocked after too
+    /// many failed logins (`[auth]`); true when it did.
+    fn refused_as_blocked(&mut self) -> bool {
+        let client = self.shared.client_of(self.peer.ip());
+        let Some(left) = self
+            .shared
+            .logins
+            .blocked(client, Instant::now().into_std())
+        else {
+            return false;
+        };
+        info!(peer = %self.peer, minutes_left = left.as_secs().div_ceil(60), "pop3 login refused: this client is blocked after too many failed logins (auth.max_failures)");
+        self.err(&format!(
+            "[SYS/TEMP] too many failed logins from your address; try again in {} minutes",
+            left.as_secs().div_ceil(60)
+        ));
+        true
+    }
+
     async fn login(&mut self, user: String, pass: String) -> Flow {
-        let store = self.shared.store.clone();
-        let name = user.clone();
-        let ok = tokio::task::spawn_blocking(move || {
-            let hash = store.password_hash(&name).ok().flatten();
-            auth::verify_password(hash.as_deref(), &pass)
-        })
-        .await
-        .unwrap_or(false);
+        if self.refused_as_blocked() {
+            return Flow::Go;
+        }
+        let (exists, ok) = crate::smtp::session::check_password(&self.shared, &user, pass).await;
         if !ok {
-            return self.login_failed(Some(&user)).await;
+            return self.login_failed(Some(&user), exists).await;
         }
         let key = user.to_ascii_lowercase();
         if !self.shared.lock_maildrop(&key) {
@@ -364,9 +384,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         Flow::Go
     }
 
-    async fn login_failed(&mut self, user: Option<&str>) -> Flow {
+    /// A failed login; `exists` when `user` is an account.
+    async fn login_failed(&mut self, user: Option<&str>, exists: bool) -> Flow {
         self.failures += 1;
         warn!(peer = %self.peer, user = user.unwrap_or("?"), failures = self.failures, "pop3 login failed");
+        let client = self.shared.client_of(self.peer.ip());
+        crate::smtp::session::login_failed(
+            &self.shared,
+            &self.config,
+            client,
+            user.filter(|_| exists),
+            &self.peer.to_string(),
+        );
         tokio::time::sleep(self.config.pop3.auth_failure_delay).await;
         if self.failures >= self.config.pop3.max_auth_failures {
             self.err("[AUTH] too many failed logins, closing");

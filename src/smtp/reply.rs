@@ -397,6 +397,16 @@ pub fn auth_too_many() -> Reply {
         "Too many failed authentications, closing connection",
     )
 }
+pub fn auth_blocked(left: std::time::Duration) -> Reply {
+    Reply::new(
+        454,
+        "4.7.0",
+        format!(
+            "Too many failed logins from your address; try again in {} minutes",
+            left.as_secs().div_ceil(60)
+        ),
+    )
+}
 pub fn auth_already() -> Reply {
     Reply::new(503, "5.5.1", "Already authenticated")
 }

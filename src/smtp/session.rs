@@ -956,6 +956,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         if !self.auth_offered() {
             return self.reply(reply::encryption_required());
         }
+        let client = self.peer.ip().map(|ip| self.shared.client_of(ip));
+        if let Some(left) =
+            client.and_then(|c| self.shared.logins.blocked(c, Instant::now().into_std()))
+        {
+            info!(peer = %self.peer, minutes_left = left.as_secs().div_ceil(60), "AUTH refused: this client is blocked after too many failed logins (auth.max_failures)");
+            return self.reply(reply::auth_blocked(left));
+        }
         let creds = match mechanism {
             proto::AUTH_PLAIN => {
                 let response = if initial.is_empty() {
@@ -996,18 +1003,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         };
         let ok_user = match creds {
             Some((user, pass)) => {
-                let store = self.shared.store.clone();
-                let name = user.clone();
-                let ok = tokio::task::spawn_blocking(move || {
-                    let hash = store.password_hash(&name).ok().flatten();
-                    auth::verify_password(hash.as_deref(), &pass)
-                })
-                .await
-                .unwrap_or(false);
+                let (exists, ok) = check_password(&self.shared, &user, pass).await;
                 if ok {
                     Ok(user)
                 } else {
-                    Err(Some(user))
+                    Err(Some(user).filter(|_| exists))
                 }
             }
             None => Err(None),
@@ -1021,6 +1021,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             Err(user) => {
                 self.auth_failures += 1;
                 warn!(peer = %self.peer, user = user.as_deref().unwrap_or("?"), failures = self.auth_failures, "authentication failed");
+                if let Some(client) = client {
+                    login_failed(
+                        &self.shared,
+                        &self.config,
+                        client,
+                        user.as_deref(),
+                        &self.peer.to_string(),
+                    );
+                }
                 tokio::time::sleep(self.config.smtp.auth_failure_delay).await;
                 if self.auth_failures >= self.config.smtp.max_auth_failures {
                     self.codec.reply(&reply::auth_too_many());
@@ -1047,6 +1056,48 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             Some(Line::BareLf) => Err(self.error(reply::bare_lf_in_command())),
             Some(Line::Eof) | None => Err(Flow::Close),
         }
+    }
+}
+
+/// Checks `user`'s password on the pool. Returns (the account exists, the
+/// password is right).
+pub(crate) async fn check_password(shared: &Shared, user: &str, pass: String) -> (bool, bool) {
+    let store = shared.store.clone();
+    let name = user.to_string();
+    shared
+        .verifier
+        .run(move || {
+            let hash = store.password_hash(&name).ok().flatten();
+            (
+                hash.is_some(),
+                auth::verify_password(hash.as_deref(), &pass),
+            )
+        })
+        .await
+        .unwrap_or((false, false))
+}
+
+/// Counts a failed login (SMTP or POP3) across sessions and logs what it
+/// led to. `account` only when it exists.
+pub(crate) fn login_failed(
+    shared: &Shared,
+    config: &Config,
+    client: std::net::IpAddr,
+    account: Option<&str>,
+    peer: &str,
+) {
+    let v = shared.logins.failed(
+        client,
+        config.smtp.ipv6_client_prefix,
+        account,
+        &config.auth,
+        Instant::now().into_std(),
+    );
+    if v.account_under_attack {
+        warn!(account = account.unwrap_or(""), failures = config.auth.max_account_failures, window = ?config.auth.failure_window, "account under attack: many failed logins from several clients (auth.max_account_failures); each client that fails for it now is blocked at once");
+    }
+    if v.blocked {
+        warn!(peer = %peer, client = %client, failures = v.failures, block_time = ?config.auth.block_time, "client blocked: too many failed logins (auth.max_failures); its logins are refused until the block ends");
     }
 }
 
