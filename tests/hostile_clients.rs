@@ -435,3 +435,81 @@ fn failed_pop3_logins_count_toward_the_block() {
     let r = c.cmd(&format!("AUTH PLAIN {}", b64("\0bob\0right")));
     assert!(r.starts_with("454 4.7.0"), "{r}");
 }
+
+// ---------------------------------------------------------------------------
+// outpost sendmail: arguments with control characters, addresses quoted
+
+fn sendmail(g: &Gateway, args: &[&str]) -> std::process::Output {
+    let mut child = std::process::Command::new(common::BIN)
+        .arg("sendmail")
+        .args(args)
+        .env("OUTPOST_CONFIG", &g.config_path)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // A refused command may exit before reading its input.
+    let _ = child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"Subject: args\n\nbody\n");
+    child.wait_with_output().unwrap()
+}
+
+#[test]
+fn sendmail_refuses_control_characters_in_its_arguments() {
+    let g = Gateway::start("");
+    for args in [
+        &[
+            "-f",
+            "app@branch.example\r\nRCPT TO:<x@evil.example>",
+            "c@far.example",
+        ][..],
+        &["-F", "App\r\nBcc: x@evil.example", "c@far.example"][..],
+        &["c@far.example\r\nRCPT TO:<x@evil.example>"][..],
+    ] {
+        let out = sendmail(&g, args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{args:?}: {err}");
+        assert!(err.contains("control character"), "{err}");
+    }
+    assert!(g.queue().is_empty());
+}
+
+/// An address whose local part needs quoting goes to the daemon quoted:
+/// it stays one address and adds no parameter (before, `odd> NOTIFY=NEVER`
+/// ended the path and became a parameter).
+#[test]
+fn sendmail_quotes_addresses_in_its_session() {
+    let g = Gateway::start("");
+    for rcpt in ["odd> NOTIFY=NEVER@far.example", "\"john doe\"@far.example"] {
+        let out = sendmail(&g, &["-f", "app@branch.example", rcpt]);
+        assert!(
+            out.status.success(),
+            "{rcpt}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let mut got: Vec<(String, serde_json::Value)> = g
+        .queue()
+        .iter()
+        .map(|m| {
+            let r = &m["recipients"][0];
+            (
+                r["address"].as_str().unwrap().to_string(),
+                m["recipients"].clone(),
+            )
+        })
+        .collect();
+    got.sort_by(|a, b| a.0.cmp(&b.0));
+    let addresses: Vec<&str> = got.iter().map(|(a, _)| a.as_str()).collect();
+    assert_eq!(
+        addresses,
+        ["john doe@far.example", "odd> NOTIFY=NEVER@far.example"]
+    );
+    for (_, rcpts) in &got {
+        assert_eq!(rcpts.as_array().unwrap().len(), 1, "{rcpts}");
+    }
+}
