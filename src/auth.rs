@@ -270,4 +270,12 @@ mod tests {
         assert!(most.load(Ordering::SeqCst) <= 2, "{most:?}");
         assert!(threads.lock().unwrap().len() <= 2);
     }
+
+    #[test]
+    fn absurd_parameters_are_refused_not_computed() {
+        // 1 GiB of working memory asked for.
+        let greedy = "$argon2id$v=19$m=1048576,t=1,p=1$c29tZXNhbHRzb21lc2FsdA$Q4Ml7sWbkjiwhXHhyp2BsO0mmAxMPf85g4qlnjJe0Tg";
+        assert!(!verify_password(Some(greedy), "x"));
+        MEMORY.with(|m| assert!(m.borrow().len() <= MAX_BLOCKS));
+    }
 }
