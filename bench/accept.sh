@@ -13,7 +13,7 @@
 #   - RUNS times, for each message size: one outpost run and one Postfix run
 #     (order alternates per round), each smtp-source -s SESSIONS -m COUNT
 #     (one message per connection, smtp-source's default, as in
-#     /work/shared/bench); outpost gets a fresh store and process per run,
+#     bench/harness); outpost gets a fresh store and process per run,
 #     Postfix an emptied queue;
 #   - checks every message was queued (outpost: `outpost queue list --json`;
 #     Postfix: files in its queue directories);
@@ -28,7 +28,7 @@
 # Environment (defaults in brackets):
 #   COUNT [10000]  SESSIONS [10]  RUNS [3]  SIZES ["1024 10240"] (body bytes, smtp-source -l)
 #   HOLD_SESSIONS [100]  KEEP_DIR [unset: raw results are deleted with the temp dir]
-#   CPU_PY [/work/shared/bench/cpu.py; an embedded copy is used if it is missing]
+#   CPU_PY [bench/harness/cpu.py]
 set -eu
 
 COUNT=${COUNT:-10000}
@@ -88,39 +88,8 @@ now() { date +%s.%N; }
 
 # CPU of a process tree (utime+stime+cutime+cstime of the root and all its
 # live descendants: Postfix's master reaps its workers, so their CPU lands in
-# its cutime/cstime). Reuse the shared harness's cpu.py; embedded fallback.
-CPU_PY=${CPU_PY:-/work/shared/bench/cpu.py}
-if [ ! -f "$CPU_PY" ]; then
-    CPU_PY=$T/cpu.py
-    cat >"$CPU_PY" <<'EOF'
-import os, sys, time
-HZ = os.sysconf("SC_CLK_TCK")
-def tree(root):
-    kids, ticks = {}, {}
-    for d in os.listdir("/proc"):
-        if not d.isdigit(): continue
-        try: s = open("/proc/%s/stat" % d).read()
-        except OSError: continue
-        r = s[s.rindex(")") + 2:].split()
-        kids.setdefault(int(r[1]), []).append(int(d)); ticks[int(d)] = sum(int(x) for x in r[11:15])
-    tot, todo = 0, [root]
-    while todo:
-        p = todo.pop(); tot += ticks.get(p, 0); todo.extend(kids.get(p, []))
-    return tot
-def systicks():
-    v = [int(x) for x in open("/proc/stat").readline().split()[1:]]
-    return sum(v[:8]), v[3] + v[4]
-if sys.argv[1] == "snap":
-    tot, idle = systicks()
-    print("%.6f %d %d %d %s" % (time.monotonic(), tree(int(sys.argv[2])), tot, idle, open("/proc/loadavg").read().split()[0]))
-else:
-    a, b = sys.argv[2].split(), sys.argv[3].split()
-    wall = float(b[0]) - float(a[0]); cpu = (int(b[1]) - int(a[1])) / HZ
-    dt = int(b[2]) - int(a[2]); busy = 100.0 * (dt - (int(b[3]) - int(a[3]))) / dt if dt else 0
-    print("target_cpu_s=%.2f" % cpu); print("target_cpu_pct=%.1f" % (100 * cpu / wall))
-    print("sys_busy_pct=%.1f" % busy); print("load1=%s" % b[4])
-EOF
-fi
+# its cutime/cstime): bench/harness/cpu.py.
+CPU_PY=${CPU_PY:-$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/harness/cpu.py}
 cpu_snap() { "$PY" "$CPU_PY" snap "$1"; }
 cpu_s() { "$PY" "$CPU_PY" diff "$1" "$2" | sed -n 's/^target_cpu_s=//p'; }
 sys_busy() { "$PY" "$CPU_PY" diff "$1" "$2" | sed -n 's/^sys_busy_pct=//p'; }

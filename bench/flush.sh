@@ -9,13 +9,13 @@
 # What it does:
 #   - installs Debian's postfix package if smtp-source, smtp-sink or postfix
 #     is missing, preseeded "No configuration" (nothing on port 25);
-#   - builds the link with /work/shared/bench/netns-link.sh up DELAY_MS 0 none:
+#   - builds the link with bench/harness/netns-link.sh up DELAY_MS 0 none:
 #     namespace bench-ns at NS_ADDR (10.200.0.2), host side 10.200.0.1, one-way
 #     delay DELAY_MS each way (veth + netem, or TUN + netdelay.py when the
 #     kernel has no netem); the upstream always runs inside the namespace;
 #   - two upstreams inside the namespace:
 #       sink     smtp-sink (PIPELINING, no CHUNKING), started per run by
-#                /work/shared/bench/flush.sh -a NS_ADDR -n bench-ns, which also
+#                bench/harness/sink-flush.sh -a NS_ADDR -n bench-ns, which also
 #                checks that the sink got every message;
 #       postfix  a private Postfix instance (PIPELINING + CHUNKING), smtpd on
 #                NS_ADDR:PORT only (inet_interfaces = NS_ADDR, the private
@@ -27,7 +27,7 @@
 #     order alternates between rounds. Each run starts from a fresh queue of
 #     COUNT messages of SIZE body bytes, filled by smtp-source (10 sessions)
 #     while nothing listened at the upstream address;
-#   - times the flush with /work/shared/bench/watch_queue.py (the clock starts
+#   - times the flush with bench/harness/watch_queue.py (the clock starts
 #     just before the flush command, stops when the queue depth reads 0) and
 #     counts established connections to the upstream port meanwhile;
 #   - with TRACE=1 (default) one more outpost run per upstream, not in the
@@ -46,7 +46,7 @@
 # Postfix (the client): a private instance (own config and spool in a temp
 # dir), smtpd on a free 127.0.0.1 port, relayhost = [NS_ADDR]:PORT,
 # defer_transports = smtp while filling; then `defer_transports =`, reload,
-# `postqueue -f` (as /work/shared/bench/postfix-baseline.sh does). Its smtp
+# `postqueue -f` (the usual way to flush a Postfix queue). Its smtp
 # client uses Postfix's default destination concurrency (20 connections).
 # Depth: files in its queue directories.
 #
@@ -67,7 +67,7 @@
 #            NS_ADDR (`ip route replace ... congctl cubic`); unset = the
 #            machine's default (net.ipv4.tcp_congestion_control)
 #   OUTPOST [REPO/target/release/outpost; copied into the temp dir at start]
-#   SHARED_BENCH [/work/shared/bench]
+#   SHARED_BENCH [bench/harness]
 set -eu
 
 COUNT=${COUNT:-1000}
@@ -80,7 +80,7 @@ PFUP_CONNS=${PFUP_CONNS:-1}
 TRACE=${TRACE:-1}
 TIMEOUT=${TIMEOUT:-900}
 FILL_SESSIONS=10
-SHARED=${SHARED_BENCH:-/work/shared/bench}
+SHARED=${SHARED_BENCH:-$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/harness}
 PY=/usr/bin/python3; [ -x "$PY" ] || PY=python3
 NETNS=bench-ns
 
@@ -91,7 +91,7 @@ OUTPOST_SRC=${OUTPOST:-$REPO/target/release/outpost}
 
 [ "$(id -u)" = 0 ] || die "run as root (network namespace, private Postfix instances)"
 [ -x "$OUTPOST_SRC" ] || die "$OUTPOST_SRC missing: run 'cargo build --release' first"
-for f in netns-link.sh flush.sh watch_queue.py cpu.py; do
+for f in netns-link.sh netdelay.py sink-flush.sh lib.sh watch_queue.py cpu.py; do
     [ -f "$SHARED/$f" ] || die "$SHARED/$f missing (set SHARED_BENCH)"
 done
 
@@ -447,7 +447,7 @@ timed() {
     if [ "$up" = sink ]; then
         local opts=(-a "$NS_ADDR" -n "$NETNS" -t "$TIMEOUT" -P "$tpid")
         [ -n "$prep" ] && opts+=(-r "$prep")
-        OUT=$(SINK_USER=nobody bash "$SHARED/flush.sh" "${opts[@]}" "$SINK_PORT" "$fcmd" "$dcmd") \
+        OUT=$(SINK_USER=nobody bash "$SHARED/sink-flush.sh" "${opts[@]}" "$SINK_PORT" "$fcmd" "$dcmd") \
             || { echo "$OUT" >&2; die "shared flush.sh failed (see above)"; }
         GOT=$(kv sink_msgs "$OUT")
     else

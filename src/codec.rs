@@ -243,6 +243,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Codec<Conn<S>> {
 }
 
 /// A connection that may be switched to TLS in the middle (STARTTLS).
+/// Any byte stream a session can run on (TCP, TLS, a connection whose
+/// roles were turned around by ATRN), boxed where the type must not show.
+pub trait Io: AsyncRead + AsyncWrite + Unpin + Send + Sync {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send + Sync> Io for T {}
+
+pub type BoxedIo = Box<dyn Io>;
+
 pub enum Conn<S> {
     Plain(S),
     Tls(Box<tokio_rustls::server::TlsStream<S>>),

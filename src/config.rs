@@ -10,6 +10,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use crate::window::Window;
 use ipnet::IpNet;
 use serde::de::{self, Deserializer};
 use serde::{Deserialize, Serialize};
@@ -56,13 +57,18 @@ pub struct Config {
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct StoreConfig {
     pub path: PathBuf,
     /// Free space (bytes) to keep on the store's file system: below it, MAIL
     /// is answered 452 4.3.1. Unset: 4 × `relay.max_message_size`; 0: no check.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub min_free: Option<u64>,
+    /// How long a finished message (every recipient delivered, bounced or
+    /// expired, in no mailbox) stays in the store for `queue show` before
+    /// it and its history are purged.
+    #[serde(with = "humantime_serde_compat")]
+    pub keep_history: Duration,
 }
 
 impl Default for StoreConfig {
@@ -70,6 +76,7 @@ impl Default for StoreConfig {
         StoreConfig {
             path: PathBuf::from("/var/lib/outpost/queue.sqlite"),
             min_free: None,
+            keep_history: Duration::from_secs(7 * 24 * 3600),
         }
     }
 }
@@ -103,13 +110,16 @@ pub enum ListenMode {
     Submissions,
     Pop3,
     Pop3s,
+    /// Port 366, hub role: branches authenticate and take their held mail
+    /// over their own connection with ATRN (RFC 2645).
+    Odmr,
 }
 
 impl ListenMode {
     pub fn is_smtp(self) -> bool {
         matches!(
             self,
-            ListenMode::Relay | ListenMode::Submission | ListenMode::Submissions
+            ListenMode::Relay | ListenMode::Submission | ListenMode::Submissions | ListenMode::Odmr
         )
     }
     pub fn implicit_tls(self) -> bool {
@@ -125,6 +135,7 @@ impl fmt::Display for ListenMode {
             ListenMode::Submissions => "submissions",
             ListenMode::Pop3 => "pop3",
             ListenMode::Pop3s => "pop3s",
+            ListenMode::Odmr => "odmr",
         })
     }
 }
@@ -217,6 +228,11 @@ pub struct SmtpConfig {
     /// IPv6 clients in one network of this prefix length count as one
     /// client for `max_connections_per_client` and failed logins.
     pub ipv6_client_prefix: u8,
+    /// CHECKPOINT (RFC 1845): how long an interrupted transaction, or the
+    /// id of a completed one, is kept for its client to resume; 0: not
+    /// offered.
+    #[serde(with = "humantime_serde_compat")]
+    pub checkpoint_keep: Duration,
 }
 
 impl Default for SmtpConfig {
@@ -234,6 +250,7 @@ impl Default for SmtpConfig {
             max_session_time: Duration::from_secs(3600),
             max_rcpt_errors: 20,
             ipv6_client_prefix: 64,
+            checkpoint_keep: Duration::from_secs(24 * 3600),
         }
     }
 }
@@ -346,6 +363,10 @@ pub struct UpstreamConfig {
     /// §4.5.3.2.6: 10 minutes).
     #[serde(with = "humantime_serde_compat")]
     pub final_timeout: Duration,
+    /// Where ATRN goes (`flush.atrn`): `[host]:port`; the upstream's host
+    /// on port 366 when unset.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub odmr: Option<String>,
 }
 
 impl Default for UpstreamConfig {
@@ -364,6 +385,7 @@ impl Default for UpstreamConfig {
             command_timeout: Duration::from_secs(300),
             data_timeout: Duration::from_secs(180),
             final_timeout: Duration::from_secs(600),
+            odmr: None,
         }
     }
 }
@@ -433,6 +455,17 @@ pub struct FlushConfig {
     /// upstream this often and flush as soon as it answers ("0s": off).
     #[serde(with = "humantime_serde_compat")]
     pub probe_interval: Duration,
+    /// When the link may be used at all (local time); always when empty.
+    pub windows: Vec<Window>,
+    /// When messages over `large_message_size` may go (inside `windows`);
+    /// always when empty.
+    pub large_message_window: Vec<Window>,
+    /// Octets sent to the upstream per local day at most; 0: no limit.
+    pub daily_byte_budget: u64,
+    /// After each flush, take this office's held mail from the hub over
+    /// our own connection (ATRN, RFC 2645): passes NAT.
+    #[serde(deserialize_with = "domains")]
+    pub atrn: Vec<String>,
 }
 
 impl Default for FlushConfig {
@@ -443,6 +476,10 @@ impl Default for FlushConfig {
             etrn: Vec::new(),
             large_message_size: 1 << 20,
             probe_interval: Duration::from_secs(5),
+            windows: Vec::new(),
+            large_message_window: Vec::new(),
+            daily_byte_budget: 0,
+            atrn: Vec::new(),
         }
     }
 }
@@ -525,6 +562,9 @@ pub struct HubConfig {
         skip_serializing_if = "Option::is_none"
     )]
     pub max_hold: Option<Duration>,
+    /// ATRN (RFC 2645): which held domains each account may take over an
+    /// `odmr` listener: `branch7 = ["branch.example"]`.
+    pub odmr: BTreeMap<String, Vec<String>>,
 }
 
 impl Default for HubConfig {
@@ -534,6 +574,7 @@ impl Default for HubConfig {
             etrn_networks: vec!["127.0.0.0/8".parse().unwrap(), "::1/128".parse().unwrap()],
             routes: BTreeMap::new(),
             max_hold: None,
+            odmr: BTreeMap::new(),
         }
     }
 }
@@ -547,6 +588,15 @@ impl HubConfig {
     /// How long held mail waits for its branch.
     pub fn max_hold(&self, retry: &RetryConfig) -> Duration {
         self.max_hold.unwrap_or(retry.max_age_absolute)
+    }
+
+    /// The held domains `account` may take with ATRN (lower case).
+    pub fn odmr_domains(&self, account: &str) -> Vec<String> {
+        self.odmr
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(account))
+            .map(|(_, v)| v.iter().map(|d| d.to_ascii_lowercase()).collect())
+            .unwrap_or_default()
     }
 
     /// Where `domain`'s held mail goes: the route, or the domain (MX).

@@ -18,6 +18,7 @@ pub mod relay;
 pub mod server;
 pub mod smtp;
 pub mod tls;
+pub mod window;
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -96,8 +97,12 @@ pub async fn serve(
     // The flusher in use; a reload publishes a new one. At shutdown the
     // flush in progress finishes its transactions in flight and starts none.
     let stopping = Arc::new(AtomicBool::new(false));
+    // Branch role: connections the hub turned around after our ATRN.
+    let (turned_tx, turned_rx) = tokio::sync::mpsc::unbounded_channel();
     let (flusher_tx, flusher_rx) = watch::channel(
-        Flusher::new(config.clone(), store.clone(), writer.clone()).stopping_on(stopping.clone()),
+        Flusher::new(config.clone(), store.clone(), writer.clone())
+            .stopping_on(stopping.clone())
+            .serving_turned(turned_tx.clone()),
     );
     let control = control::bind(&config.control.socket)
         .with_context(|| format!("control.socket {}", config.control.socket.display()))?;
@@ -110,6 +115,15 @@ pub async fn serve(
         logins.clone(),
         stop_rx.clone(),
     ));
+    // Store housekeeping (purge, vacuum, WAL checkpoint): at start, then
+    // every few minutes, until shutdown.
+    let housekeeping = tokio::spawn(queue::run_housekeeping(
+        store.clone(),
+        writer.clone(),
+        config.store.keep_history,
+        config.smtp.checkpoint_keep,
+        stop_rx.clone(),
+    ));
     let submitted = Arc::new(Notify::new());
     let link_back = Arc::new(Notify::new());
     let prober = tokio::spawn(link_prober(
@@ -118,23 +132,34 @@ pub async fn serve(
         stop_rx.clone(),
     ));
     let (etrn_tx, etrn_rx) = tokio::sync::mpsc::unbounded_channel();
+    let (atrn_tx, atrn_rx) = tokio::sync::mpsc::unbounded_channel();
     let triggers = server::Triggers {
         submitted: Some(submitted.clone()),
         etrn: Some(etrn_tx),
         etrn_running: Default::default(),
+        atrn: Some(atrn_tx),
     };
+    let atrn_hub = tokio::spawn(atrn_hub(flusher_rx.clone(), atrn_rx, stop_rx.clone()));
     let runner = tokio::spawn(flush_runner(
         flusher_rx,
         submitted,
         link_back,
         etrn_rx,
         triggers.etrn_running.clone(),
-        stop_rx,
+        stop_rx.clone(),
     ));
     let shared = Arc::new(
         Shared::new(config.clone(), store.clone(), writer.clone(), tls, triggers)
             .with_logins(logins),
     );
+    // Sessions on turned connections see the daemon's stop like others.
+    let (turned_phase_tx, turned_phase_rx) = watch::channel(server::Phase::Running);
+    let atrn_branch = tokio::spawn(atrn_branch(
+        shared.clone(),
+        turned_rx,
+        turned_phase_rx,
+        stop_rx.clone(),
+    ));
     info!(hostname = %config.hostname, store = %config.store.path.display(), "outpost ready");
     ready();
     // Reloads: everything but the store, the sockets and logging.
@@ -174,7 +199,8 @@ pub async fn serve(
                 shared.reconfigure(new.clone(), tls);
                 let _ = flusher_tx.send(
                     Flusher::new(new.clone(), store.clone(), writer.clone())
-                        .stopping_on(stopping.clone()),
+                        .stopping_on(stopping.clone())
+                        .serving_turned(turned_tx.clone()),
                 );
                 // The server logs "configuration reloaded" once its
                 // listeners follow.
@@ -203,6 +229,10 @@ pub async fn serve(
     runner.abort();
     let _ = runner.await;
     let _ = prober.await;
+    let _ = housekeeping.await;
+    let _ = turned_phase_tx.send(server::Phase::Stopped);
+    let _ = atrn_hub.await;
+    let _ = atrn_branch.await;
     // Every session and the flusher have ended; the last handle to the
     // writer is gone, and joining the thread waits for its last commit.
     writer_thread.join();
@@ -217,6 +247,8 @@ enum Trigger {
     OnSubmit,
     Etrn,
     LinkBack,
+    /// A flush window opened or closed, or a new day's budget began.
+    Gate,
 }
 
 /// Flush on link-up: while the link is down and mail waits, a TCP connect
@@ -275,6 +307,80 @@ async fn link_prober(
     }
 }
 
+/// Hub role: each connection a branch turned around with ATRN gets the
+/// held mail of its domains, delivered by the flusher of the moment.
+async fn atrn_hub(
+    flushers: watch::Receiver<Flusher>,
+    mut turned: tokio::sync::mpsc::UnboundedReceiver<server::Turned>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut running = tokio::task::JoinSet::new();
+    loop {
+        let t = tokio::select! {
+            _ = stop.changed() => break,
+            t = turned.recv() => match t {
+                Some(t) => t,
+                None => break,
+            },
+        };
+        let flusher = flushers.borrow().clone();
+        running.spawn(async move {
+            let mut log = |e: &Event| {
+                if let Event::Done(s) = e {
+                    info!(peer = %t.peer, account = %t.account, delivered = s.delivered,
+                          deferred = s.deferred, bounced = s.bounced,
+                          error = s.error.as_deref().unwrap_or(""), "ATRN delivery done");
+                }
+            };
+            flusher
+                .deliver_turned(t.io, t.peer.clone(), t.domains, &mut log)
+                .await;
+        });
+    }
+    // A delivery in progress ends by itself (the flusher stops starting
+    // transactions at shutdown).
+    while running.join_next().await.is_some() {}
+}
+
+/// Branch role: a connection the hub turned around after our ATRN is
+/// served like any SMTP connection from the hub (relay mode: mail for the
+/// local and hold domains, relaying as `relay.networks` says).
+async fn atrn_branch(
+    shared: Arc<Shared>,
+    mut turned: tokio::sync::mpsc::UnboundedReceiver<relay::flush::TurnedBack>,
+    phase: watch::Receiver<server::Phase>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut running = tokio::task::JoinSet::new();
+    loop {
+        let t = tokio::select! {
+            _ = stop.changed() => break,
+            t = turned.recv() => match t {
+                Some(t) => t,
+                None => break,
+            },
+        };
+        let listen = config::Listen {
+            address: t.peer,
+            mode: config::ListenMode::Relay,
+            plaintext_auth: Some(false),
+        };
+        let session = smtp::session::Session::new(
+            shared.clone(),
+            listen,
+            server::Peer::Tcp(t.peer),
+            t.io,
+            phase.clone(),
+        );
+        running.spawn(async move {
+            info!(peer = %t.peer, "ATRN: serving the hub on our connection");
+            session.run().await;
+            let _ = t.done.send(());
+        });
+    }
+    while running.join_next().await.is_some() {}
+}
+
 /// The instant of the next tick of a `period` schedule (see
 /// [`relay::decide::next_tick`]): fixed by the wall clock, so traffic
 /// never pushes it back.
@@ -313,6 +419,15 @@ async fn flush_runner(
             (None, _) => None,
         };
         let mut opts = FlushOptions::default();
+        // The next edge of a window (or midnight, for the budget): a flush
+        // then sends what waited, or marks the link closed.
+        let gate_change = {
+            let local = chrono::Local::now().naive_local();
+            relay::decide::next_gate_change(&flusher.config.flush, local).map(|at| {
+                let wait = (at - local).to_std().unwrap_or_default();
+                tokio::time::Instant::now() + wait + Duration::from_secs(1)
+            })
+        };
         let trigger = tokio::select! {
             _ = stop.changed() => return,
             _ = flushers.changed() => continue,
@@ -324,6 +439,12 @@ async fn flush_runner(
             } => Trigger::Interval,
             _ = submitted.notified() => Trigger::OnSubmit,
             _ = link_back.notified() => Trigger::LinkBack,
+            _ = async {
+                match gate_change {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            } => Trigger::Gate,
             Some(spec) = etrn.recv() => {
                 // Every request waiting now goes in this one delivery.
                 opts.domains.push(spec);
@@ -348,7 +469,8 @@ async fn flush_runner(
         if trigger == Trigger::OnSubmit {
             let store = flusher.store.clone();
             let link = tokio::task::spawn_blocking(move || store.link(queue::unix_now())).await;
-            if matches!(link, Ok(Ok(ref l)) if l.state == LinkState::Down) {
+            if matches!(link, Ok(Ok(ref l)) if matches!(l.state, LinkState::Down | LinkState::Closed))
+            {
                 continue;
             }
         }

@@ -117,6 +117,19 @@ pub struct Triggers {
     pub etrn: Option<mpsc::UnboundedSender<String>>,
     /// Requests whose delivery is running now: a repeated ETRN starts none.
     pub etrn_running: Arc<Mutex<std::collections::HashSet<String>>>,
+    /// Hub role: connections turned around by ATRN, for the held mail of
+    /// these domains to go back over them.
+    pub atrn: Option<mpsc::UnboundedSender<Turned>>,
+}
+
+/// A connection a branch turned around with ATRN (RFC 2645): the hub is
+/// now the client on it.
+pub struct Turned {
+    pub io: crate::codec::BoxedIo,
+    /// The branch, for logs and the delivery history.
+    pub peer: String,
+    pub account: String,
+    pub domains: Vec<String>,
 }
 
 impl Shared {

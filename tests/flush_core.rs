@@ -396,3 +396,123 @@ fn with_several_connections_a_large_message_gets_its_own() {
         Some("big")
     );
 }
+
+/// A one-hour window that does not contain the present local time.
+fn a_closed_window() -> String {
+    use chrono::Timelike;
+    let h = chrono::Local::now().hour();
+    format!("{:02}:00-{:02}:00", (h + 2) % 24, (h + 3) % 24)
+}
+
+/// `outpost flush --json` in a process whose clock runs `offset` ahead
+/// (libfaketime). The daemon must be stopped: the flush runs here.
+fn flush_later(g: &Gateway, offset: &str) -> (i32, serde_json::Value) {
+    let out = std::process::Command::new("faketime")
+        .args(["-f", offset, common::BIN, "flush", "--json", "--config"])
+        .arg(&g.config_path)
+        .output()
+        .expect("faketime (Debian package faketime) runs");
+    (out.status.code().unwrap_or(-1), json_out(&out))
+}
+
+#[test]
+fn outside_its_window_the_link_is_closed_and_mail_does_not_age() {
+    let (port, seen) = fake::start(Script::default());
+    let mut g = Gateway::start(&format!(
+        "{}[flush]\nwindows = [\"{}\"]\nprobe_interval = \"0s\"\n[retry]\nmax_age = \"1m\"\nmax_age_absolute = \"1d\"\ndelay_warning = \"0s\"\n",
+        upstream(port),
+        a_closed_window()
+    ));
+    // The link was up once (a flush by hand, --all, ignores the window).
+    send(
+        &g,
+        "s@client.test",
+        &["x@far.example"],
+        b"Subject: first\r\n\r\nx\r\n",
+    );
+    let out = g.cli(&["flush", "--all", "--json"]);
+    assert_eq!(
+        json_out(&out)["summary"]["delivered"],
+        1,
+        "{}",
+        json_out(&out)
+    );
+    // Then, outside the window, nothing goes.
+    send(
+        &g,
+        "s@client.test",
+        &["x@far.example"],
+        b"Subject: second\r\n\r\nx\r\n",
+    );
+    let out = g.cli(&["flush", "--json"]);
+    let v = json_out(&out);
+    assert_eq!(out.status.code(), Some(75), "{v}");
+    assert_eq!(v["summary"]["link"], "closed", "{v}");
+    assert_eq!(v["summary"]["waiting"]["window"], 1, "{v}");
+    let status = json_out(&g.cli(&["status", "--json"]));
+    assert_eq!(status["link"]["state"], "closed", "{status}");
+    assert!(status["link"]["last_error"]
+        .as_str()
+        .unwrap()
+        .contains("outside flush.windows"));
+    assert_eq!(status["waiting"]["window"], 1, "{status}");
+    assert!(status["waiting"]["next_change"].is_string(), "{status}");
+    assert_eq!(seen.messages.load(Ordering::SeqCst), 1);
+    // Two minutes later (max_age is one): still waiting, not expired,
+    // because a closed link's clock stands still.
+    g.stop();
+    let (code, v) = flush_later(&g, "+2m");
+    assert_eq!(code, 75, "{v}");
+    assert_eq!(v["summary"]["expired"], 0, "{v}");
+    assert_eq!(g.queue().len(), 1);
+    let (code, v) = flush_later(&g, "+3m");
+    assert_eq!(
+        (code, &v["summary"]["delivered"]),
+        (75, &serde_json::json!(0)),
+        "{v}"
+    );
+    // --all sends it anyway.
+    let out = g.cli(&["flush", "--all", "--json"]);
+    assert_eq!(json_out(&out)["summary"]["delivered"], 1);
+    assert_eq!(seen.messages.load(Ordering::SeqCst), 2);
+}
+
+#[test]
+fn a_daily_byte_budget_holds_the_rest_for_tomorrow() {
+    let (port, seen) = fake::start(Script::default());
+    let g = Gateway::start(&format!(
+        "{}[flush]\ndaily_byte_budget = 3000\nprobe_interval = \"0s\"\n",
+        upstream(port)
+    ));
+    let body = |i: usize| {
+        let mut b = format!("Subject: budget {i}\r\n\r\n").into_bytes();
+        b.extend(std::iter::repeat_n(b'x', 1100));
+        b.extend_from_slice(b"\r\n");
+        b
+    };
+    for i in 0..3 {
+        send(&g, "s@client.test", &["x@far.example"], &body(i));
+    }
+    let out = g.cli(&["flush", "--json"]);
+    let v = json_out(&out);
+    assert_eq!(v["summary"]["delivered"], 2, "{v}");
+    assert_eq!(v["summary"]["waiting"]["budget"], 1, "{v}");
+    assert_eq!(seen.messages.load(Ordering::SeqCst), 2);
+    let status = json_out(&g.cli(&["status", "--json"]));
+    let sent = status["budget"]["sent_today"].as_i64().unwrap();
+    assert!((2400..=3000).contains(&sent), "{status}");
+    assert_eq!(status["waiting"]["budget"], 1, "{status}");
+    // The next flush sends nothing and says why.
+    let out = g.cli(&["flush", "--json"]);
+    let v = json_out(&out);
+    assert_eq!(out.status.code(), Some(75), "{v}");
+    assert_eq!(v["summary"]["link"], "closed");
+    assert!(
+        json_out(&g.cli(&["status", "--json"]))["link"]["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("daily_byte_budget spent"),
+    );
+    assert_eq!(seen.messages.load(Ordering::SeqCst), 2);
+    assert_eq!(g.queue().len(), 1, "it waits, it is not bounced");
+}

@@ -1,5 +1,6 @@
 //! The command line: argument definitions and the commands themselves.
 
+mod check_upstream;
 mod flush;
 mod mailbox;
 mod queue;
@@ -49,6 +50,11 @@ pub enum Command {
     Serve,
     /// Check the configuration and print the effective one.
     CheckConfig,
+    /// Try the upstream step by step as a flush would (DNS/MX, connect,
+    /// greeting, EHLO, STARTTLS and its certificate, AUTH, MAIL/RSET) and
+    /// say what fails and how to fix it. Sends no mail. Exit 0, 75 (try
+    /// later) or 78 (fix the configuration).
+    CheckUpstream,
     /// Send what is due to the upstream now: through the running daemon, or
     /// in this process when none runs. Exit 75 when the link is down.
     Flush {
@@ -179,6 +185,10 @@ pub fn run(cli: &Cli) -> ExitCode {
     match &cli.command {
         Command::Serve => unreachable!("serve is run by main"),
         Command::CheckConfig => check_config(cli),
+        Command::CheckUpstream => match load_config(cli) {
+            Ok(c) => check_upstream::run(&c),
+            Err(code) => code,
+        },
         Command::Flush {
             all,
             domains,

@@ -8,6 +8,7 @@ use super::queue::terminal_safe;
 use super::{exit, open_store};
 use crate::config::Config;
 use crate::queue::{unix_now, RecipientState};
+use crate::relay::decide;
 
 pub fn run(config: &Config, as_json: bool) -> ExitCode {
     let store = match open_store(config) {
@@ -15,22 +16,38 @@ pub fn run(config: &Config, as_json: bool) -> ExitCode {
         Err(code) => return code,
     };
     let now = unix_now();
-    let (link, counts, held, etrn) = match store.link(now).and_then(|l| {
-        Ok((
-            l,
-            store.counts()?,
-            store.held_by_domain()?,
-            store.last_etrn()?,
-        ))
-    }) {
-        Ok(x) => x,
-        Err(e) => {
-            eprintln!("outpost: {e}");
-            return ExitCode::from(exit::IOERR);
-        }
-    };
+    let local = chrono::Local::now().naive_local();
+    let (link, counts, held, etrn, disk, pending, sent_today) =
+        match store.link(now).and_then(|l| {
+            Ok((
+                l,
+                store.counts()?,
+                store.held_by_domain()?,
+                store.last_etrn()?,
+                store.disk_usage()?,
+                store.pending_outbound()?,
+                store.sent_on(&local.date().to_string())?,
+            ))
+        }) {
+            Ok(x) => x,
+            Err(e) => {
+                eprintln!("outpost: {e}");
+                return ExitCode::from(exit::IOERR);
+            }
+        };
     let oldest_age = counts.oldest.map(|t| (now - t).max(0));
     let logins = daemon_logins(config);
+    // What waits for a window or the budget, as the next flush would see it.
+    let flush = &config.flush;
+    let waiting = decide::select(
+        pending,
+        &Default::default(),
+        now,
+        flush.large_message_size as i64,
+        &decide::gate(flush, local, sent_today),
+    )
+    .waiting;
+    let gate_change = decide::next_gate_change(flush, local);
     // The next flush: the schedule's next tick (fixed times, see
     // relay::decide::next_tick), or when deferred mail next comes due,
     // whichever is later.
@@ -57,11 +74,27 @@ pub fn run(config: &Config, as_json: bool) -> ExitCode {
             "next_flush": next_flush.map(rfc3339),
             "next_due": counts.next_due.map(rfc3339),
             "last_etrn": etrn.0.map(|at| json!({ "at": rfc3339(at), "result": etrn.1 })),
+            "waiting": {
+                "window": waiting.window,
+                "large_window": waiting.large_window,
+                "budget": waiting.budget,
+                "next_change": gate_change.map(|t| t.format("%Y-%m-%dT%H:%M").to_string()),
+            },
+            "budget": (flush.daily_byte_budget > 0).then(|| json!({
+                "limit": flush.daily_byte_budget,
+                "sent_today": sent_today,
+            })),
             "held": held.iter().map(|h| json!({
                 "domain": h.domain,
                 "messages": h.messages,
                 "last_asked": h.last_asked.map(rfc3339),
             })).collect::<Vec<_>>(),
+            "store": {
+                "path": store.path().display().to_string(),
+                "size_bytes": disk.size_bytes,
+                "wal_bytes": disk.wal_bytes,
+                "free_bytes": disk.free_bytes,
+            },
             // null when no daemon runs (the state is the daemon's).
             "logins": logins,
         });
@@ -75,7 +108,37 @@ pub fn run(config: &Config, as_json: bool) -> ExitCode {
         age(now - link.since)
     );
     if let Some(e) = &link.last_error {
-        println!("last error:  {}", terminal_safe(e));
+        let label = if link.state == crate::queue::LinkState::Closed {
+            "closed:     "
+        } else {
+            "last error: "
+        };
+        println!("{label} {}", terminal_safe(e));
+    }
+    if waiting.total() > 0 {
+        let mut why = Vec::new();
+        for (n, what) in [
+            (waiting.window, "flush.windows"),
+            (waiting.large_window, "flush.large_message_window"),
+            (waiting.budget, "flush.daily_byte_budget"),
+        ] {
+            if n > 0 {
+                why.push(format!("{n} for {what}"));
+            }
+        }
+        println!(
+            "waiting:     {}{}",
+            why.join(", "),
+            gate_change
+                .map(|t| format!(" (next change {})", t.format("%Y-%m-%d %H:%M")))
+                .unwrap_or_default()
+        );
+    }
+    if flush.daily_byte_budget > 0 {
+        println!(
+            "budget:      {sent_today} of {} octets sent today",
+            flush.daily_byte_budget
+        );
     }
     match link.last_flush_at {
         Some(at) => println!(
@@ -147,6 +210,13 @@ pub fn run(config: &Config, as_json: bool) -> ExitCode {
         Some(t) => println!("next flush:  {} (in {})", rfc3339(t), age(t - now)),
         None => println!("next flush:  on `outpost flush` only (no flush.interval)"),
     }
+    println!(
+        "store:       {} {} + {} WAL ({} free inside)",
+        store.path().display(),
+        bytes(disk.size_bytes),
+        bytes(disk.wal_bytes),
+        bytes(disk.free_bytes)
+    );
     ExitCode::from(exit::OK)
 }
 
@@ -166,6 +236,22 @@ pub(super) fn rfc3339(t: i64) -> String {
     chrono::DateTime::from_timestamp(t, 0)
         .map(|d| d.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
         .unwrap_or_default()
+}
+
+/// Bytes for people: "512 B", "3.4 KiB", "12.0 MiB", "1.2 GiB".
+fn bytes(n: u64) -> String {
+    const UNITS: [&str; 4] = ["B", "KiB", "MiB", "GiB"];
+    let mut v = n as f64;
+    let mut unit = 0;
+    while v >= 1024.0 && unit < UNITS.len() - 1 {
+        v /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[unit])
+    }
 }
 
 pub(super) fn age(secs: i64) -> String {

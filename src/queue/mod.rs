@@ -6,6 +6,7 @@
 //! through one [`Writer`] thread that commits many sessions' messages in one
 //! transaction; reads use their own connections.
 
+mod housekeeping;
 mod model;
 pub mod space;
 mod writer;
@@ -16,8 +17,9 @@ use std::time::Duration;
 
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 
+pub use housekeeping::{housekeeping, housekeeping_interval, run_housekeeping, Housekeeping};
 pub use model::*;
-pub use writer::{Change, RecipientChange, Writer, WriterThread};
+pub use writer::{Applied, Change, RecipientChange, Writer, WriterThread};
 
 /// Schema migrations, in order. Each is applied once; never edit a shipped one.
 const MIGRATIONS: &[(&str, &str)] = &[
@@ -31,6 +33,14 @@ const MIGRATIONS: &[(&str, &str)] = &[
         include_str!("../../schema/0003_mailboxes.sql"),
     ),
     ("0004_etrn", include_str!("../../schema/0004_etrn.sql")),
+    (
+        "0005_windows",
+        include_str!("../../schema/0005_windows.sql"),
+    ),
+    (
+        "0006_checkpoint",
+        include_str!("../../schema/0006_checkpoint.sql"),
+    ),
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -91,16 +101,42 @@ pub(crate) fn connect(path: &Path) -> Result<Connection, StoreError> {
     .map_err(sql_err(path))?;
     conn.busy_timeout(Duration::from_secs(10))
         .map_err(sql_err(path))?;
+    // auto_vacuum first: it only takes effect on a database that has no
+    // table yet (a new one); an older store is converted once by the
+    // daemon's housekeeping (see `Writer::make_incremental`). INCREMENTAL
+    // lets housekeeping give free pages back to the file system.
     // FULL: a commit is durable once it returns, also on power loss (NORMAL
     // in WAL mode may lose the last commits).
-    conn.execute_batch(
-        "PRAGMA journal_mode = WAL;
+    // journal_size_limit: a WAL that grew past it (a long read, a burst) is
+    // cut back to it once checkpointed, instead of keeping its largest size.
+    let pragmas = format!(
+        "PRAGMA auto_vacuum = INCREMENTAL;
+         PRAGMA journal_mode = WAL;
          PRAGMA synchronous = FULL;
-         PRAGMA foreign_keys = ON;",
-    )
-    .map_err(sql_err(path))?;
-    Ok(conn)
+         PRAGMA foreign_keys = ON;
+         PRAGMA journal_size_limit = {JOURNAL_SIZE_LIMIT};"
+    );
+    // Switching a new database to WAL needs it to itself for an instant;
+    // when another process opens it at the same moment SQLite answers
+    // "busy" at once instead of waiting (the busy handler does not run for
+    // that lock), so wait here, as long as the busy timeout would.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match conn.execute_batch(&pragmas) {
+            Ok(()) => return Ok(conn),
+            Err(rusqlite::Error::SqliteFailure(e, _))
+                if e.code == rusqlite::ErrorCode::DatabaseBusy
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(e) => return Err(sql_err(path)(e)),
+        }
+    }
 }
+
+/// Bytes the WAL file is cut back to after a checkpoint.
+pub const JOURNAL_SIZE_LIMIT: i64 = 64 << 20;
 
 fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
     let read_version = |c: &Connection| -> Result<i64, StoreError> {
@@ -354,6 +390,47 @@ impl Store {
         })
     }
 
+    /// The checkpointed transaction `key`, if one is kept.
+    pub fn partial(&self, key: &TransactionKey) -> Result<Option<Partial>, StoreError> {
+        self.with(|c| {
+            c.query_row(
+                "SELECT sender, envelope, content, size, queue_id, updated_at FROM partials
+                  WHERE transid = ?1 AND helo = ?2 AND client = ?3",
+                params![key.transid, key.helo, key.client],
+                |r| {
+                    let envelope: String = r.get(1)?;
+                    Ok(Partial {
+                        key: key.clone(),
+                        sender: r.get(0)?,
+                        envelope: serde_json::from_str(&envelope).map_err(|e| {
+                            rusqlite::Error::FromSqlConversionFailure(
+                                1,
+                                rusqlite::types::Type::Text,
+                                Box::new(e),
+                            )
+                        })?,
+                        content: r.get(2)?,
+                        size: r.get(3)?,
+                        queue_id: r.get(4)?,
+                        updated_at: r.get(5)?,
+                    })
+                },
+            )
+            .optional()
+        })
+    }
+
+    /// Octets sent to the upstream on `day` (local, `YYYY-MM-DD`).
+    pub fn sent_on(&self, day: &str) -> Result<i64, StoreError> {
+        self.with(|c| {
+            c.query_row(
+                "SELECT coalesce(sum(bytes), 0) FROM sent_bytes WHERE day = ?1",
+                [day],
+                |r| r.get(0),
+            )
+        })
+    }
+
     /// The link row, with the link-up clock brought up to `now`.
     pub fn link(&self, now: i64) -> Result<LinkStatus, StoreError> {
         self.with(|c| {
@@ -496,6 +573,46 @@ impl Store {
         self.with(|c| {
             c.prepare_cached("SELECT 1 FROM messages WHERE id = ?1")?
                 .exists([id])
+        })
+    }
+
+    // ---- the file ---------------------------------------------------------
+
+    /// The database's pages: how many, how many free, and their size.
+    pub fn pages(&self) -> Result<PageStats, StoreError> {
+        self.with(|c| {
+            let get = |pragma: &str| c.query_row(&format!("PRAGMA {pragma}"), [], |r| r.get(0));
+            Ok(PageStats {
+                pages: get("page_count")?,
+                free: get("freelist_count")?,
+                size: get("page_size")?,
+                auto_vacuum: get("auto_vacuum")?,
+            })
+        })
+    }
+
+    /// Bytes on disk: the database file and its WAL (either may be absent:
+    /// 0), and the bytes of free pages inside the database.
+    pub fn disk_usage(&self) -> Result<DiskUsage, StoreError> {
+        let len = |p: &Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+        let mut wal = self.path.clone().into_os_string();
+        wal.push("-wal");
+        let pages = self.pages()?;
+        Ok(DiskUsage {
+            size_bytes: len(&self.path),
+            wal_bytes: len(Path::new(&wal)),
+            free_bytes: (pages.free * pages.size).max(0) as u64,
+        })
+    }
+
+    /// Copies what the WAL holds into the database, without waiting for
+    /// (or blocking) readers or the writer (PASSIVE): what it cannot copy
+    /// now, the next one does. Returns (frames in the WAL, frames copied).
+    pub fn checkpoint(&self) -> Result<(i64, i64), StoreError> {
+        self.with(|c| {
+            c.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
+                Ok((r.get(1)?, r.get(2)?))
+            })
         })
     }
 

@@ -53,7 +53,8 @@ impl fmt::Display for QueueId {
 }
 
 /// Where a recipient's copy goes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Route {
     /// Forwarded to the upstream relay.
     Upstream,
@@ -150,6 +151,9 @@ pub enum LinkState {
     Up,
     Down,
     Unknown,
+    /// Not to be used now: outside `flush.windows`, or the day's
+    /// `flush.daily_byte_budget` is spent. The link-up clock stands still.
+    Closed,
 }
 
 impl LinkState {
@@ -158,6 +162,7 @@ impl LinkState {
             LinkState::Up => "up",
             LinkState::Down => "down",
             LinkState::Unknown => "unknown",
+            LinkState::Closed => "closed",
         }
     }
 }
@@ -169,6 +174,7 @@ impl FromStr for LinkState {
             "up" => LinkState::Up,
             "down" => LinkState::Down,
             "unknown" => LinkState::Unknown,
+            "closed" => LinkState::Closed,
             _ => return Err(format!("unknown link state {s}")),
         })
     }
@@ -276,7 +282,7 @@ pub struct NewMessage {
     pub body: Vec<u8>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct NewRecipient {
     pub address: String,
     pub domain: String,
@@ -286,6 +292,41 @@ pub struct NewRecipient {
     /// For a local recipient: the accounts whose mailboxes get the message
     /// in the same commit (an alias may name several).
     pub mailboxes: Vec<String>,
+}
+
+/// Which interrupted (or completed) transaction: the client's TRANSID, its
+/// EHLO name, and who it is (its account, or its address).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TransactionKey {
+    pub transid: String,
+    pub helo: String,
+    pub client: String,
+}
+
+/// The MAIL parameters and recipients of a transaction, kept with a
+/// checkpoint so that a resumed transaction needs neither again.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct Envelope {
+    pub body_type: Option<String>,
+    pub smtputf8: bool,
+    pub dsn_ret: Option<String>,
+    pub dsn_envid: Option<String>,
+    pub recipients: Vec<NewRecipient>,
+}
+
+/// A checkpointed transaction (RFC 1845).
+#[derive(Debug, Clone)]
+pub struct Partial {
+    pub key: TransactionKey,
+    pub sender: String,
+    pub envelope: Envelope,
+    /// The message content received so far (empty once complete).
+    pub content: Vec<u8>,
+    /// Octets of content: received so far, or the whole message.
+    pub size: i64,
+    /// The queue id, once the message was committed.
+    pub queue_id: Option<String>,
+    pub updated_at: i64,
 }
 
 impl NewRecipient {
@@ -364,6 +405,27 @@ impl MailboxEntry {
     pub fn size(&self) -> i64 {
         self.stored_size + self.return_path().len() as i64
     }
+}
+
+/// The database's pages (SQLite's page_count, freelist_count, page_size,
+/// auto_vacuum: 0 none, 1 full, 2 incremental).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PageStats {
+    pub pages: i64,
+    pub free: i64,
+    pub size: i64,
+    pub auto_vacuum: i64,
+}
+
+/// The store's size on disk, for `outpost status`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DiskUsage {
+    /// The database file.
+    pub size_bytes: u64,
+    /// Its write-ahead log (`<path>-wal`).
+    pub wal_bytes: u64,
+    /// Free pages inside the database file (reused before the file grows).
+    pub free_bytes: u64,
 }
 
 #[derive(Debug, Clone)]

@@ -35,6 +35,13 @@ pub enum Change {
     },
     /// A flush ended.
     FlushDone { at: i64, result: String },
+    /// A transaction marked with TRANSID: interrupted (what came is kept),
+    /// or committed (its queue id is kept, the content is not).
+    SavePartial(Box<super::Partial>),
+    /// Checkpoints older than `before` are dropped (smtp.checkpoint_keep).
+    PurgePartials { before: i64 },
+    /// `bytes` more octets went to the upstream on `day` (local date).
+    Sent { day: String, bytes: i64 },
     /// A delay warning went out for this recipient.
     Warned { message_id: String, idx: u32 },
     /// Hub role: held mail for `spec` (a domain, or `@domain` with its
@@ -46,6 +53,34 @@ pub enum Change {
     MailboxRemove { user: String, ids: Vec<i64> },
     /// Delete a message outright (administrator).
     Delete { message_id: String },
+    /// Housekeeping: of the next `limit` messages after `after` (by id, so
+    /// by arrival; None: from the first), delete those that are finished
+    /// (every recipient delivered, bounced or expired, the last of them
+    /// before `before`, and in no mailbox) with their recipients and
+    /// history. Reports how many went and where to go on ([`Applied`]).
+    /// Bounded, so that one request never holds the write lock long.
+    Purge {
+        before: i64,
+        after: Option<String>,
+        limit: u32,
+    },
+    /// Housekeeping: give up to `pages` free pages back to the file system
+    /// (`PRAGMA incremental_vacuum`); reports how many went.
+    Vacuum { pages: u32 },
+}
+
+/// What a request did beyond being committed, for the changes that say.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Applied {
+    /// [`Change::Purge`]: messages deleted.
+    pub purged: u64,
+    /// [`Change::Purge`]: the last message looked at, to go on after; None
+    /// when there is nothing more to look at.
+    pub purge_next: Option<String>,
+    /// [`Change::Vacuum`]: pages given back.
+    pub vacuumed: i64,
+    /// [`Writer::make_incremental`]: the database was converted.
+    pub converted: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -66,8 +101,16 @@ pub struct RecipientChange {
 }
 
 struct Request {
-    changes: Vec<Change>,
-    done: oneshot::Sender<Result<(), StoreError>>,
+    work: Work,
+    done: oneshot::Sender<Result<Applied, StoreError>>,
+}
+
+enum Work {
+    /// Applied in the batch's transaction, in a savepoint of their own.
+    Changes(Vec<Change>),
+    /// Switch the database to incremental auto-vacuum (VACUUM: alone,
+    /// outside any transaction).
+    MakeIncremental,
 }
 
 /// A handle to the writer thread; cheap to clone.
@@ -109,9 +152,26 @@ impl Writer {
 
     /// Commits `changes` durably and together; returns once on disk.
     pub async fn apply(&self, changes: Vec<Change>) -> Result<(), StoreError> {
+        self.apply_reporting(changes).await.map(|_| ())
+    }
+
+    /// As [`Writer::apply`], and says what the changes did (purge, vacuum).
+    pub async fn apply_reporting(&self, changes: Vec<Change>) -> Result<Applied, StoreError> {
+        self.send(Work::Changes(changes)).await
+    }
+
+    /// Switches a store made before incremental auto-vacuum to it: once,
+    /// with a VACUUM that rewrites the whole file (it needs free disk space
+    /// about twice the database's size, and writes wait meanwhile).
+    /// Returns true when it converted, false when there was nothing to do.
+    pub async fn make_incremental(&self) -> Result<bool, StoreError> {
+        self.send(Work::MakeIncremental).await.map(|a| a.converted)
+    }
+
+    async fn send(&self, work: Work) -> Result<Applied, StoreError> {
         let (done, wait) = oneshot::channel();
         self.tx
-            .send(Request { changes, done })
+            .send(Request { work, done })
             .map_err(|_| StoreError::WriterGone)?;
         wait.await.map_err(|_| StoreError::WriterGone)?
     }
@@ -119,11 +179,32 @@ impl Writer {
 
 fn run(mut conn: Connection, path: PathBuf, mut rx: mpsc::UnboundedReceiver<Request>) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
-    while let Some(first) = rx.blocking_recv() {
+    // A request that must run alone, met while gathering a batch.
+    let mut alone: Option<Request> = None;
+    loop {
+        let first = match alone.take() {
+            Some(r) => r,
+            None => match rx.blocking_recv() {
+                Some(r) => r,
+                None => break,
+            },
+        };
+        if let Work::MakeIncremental = first.work {
+            let r = make_incremental(&conn, &path).map(|converted| Applied {
+                converted,
+                ..Applied::default()
+            });
+            let _ = first.done.send(r);
+            continue;
+        }
         batch.push(first);
         while batch.len() < MAX_BATCH {
             match rx.try_recv() {
-                Ok(r) => batch.push(r),
+                Ok(r) if matches!(r.work, Work::Changes(_)) => batch.push(r),
+                Ok(r) => {
+                    alone = Some(r);
+                    break;
+                }
                 Err(_) => break,
             }
         }
@@ -134,22 +215,60 @@ fn run(mut conn: Connection, path: PathBuf, mut rx: mpsc::UnboundedReceiver<Requ
     }
 }
 
-/// Writes the batch in one transaction. Each message has its own savepoint,
+/// Converts a store made with auto_vacuum NONE (before outpost set it) to
+/// INCREMENTAL. VACUUM rewrites the file and cannot run in a transaction.
+fn make_incremental(conn: &Connection, path: &Path) -> Result<bool, StoreError> {
+    let mode: i64 = conn
+        .query_row("PRAGMA auto_vacuum", [], |r| r.get(0))
+        .map_err(sql_err(path))?;
+    if mode == 2 {
+        return Ok(false);
+    }
+    conn.execute_batch("PRAGMA auto_vacuum = INCREMENTAL; VACUUM;")
+        .map_err(sql_err(path))?;
+    // The whole database went through the WAL: copy it back and cut the
+    // WAL short now rather than at some later checkpoint. Readers may keep
+    // it from finishing; journal_size_limit then trims it later.
+    let _ = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()));
+    Ok(true)
+}
+
+/// Writes the batch in one transaction. Each request has its own savepoint,
 /// so one that cannot be written fails alone; a failed commit fails all.
-fn commit(conn: &mut Connection, path: &Path, batch: &[Request]) -> Vec<Result<(), StoreError>> {
-    let mut results: Vec<Result<(), StoreError>> = Vec::with_capacity(batch.len());
+///
+/// On some errors (SQLITE_FULL, SQLITE_IOERR, SQLITE_NOMEM, SQLITE_BUSY:
+/// SQLite's "Response To Errors Within A Transaction") SQLite may roll back
+/// the whole transaction instead of the one statement. The connection is
+/// then in autocommit mode: what the earlier requests wrote is gone, and a
+/// later request's savepoint would start and commit a transaction of its
+/// own, so that it would be stored although the batch fails. So after each
+/// request the transaction must still be open; if it is not, no request of
+/// the batch runs further and every one of them hears the error.
+fn commit(
+    conn: &mut Connection,
+    path: &Path,
+    batch: &[Request],
+) -> Vec<Result<Applied, StoreError>> {
+    let mut results: Vec<Result<Applied, StoreError>> = Vec::with_capacity(batch.len());
     let mut tx = match conn.transaction() {
         Ok(tx) => tx,
         Err(e) => return batch.iter().map(|_| Err(copy_err(&e, path))).collect(),
     };
     for req in batch {
         let r = (|| {
+            let mut applied = Applied::default();
             let sp = tx.savepoint()?;
-            for c in &req.changes {
-                apply(&sp, c)?;
+            if let Work::Changes(changes) = &req.work {
+                for c in changes {
+                    apply(&sp, c, &mut applied)?;
+                }
             }
-            sp.commit()
+            sp.commit()?;
+            Ok(applied)
         })();
+        if tx.is_autocommit() {
+            return rolled_back(path, batch, results, r);
+        }
         results.push(r.map_err(sql_err(path)));
     }
     // Dropping an uncommitted `tx` rolls the batch back; every session in it
@@ -162,7 +281,46 @@ fn commit(conn: &mut Connection, path: &Path, batch: &[Request]) -> Vec<Result<(
     results
 }
 
-fn apply(tx: &rusqlite::Savepoint<'_>, c: &Change) -> rusqlite::Result<()> {
+/// The results of a batch whose transaction SQLite rolled back while it
+/// ran the request after `done` (whose outcome is `last`): nothing of the
+/// batch is stored, so every request fails, with the error that caused the
+/// rollback (so that a full disk still reads as full, 452 4.3.1).
+fn rolled_back(
+    path: &Path,
+    batch: &[Request],
+    done: Vec<Result<Applied, StoreError>>,
+    last: rusqlite::Result<Applied>,
+) -> Vec<Result<Applied, StoreError>> {
+    let cause = match last {
+        Err(e) => e,
+        // Cannot happen (a request that succeeded leaves the transaction
+        // open), but if it did, its data is not stored either.
+        Ok(_) => rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_ABORT),
+            Some("the transaction ended while the batch was written".into()),
+        ),
+    };
+    tracing::error!(
+        requests = batch.len(),
+        error = %cause,
+        "the store rolled back a whole batch: every request in it fails, none is stored"
+    );
+    let mut out: Vec<_> = done
+        .into_iter()
+        .map(|r| match r {
+            // Its own error says more than the batch's.
+            Err(e) => Err(e),
+            Ok(_) => Err(copy_err(&cause, path)),
+        })
+        .collect();
+    out.push(Err(copy_err(&cause, path)));
+    while out.len() < batch.len() {
+        out.push(Err(copy_err(&cause, path)));
+    }
+    out
+}
+
+fn apply(tx: &rusqlite::Savepoint<'_>, c: &Change, applied: &mut Applied) -> rusqlite::Result<()> {
     match c {
         Change::Insert(m) => insert(tx, m),
         Change::Recipient(r) => recipient(tx, r),
@@ -178,6 +336,42 @@ fn apply(tx: &rusqlite::Savepoint<'_>, c: &Change) -> rusqlite::Result<()> {
                   WHERE id = 1",
             )?
             .execute(params![at, state.as_str(), error])?;
+            Ok(())
+        }
+        Change::SavePartial(p) => {
+            let envelope = serde_json::to_string(&p.envelope)
+                .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
+            tx.prepare_cached(
+                "INSERT OR REPLACE INTO partials
+                    (transid, helo, client, sender, envelope, content, size, queue_id, updated_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+            )?
+            .execute(params![
+                p.key.transid,
+                p.key.helo,
+                p.key.client,
+                p.sender,
+                envelope,
+                p.content,
+                p.size,
+                p.queue_id,
+                p.updated_at
+            ])?;
+            Ok(())
+        }
+        Change::PurgePartials { before } => {
+            tx.prepare_cached("DELETE FROM partials WHERE updated_at < ?1")?
+                .execute([before])?;
+            Ok(())
+        }
+        Change::Sent { day, bytes } => {
+            tx.prepare_cached(
+                "INSERT INTO sent_bytes (day, bytes) VALUES (?1, ?2)
+                 ON CONFLICT (day) DO UPDATE SET bytes = bytes + excluded.bytes",
+            )?
+            .execute(params![day, bytes])?;
+            tx.prepare_cached("DELETE FROM sent_bytes WHERE day < date(?1, '-40 days')")?
+                .execute([day])?;
             Ok(())
         }
         Change::FlushDone { at, result } => {
@@ -250,7 +444,61 @@ fn apply(tx: &rusqlite::Savepoint<'_>, c: &Change) -> rusqlite::Result<()> {
                 .execute([message_id])?;
             Ok(())
         }
+        Change::Purge {
+            before,
+            after,
+            limit,
+        } => purge(tx, *before, after.as_deref(), *limit, applied),
+        Change::Vacuum { pages } => {
+            let free = |tx: &rusqlite::Savepoint<'_>| -> rusqlite::Result<i64> {
+                tx.query_row("PRAGMA freelist_count", [], |r| r.get(0))
+            };
+            let before = free(tx)?;
+            // The pragma frees one page per step: step it to the end.
+            let mut st = tx.prepare(&format!("PRAGMA incremental_vacuum({pages})"))?;
+            let mut rows = st.query([])?;
+            while rows.next()?.is_some() {}
+            drop(rows);
+            applied.vacuumed += before - free(tx)?;
+            Ok(())
+        }
     }
+}
+
+/// See [`Change::Purge`]. Deleting the message deletes its body,
+/// recipients and history with it (ON DELETE CASCADE).
+fn purge(
+    tx: &rusqlite::Savepoint<'_>,
+    before: i64,
+    after: Option<&str>,
+    limit: u32,
+    applied: &mut Applied,
+) -> rusqlite::Result<()> {
+    let chunk: Vec<(String, i64)> = tx
+        .prepare_cached("SELECT id, received_at FROM messages WHERE id > ?1 ORDER BY id LIMIT ?2")?
+        .query_map(params![after.unwrap_or(""), limit], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })?
+        .collect::<Result<_, _>>()?;
+    let mut delete = tx.prepare_cached(
+        "DELETE FROM messages WHERE id = ?1 AND received_at < ?2
+            AND NOT EXISTS (SELECT 1 FROM recipients WHERE message_id = ?1
+                               AND (state NOT IN ('delivered', 'bounced', 'expired')
+                                    OR updated_at >= ?2))
+            AND NOT EXISTS (SELECT 1 FROM mailbox WHERE message_id = ?1)",
+    )?;
+    for (id, _) in &chunk {
+        applied.purged += delete.execute(params![id, before])? as u64;
+    }
+    // Ids sort by arrival: past a message that arrived after `before`,
+    // none can be finished long enough.
+    applied.purge_next = match chunk.last() {
+        Some((id, received_at)) if chunk.len() == limit as usize && *received_at < before => {
+            Some(id.clone())
+        }
+        _ => None,
+    };
+    Ok(())
 }
 
 fn recipient(tx: &rusqlite::Savepoint<'_>, r: &RecipientChange) -> rusqlite::Result<()> {
@@ -513,6 +761,62 @@ mod tests {
         assert!(a.is_err());
         b.unwrap();
         assert_eq!(store.list(None).unwrap().len(), 2);
+    }
+
+    /// A batch the writer would commit: one insert per message.
+    fn batch_of(msgs: &[NewMessage]) -> Vec<super::Request> {
+        msgs.iter()
+            .map(|m| super::Request {
+                work: super::Work::Changes(vec![super::Change::Insert(Box::new(m.clone()))]),
+                done: tokio::sync::oneshot::channel().0,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_batch_rolled_back_by_a_full_database_fails_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("q.sqlite");
+        drop(Store::open(&path).unwrap());
+        let mut conn = super::connect(&path).unwrap();
+        // Room for a few small messages, not for a large one.
+        let pages: i64 = conn
+            .query_row("PRAGMA page_count", [], |r| r.get(0))
+            .unwrap();
+        conn.pragma_update(None, "max_page_count", pages + 40)
+            .unwrap();
+        let mut big = msg(2);
+        big.body = vec![b'x'; 512 * 1024];
+        let msgs = vec![msg(1), big, msg(3), msg(4)];
+        let results = super::commit(&mut conn, &path, &batch_of(&msgs));
+        assert_eq!(results.len(), msgs.len());
+        assert!(
+            results[1].as_ref().is_err_and(|e| e.is_full()),
+            "{:?}",
+            results[1]
+        );
+        // Whoever fails hears why: a full disk (452 4.3.1, try later).
+        for r in results.iter().filter_map(|r| r.as_ref().err()) {
+            assert!(r.is_full(), "{r}");
+        }
+        // The connection is usable afterwards: no transaction left open.
+        assert!(conn.is_autocommit());
+        let later = msg(5);
+        let after = super::commit(&mut conn, &path, &batch_of(std::slice::from_ref(&later)));
+        after[0].as_ref().unwrap();
+        drop(conn);
+        let store = Store::open(&path).unwrap();
+        assert!(store.exists(later.id.as_str()).unwrap());
+        for (m, r) in msgs.iter().zip(&results) {
+            // Heard Ok: stored. Heard an error: not stored (the client
+            // sends it again, and a stored copy would go out twice).
+            assert_eq!(
+                store.exists(m.id.as_str()).unwrap(),
+                r.is_ok(),
+                "{} heard {r:?}",
+                m.sender
+            );
+        }
     }
 
     #[test]

@@ -17,11 +17,13 @@ use rand::Rng;
 use super::client::Outcome;
 use super::dsn::{self, DsnKind, DsnRecipient, DsnRequest};
 use super::flush::{FlushOptions, RcptResult};
-use crate::config::{Config, Uncertain};
+use crate::config::{Config, FlushConfig, Uncertain};
 use crate::queue::{
     Change, DueMessage, DueRecipient, NewMessage, NewRecipient, QueueId, RecipientChange,
     RecipientState, Route,
 };
+use crate::window;
+use chrono::NaiveDateTime;
 
 /// The first tick of a schedule of period `interval` strictly after
 /// `after_ms` (Unix milliseconds). Ticks are multiples of the period since
@@ -57,6 +59,63 @@ pub fn next_attempt(now: i64, attempts: u32, config: &Config, rng: &mut impl Rng
     now + (delay * jitter).round().max(1.0) as i64
 }
 
+/// What may use the link to the upstream now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Gate {
+    /// Inside `flush.windows`.
+    pub open: bool,
+    /// Messages over `flush.large_message_size` may go
+    /// (`flush.large_message_window`).
+    pub large: bool,
+    /// Octets still allowed today (`flush.daily_byte_budget`); `None`: no
+    /// budget.
+    pub budget_left: Option<i64>,
+    /// Nothing went today: a message larger than the whole budget may
+    /// then go, alone, so that it is not stuck for ever.
+    pub fresh_day: bool,
+}
+
+impl Gate {
+    /// Everything may go (`outpost flush --all`).
+    pub fn wide_open() -> Gate {
+        Gate {
+            open: true,
+            large: true,
+            budget_left: None,
+            fresh_day: true,
+        }
+    }
+}
+
+/// The gate at local time `local`, with `sent_today` octets already sent
+/// today.
+pub fn gate(flush: &FlushConfig, local: NaiveDateTime, sent_today: i64) -> Gate {
+    Gate {
+        open: window::open(&flush.windows, local),
+        large: window::open(&flush.large_message_window, local),
+        budget_left: (flush.daily_byte_budget > 0)
+            .then(|| (flush.daily_byte_budget as i64 - sent_today).max(0)),
+        fresh_day: sent_today == 0 || flush.daily_byte_budget == 0,
+    }
+}
+
+/// When the gate may next open or close by itself (a window's edge, or
+/// local midnight for the budget), if ever.
+pub fn next_gate_change(flush: &FlushConfig, local: NaiveDateTime) -> Option<NaiveDateTime> {
+    let midnight = (flush.daily_byte_budget > 0)
+        .then(|| local.date().succ_opt())
+        .flatten()
+        .map(|d| d.and_time(chrono::NaiveTime::MIN));
+    [
+        window::next_change(&flush.windows, local),
+        window::next_change(&flush.large_message_window, local),
+        midnight,
+    ]
+    .into_iter()
+    .flatten()
+    .min()
+}
+
 /// What a flush sends, split by destination, oldest first.
 #[derive(Debug, Default)]
 pub struct Selection {
@@ -65,6 +124,25 @@ pub struct Selection {
     pub held: BTreeMap<String, VecDeque<DueMessage>>,
     /// Messages (per destination) in the selection.
     pub count: usize,
+    /// Due upstream messages left for later, and why.
+    pub waiting: Waiting,
+}
+
+/// Due messages for the upstream that wait, by reason.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Waiting {
+    /// Outside `flush.windows`.
+    pub window: usize,
+    /// Over `flush.large_message_size`, outside `flush.large_message_window`.
+    pub large_window: usize,
+    /// Over what is left of `flush.daily_byte_budget` today.
+    pub budget: usize,
+}
+
+impl Waiting {
+    pub fn total(&self) -> usize {
+        self.window + self.large_window + self.budget
+    }
 }
 
 /// True when a recipient may be sent now: waiting (not held, not final)
@@ -79,11 +157,21 @@ fn sendable(r: &DueRecipient, opts: &FlushOptions, now: i64) -> bool {
 
 /// Picks what to send from the pending queue (already aged), oldest first,
 /// except that messages over `large` octets go after every smaller one:
-/// small mail is never held behind a big one.
-pub fn select(pending: Vec<DueMessage>, opts: &FlushOptions, now: i64, large: i64) -> Selection {
+/// small mail is never held behind a big one. Upstream mail passes the
+/// `gate`: nothing outside the windows, large mail only in its window, and
+/// no more octets than the budget has left (a message that does not fit
+/// waits for the next day; a smaller one behind it may still go).
+pub fn select(
+    pending: Vec<DueMessage>,
+    opts: &FlushOptions,
+    now: i64,
+    large: i64,
+    gate: &Gate,
+) -> Selection {
     let mut s = Selection::default();
     let (small, big): (Vec<_>, Vec<_>) = pending.into_iter().partition(|m| m.size <= large);
     let pending = small.into_iter().chain(big);
+    let mut budgeted = 0i64;
     if opts.etrn_only {
         return s;
     }
@@ -100,11 +188,27 @@ pub fn select(pending: Vec<DueMessage>, opts: &FlushOptions, now: i64, large: i6
             }
         }
         if !up.is_empty() {
-            s.count += 1;
-            s.upstream.push_back(DueMessage {
-                recipients: up,
-                ..m.clone()
-            });
+            let fits = match gate.budget_left {
+                None => true,
+                Some(left) => {
+                    budgeted + m.size <= left
+                        || (gate.fresh_day && budgeted == 0 && s.upstream.is_empty())
+                }
+            };
+            if !gate.open {
+                s.waiting.window += 1;
+            } else if m.size > large && !gate.large {
+                s.waiting.large_window += 1;
+            } else if !fits {
+                s.waiting.budget += 1;
+            } else {
+                budgeted += m.size;
+                s.count += 1;
+                s.upstream.push_back(DueMessage {
+                    recipients: up,
+                    ..m.clone()
+                });
+            }
         }
         for (d, recipients) in by_domain {
             s.count += 1;
@@ -115,6 +219,54 @@ pub fn select(pending: Vec<DueMessage>, opts: &FlushOptions, now: i64, large: i6
         }
     }
     s
+}
+
+/// Hub role, ATRN: the held mail of `domains` (exact, lower case), for a
+/// branch that asked for it over its own connection.
+pub fn held_for(pending: Vec<DueMessage>, domains: &[String]) -> VecDeque<DueMessage> {
+    pending
+        .into_iter()
+        .filter_map(|m| {
+            let recipients: Vec<DueRecipient> = m
+                .recipients
+                .iter()
+                .filter(|r| {
+                    r.route == Route::Hold
+                        && r.state == RecipientState::Held
+                        && domains.iter().any(|d| d.eq_ignore_ascii_case(&r.domain))
+                })
+                .cloned()
+                .collect();
+            (!recipients.is_empty()).then_some(DueMessage { recipients, ..m })
+        })
+        .collect()
+}
+
+/// The TRANSID (RFC 1845) of this copy of `m`: the queue id and which of
+/// its recipients go, at our host name. The same on every try of the same
+/// copy, so that the upstream resumes it; another copy (other recipients)
+/// gets another. At most 78 octets, as the RFC allows 80 with the brackets.
+pub fn transid(m: &DueMessage, hostname: &str) -> String {
+    let idx: Vec<String> = m.recipients.iter().map(|r| r.idx.to_string()).collect();
+    let mut tag = idx.join("-");
+    if tag.len() > 16 {
+        // FNV-1a of the list: short, stable across runs and builds.
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for b in tag.bytes() {
+            h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+        }
+        tag = format!("h{h:016x}");
+    }
+    let local = format!("{}.r{tag}", m.id);
+    let room = 78usize.saturating_sub(local.len() + 1);
+    let mut host: String = hostname.chars().take(room).collect();
+    while host.ends_with('.') || host.ends_with('-') {
+        host.pop();
+    }
+    if host.is_empty() {
+        host.push_str("outpost");
+    }
+    format!("{local}@{host}")
 }
 
 /// A notice to the sender that the driver turns into a DSN message (it
@@ -679,7 +831,13 @@ mod tests {
                 ),
             ],
         );
-        let s = select(vec![m.clone()], &FlushOptions::default(), now, 1 << 20);
+        let s = select(
+            vec![m.clone()],
+            &FlushOptions::default(),
+            now,
+            1 << 20,
+            &Gate::wide_open(),
+        );
         assert_eq!(s.count, 2);
         let up: Vec<u32> = s.upstream[0].recipients.iter().map(|r| r.idx).collect();
         assert_eq!(up, vec![0], "not yet due, held and local are not sent");
@@ -694,20 +852,23 @@ mod tests {
             all: true,
             ..Default::default()
         };
-        let s = select(vec![m.clone()], &all, now, 1 << 20);
+        let s = select(vec![m.clone()], &all, now, 1 << 20, &Gate::wide_open());
         assert_eq!(s.upstream[0].recipients.len(), 2);
         // Domains narrow it.
         let only = FlushOptions {
             domains: vec!["other.example".into()],
             ..Default::default()
         };
-        let s = select(vec![m.clone()], &only, now, 1 << 20);
+        let s = select(vec![m.clone()], &only, now, 1 << 20, &Gate::wide_open());
         assert!(s.upstream.is_empty() && s.count == 1);
         let etrn_only = FlushOptions {
             etrn_only: true,
             ..Default::default()
         };
-        assert_eq!(select(vec![m], &etrn_only, now, 1 << 20).count, 0);
+        assert_eq!(
+            select(vec![m], &etrn_only, now, 1 << 20, &Gate::wide_open()).count,
+            0
+        );
     }
 
     #[test]
@@ -725,9 +886,109 @@ mod tests {
             &FlushOptions::default(),
             10,
             1 << 20,
+            &Gate::wide_open(),
         );
         let order: Vec<&str> = s.upstream.iter().map(|m| m.id.as_str()).collect();
         assert_eq!(order, vec!["S1", "S2", "BIG"]);
+    }
+
+    fn sized(id: &str, received_at: i64, size: i64) -> DueMessage {
+        let mut m = message(
+            received_at,
+            vec![rcpt(
+                0,
+                "a@far.example",
+                Route::Upstream,
+                RecipientState::Queued,
+            )],
+        );
+        m.id = id.into();
+        m.size = size;
+        m
+    }
+
+    fn ids(s: &Selection) -> Vec<&str> {
+        s.upstream.iter().map(|m| m.id.as_str()).collect()
+    }
+
+    #[test]
+    fn windows_and_budgets_gate_upstream_mail() {
+        let at = |s: &str| NaiveDateTime::parse_from_str(s, "%Y-%m-%d %H:%M").unwrap();
+        let c = config(
+            "[flush]\nwindows = [\"Mon-Fri 07:00-19:00\"]\nlarge_message_window = [\"22:00-06:00\"]\nlarge_message_size = 1000\ndaily_byte_budget = 2500\n",
+        );
+        let queue = || {
+            vec![
+                sized("A", 1, 800),
+                sized("BIG", 2, 5000),
+                sized("B", 3, 900),
+                sized("C", 4, 900),
+                sized("D", 5, 300),
+            ]
+        };
+        let opts = FlushOptions::default();
+        // Monday 12:00, nothing sent yet: small mail within the budget
+        // (800 + 900 + 300; C does not fit but D does), the big one waits
+        // for the night.
+        let g = gate(&c.flush, at("2026-12-07 12:00"), 0);
+        assert!(g.open && !g.large);
+        let s = select(queue(), &opts, 10, 1000, &g);
+        assert_eq!(ids(&s), vec!["A", "B", "D"]);
+        assert_eq!(
+            s.waiting,
+            Waiting {
+                window: 0,
+                large_window: 1,
+                budget: 1
+            }
+        );
+        // Saturday: the link is not used at all.
+        let g = gate(&c.flush, at("2026-12-12 12:00"), 0);
+        let s = select(queue(), &opts, 10, 1000, &g);
+        assert!(s.upstream.is_empty());
+        assert_eq!(s.waiting.window, 5);
+        // Budget spent: everything waits for the next day...
+        let g = gate(&c.flush, at("2026-12-07 12:00"), 2500);
+        let s = select(queue(), &opts, 10, 1000, &g);
+        assert!(s.upstream.is_empty());
+        assert_eq!(s.waiting.budget, 4);
+        // ... which starts at midnight.
+        assert_eq!(
+            next_gate_change(&c.flush, at("2026-12-07 20:00")),
+            Some(at("2026-12-07 22:00")),
+            "the large window opens first"
+        );
+        assert_eq!(
+            next_gate_change(&c.flush, at("2026-12-07 23:00")),
+            Some(at("2026-12-08 00:00"))
+        );
+        // A message larger than a whole day's budget goes alone, first
+        // thing in a fresh day, when its window is open.
+        let c2 = config("[flush]\ndaily_byte_budget = 1000\n");
+        let g = gate(&c2.flush, at("2026-12-07 12:00"), 0);
+        // Oldest first: the huge one takes the fresh day, the small one
+        // behind it waits.
+        let s = select(
+            vec![sized("HUGE", 1, 50_000), sized("S", 2, 10)],
+            &opts,
+            10,
+            1 << 20,
+            &g,
+        );
+        assert_eq!(ids(&s), vec!["HUGE"]);
+        assert_eq!(s.waiting.budget, 1);
+        let s = select(vec![sized("HUGE", 1, 50_000)], &opts, 10, 1 << 20, &g);
+        assert_eq!(ids(&s), vec!["HUGE"]);
+        let g = gate(&c2.flush, at("2026-12-07 12:00"), 10);
+        let s = select(vec![sized("HUGE", 1, 50_000)], &opts, 10, 1 << 20, &g);
+        assert!(s.upstream.is_empty());
+        // No windows, no budget: always open, nothing to wake for.
+        let plain = config("");
+        assert_eq!(
+            gate(&plain.flush, at("2026-12-12 03:00"), 1 << 40),
+            Gate::wide_open()
+        );
+        assert_eq!(next_gate_change(&plain.flush, at("2026-12-12 03:00")), None);
     }
 
     #[test]

@@ -163,6 +163,15 @@ impl Canonical {
         self.size
     }
 
+    /// The content taken so far (without the prefix), while all of it is
+    /// acceptable: what a checkpoint keeps of an interrupted transfer.
+    pub fn taken(&self) -> Option<&[u8]> {
+        if self.error.is_some() {
+            return None;
+        }
+        self.out.get(self.out.len().checked_sub(self.size)?..)
+    }
+
     /// Ends the content. A message must end with CRLF (or be empty); a BDAT
     /// message whose last chunk ends in the middle of a line is completed
     /// with CRLF, as RFC 3030 leaves to the receiver.
@@ -270,6 +279,18 @@ impl DotReader {
 
     pub fn size(&self) -> usize {
         self.content.size()
+    }
+
+    /// The unstuffed content of the complete lines taken so far, while all
+    /// of it is acceptable: what a checkpoint keeps of an interrupted DATA
+    /// (a resumed transfer starts at a line, so that dot-stuffing works).
+    pub fn complete_lines(&self) -> Option<&[u8]> {
+        let taken = self.content.taken()?;
+        let end = taken
+            .windows(2)
+            .rposition(|w| w == b"\r\n")
+            .map_or(0, |i| i + 2);
+        Some(&taken[..end])
     }
 
     /// The unstuffed content; call after `feed` returned `Some`.

@@ -211,6 +211,50 @@ pub fn etrn_nothing(name: &str) -> Reply {
         format!("OK, no messages waiting for node {name}"),
     )
 }
+/// CHECKPOINT (RFC 1845): the transaction resumes after `offset` octets.
+pub fn checkpoint_offset(offset: i64) -> Reply {
+    Reply {
+        code: 355,
+        status: "",
+        lines: vec![format!("{offset} is the transaction offset").into()],
+    }
+}
+/// A resumed transaction that was already committed.
+pub fn already_queued(id: &str) -> Reply {
+    Reply::new(
+        250,
+        "2.0.0",
+        format!("Ok: queued as {id} (already, before the link broke)"),
+    )
+}
+
+/// ODMR (RFC 2645) replies.
+pub fn odmr_only() -> Reply {
+    Reply::new(
+        502,
+        "5.5.1",
+        "This is an ODMR port: EHLO, STARTTLS, AUTH, ATRN and QUIT only",
+    )
+}
+pub fn atrn_auth_required() -> Reply {
+    Reply::new(530, "5.7.0", "Authentication required before ATRN")
+}
+pub fn atrn_refused(why: String) -> Reply {
+    Reply::new(450, "4.7.1", format!("ATRN request refused: {why}"))
+}
+pub fn atrn_unavailable() -> Reply {
+    Reply::new(451, "4.3.0", "Unable to process ATRN request now")
+}
+pub fn atrn_no_mail() -> Reply {
+    Reply::new(453, "4.0.0", "You have no mail")
+}
+pub fn atrn_turning(messages: i64, domains: &str) -> Reply {
+    Reply::new(
+        250,
+        "2.0.0",
+        format!("OK, turning the connection around for {messages} held messages ({domains})"),
+    )
+}
 pub fn etrn_not_allowed(name: &str) -> Reply {
     Reply::new(
         459,

@@ -12,7 +12,7 @@ use tracing::{debug, info, warn};
 
 use crate::auth;
 use crate::config::{Config, Listen, ListenMode};
-use crate::queue::{unix_now, NewMessage, NewRecipient, QueueId, Route};
+use crate::queue::{unix_now, Change, NewMessage, NewRecipient, QueueId, Route, TransactionKey};
 
 use super::data::{Canonical, ContentError, DotReader, Limits};
 use super::policy;
@@ -49,6 +49,15 @@ struct Transaction {
     size_hint: usize,
     /// Set by the first BDAT chunk.
     bdat: Option<(QueueId, Canonical)>,
+    /// CHECKPOINT (RFC 1845): the transaction's TRANSID key.
+    checkpoint: Option<TransactionKey>,
+    /// Content received over an earlier connection, resumed after it.
+    resumed: Vec<u8>,
+    /// Committed already under this id; the client never heard it.
+    completed: Option<String>,
+    /// What came of the content before this link broke: checkpointed when
+    /// the session ends.
+    received: Option<Vec<u8>>,
 }
 
 impl Transaction {
@@ -92,7 +101,7 @@ pub struct Session<S> {
     linger: Duration,
 }
 
-impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
+impl<S: AsyncRead + AsyncWrite + Unpin + Send + Sync + 'static> Session<S> {
     pub fn new(
         shared: Arc<Shared>,
         listen: Listen,
@@ -173,6 +182,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             }
         }
         self.codec.close(self.linger).await;
+        self.checkpoint_interrupted().await;
         debug!(peer = %self.peer, "disconnect");
     }
 
@@ -280,15 +290,35 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             self.codec.reply(&reply::http_refused());
             return Flow::Close;
         }
+        // RFC 2645 allows ATRN without domains (all the account may take);
+        // the command parser wants at least one.
+        if self.listen.mode == ListenMode::Odmr && line.trim_ascii().eq_ignore_ascii_case(b"ATRN") {
+            return self.atrn(Vec::new()).await;
+        }
         line.extend_from_slice(b"\r\n");
         let request = match Request::parse(&mut line.iter()) {
             Ok(r) => r.into_owned(),
             Err(e) => return self.error(parse_error(e)),
         };
+        let odmr = self.listen.mode == ListenMode::Odmr;
+        if odmr
+            && matches!(
+                request,
+                Request::Mail { .. }
+                    | Request::Rcpt { .. }
+                    | Request::Data
+                    | Request::Bdat { .. }
+                    | Request::Etrn { .. }
+                    | Request::Vrfy { .. }
+                    | Request::Expn { .. }
+            )
+        {
+            return self.error(reply::odmr_only());
+        }
         match request {
             Request::Ehlo { host } => self.helo(host, true),
             Request::Helo { host } => self.helo(host, false),
-            Request::Mail { from } => self.mail(from),
+            Request::Mail { from } => self.mail(from).await,
             Request::Rcpt { to } => self.rcpt(to).await,
             Request::Data => self.data().await,
             Request::Bdat {
@@ -313,6 +343,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 initial_response,
             } => self.auth(mechanism, initial_response).await,
             Request::Etrn { name } => self.etrn(name).await,
+            Request::Atrn { domains } if odmr => self.atrn(domains).await,
             Request::Lhlo { .. } | Request::Atrn { .. } | Request::Burl { .. } => {
                 self.error(reply::unknown_command())
             }
@@ -398,6 +429,80 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         })
     }
 
+    /// ATRN (RFC 2645), hub role: an authenticated branch takes the held
+    /// mail of the domains `[hub.odmr]` gives its account, over this very
+    /// connection. After 250 the connection goes to the daemon, which
+    /// delivers as a client; this session ends without closing it.
+    async fn atrn(&mut self, asked: Vec<String>) -> Flow {
+        if self.helo.is_none() {
+            return self.error(reply::need_helo());
+        }
+        let Some(account) = self.auth_user.clone() else {
+            info!(peer = %self.peer, "ATRN refused: not authenticated");
+            return self.reply(reply::atrn_auth_required());
+        };
+        let allowed = self.config.hub.odmr_domains(&account);
+        let domains: Vec<String> = if asked.is_empty() {
+            allowed.clone()
+        } else {
+            asked
+                .iter()
+                .map(|d| d.trim().to_ascii_lowercase())
+                .collect()
+        };
+        if domains.is_empty() {
+            info!(peer = %self.peer, account = %account, "ATRN refused: no domains in [hub.odmr]");
+            return self.reply(reply::atrn_refused(format!(
+                "account {account} has no domains in [hub.odmr]"
+            )));
+        }
+        if let Some(d) = domains.iter().find(|d| !allowed.contains(d)) {
+            info!(peer = %self.peer, account = %account, domain = %d, "ATRN refused: domain not allowed for the account");
+            return self.reply(reply::atrn_refused(format!(
+                "account {account} may not take {d} ([hub.odmr])"
+            )));
+        }
+        let Some(turn) = self.shared.triggers.atrn.clone() else {
+            return self.reply(reply::atrn_unavailable());
+        };
+        let store = self.shared.store.clone();
+        let lookup = domains.clone();
+        let held = tokio::task::spawn_blocking(move || {
+            lookup
+                .iter()
+                .map(|d| store.held_count(d))
+                .sum::<Result<i64, _>>()
+        })
+        .await;
+        let held = match held {
+            Ok(Ok(n)) => n,
+            _ => return self.reply(reply::atrn_unavailable()),
+        };
+        if held == 0 {
+            info!(peer = %self.peer, account = %account, domains = %domains.join(","), "ATRN: no mail");
+            return self.reply(reply::atrn_no_mail());
+        }
+        self.codec
+            .reply(&reply::atrn_turning(held, &domains.join(",")));
+        if self.codec.flush().await.is_err() {
+            return Flow::Close;
+        }
+        if !self.codec.buffered().is_empty() {
+            // The branch spoke before our 250: nothing it said can stand.
+            warn!(peer = %self.peer, octets = self.codec.buffered().len(), "ATRN: input after ATRN discarded");
+            self.codec.discard_input();
+        }
+        info!(peer = %self.peer, account = %account, domains = %domains.join(","), held, "ATRN: turning the connection around");
+        let io = std::mem::replace(self.codec.get_mut(), Conn::Gone);
+        let _ = turn.send(crate::server::Turned {
+            io: Box::new(io),
+            peer: self.peer.to_string(),
+            account,
+            domains,
+        });
+        Flow::Close
+    }
+
     fn may_relay(&self) -> bool {
         self.auth_user.is_some()
             || (self.listen.mode == ListenMode::Relay
@@ -424,7 +529,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             self.helo.as_deref().unwrap_or("")
         )
         .into()];
-        if esmtp {
+        if esmtp && self.listen.mode == ListenMode::Odmr {
+            lines.push("ENHANCEDSTATUSCODES".into());
+            if self.tls.is_some() && !self.tls_active() {
+                lines.push("STARTTLS".into());
+            }
+            if self.auth_offered() && self.auth_user.is_none() {
+                lines.push("AUTH PLAIN LOGIN".into());
+            }
+            lines.push("ATRN".into());
+        } else if esmtp {
             lines.push("PIPELINING".into());
             lines.push(format!("SIZE {}", config.relay.max_message_size).into());
             lines.push("8BITMIME".into());
@@ -432,6 +546,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             lines.push("ENHANCEDSTATUSCODES".into());
             lines.push("CHUNKING".into());
             lines.push("DSN".into());
+            if self.checkpoint_offered() {
+                lines.push("CHECKPOINT".into());
+            }
             if self.etrn_offered() && self.may_etrn() {
                 lines.push("ETRN".into());
             }
@@ -446,7 +563,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         self.reply(Reply::multi(250, lines))
     }
 
-    fn mail(&mut self, from: proto::MailFrom<String>) -> Flow {
+    async fn mail(&mut self, from: proto::MailFrom<String>) -> Flow {
         if self.helo.is_none() {
             return self.error(reply::need_helo());
         }
@@ -506,6 +623,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         } else {
             None
         };
+        let checkpoint = match from.trans_id {
+            Some(transid) if self.checkpoint_offered() => Some(TransactionKey {
+                transid,
+                helo: self.helo.clone().unwrap_or_default(),
+                client: self.client_identity(),
+            }),
+            _ => None,
+        };
+        if let Some(key) = &checkpoint {
+            if let Some(flow) = self.resume(key, &from.address).await {
+                return flow;
+            }
+        }
         self.tx = Some(Transaction {
             sender: from.address,
             body_type,
@@ -516,8 +646,107 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             given: 0,
             size_hint: from.size.min(max as usize),
             bdat: None,
+            checkpoint,
+            resumed: Vec::new(),
+            completed: None,
+            received: None,
         });
         self.reply(reply::sender_ok())
+    }
+
+    /// CHECKPOINT is offered on the SMTP listeners unless
+    /// `smtp.checkpoint_keep` is 0.
+    fn checkpoint_offered(&self) -> bool {
+        !self.config.smtp.checkpoint_keep.is_zero() && self.listen.mode != ListenMode::Odmr
+    }
+
+    /// Who the client is, for a checkpoint's key: its account, or its
+    /// address. Another client can never resume its transactions.
+    fn client_identity(&self) -> String {
+        match (&self.auth_user, self.peer.ip()) {
+            (Some(u), _) => format!("account:{}", u.to_ascii_lowercase()),
+            (None, Some(ip)) => format!("address:{ip}"),
+            (None, None) => self.peer.to_string(),
+        }
+    }
+
+    /// A MAIL with a TRANSID this client used before: the transaction is
+    /// restored (sender, parameters, recipients, the content received so
+    /// far) and the client told where to go on (355). A TRANSID unknown,
+    /// expired, or with another sender starts a new transaction (None).
+    async fn resume(&mut self, key: &TransactionKey, sender: &str) -> Option<Flow> {
+        let store = self.shared.store.clone();
+        let lookup = key.clone();
+        let found = tokio::task::spawn_blocking(move || store.partial(&lookup))
+            .await
+            .ok()?
+            .ok()??;
+        let keep = self.config.smtp.checkpoint_keep.as_secs() as i64;
+        if found.sender != sender || found.updated_at + keep < unix_now() {
+            return None;
+        }
+        let env = found.envelope;
+        info!(peer = %self.peer, transid = %key.transid, offset = found.size,
+              completed = found.queue_id.as_deref().unwrap_or(""), "CHECKPOINT: transaction resumed");
+        self.tx = Some(Transaction {
+            sender: found.sender,
+            body_type: env.body_type,
+            smtputf8: env.smtputf8,
+            dsn_ret: env.dsn_ret,
+            dsn_envid: env.dsn_envid,
+            given: env.recipients.len(),
+            recipients: env.recipients,
+            size_hint: found.size.max(0) as usize,
+            bdat: None,
+            checkpoint: Some(key.clone()),
+            resumed: found.content,
+            completed: found.queue_id,
+            received: None,
+        });
+        Some(self.reply(reply::checkpoint_offset(found.size)))
+    }
+
+    /// The end of a session: a transaction marked with TRANSID whose
+    /// content was cut off is kept, for its client to resume.
+    async fn checkpoint_interrupted(&mut self) {
+        let Some(tx) = self.tx.take() else {
+            return;
+        };
+        let (Some(key), Some(received)) = (tx.checkpoint, tx.received) else {
+            return;
+        };
+        if tx.completed.is_some() || received.is_empty() {
+            return;
+        }
+        let size = received.len() as i64;
+        let partial = crate::queue::Partial {
+            key: key.clone(),
+            sender: tx.sender,
+            envelope: crate::queue::Envelope {
+                body_type: tx.body_type,
+                smtputf8: tx.smtputf8,
+                dsn_ret: tx.dsn_ret,
+                dsn_envid: tx.dsn_envid,
+                recipients: tx.recipients,
+            },
+            content: received,
+            size,
+            queue_id: None,
+            updated_at: unix_now(),
+        };
+        match self
+            .shared
+            .writer
+            .apply(vec![Change::SavePartial(Box::new(partial))])
+            .await
+        {
+            Ok(()) => {
+                info!(peer = %self.peer, transid = %key.transid, octets = size, "CHECKPOINT: interrupted transaction kept")
+            }
+            Err(e) => {
+                warn!(peer = %self.peer, transid = %key.transid, error = %e, "CHECKPOINT: could not keep the interrupted transaction")
+            }
+        }
     }
 
     /// `store.min_free`: refuses a new message (452 4.3.1) while the store's
@@ -715,6 +944,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         }
         let id = QueueId::generate();
         let mut reader = DotReader::with_prefix(self.content_limits(), self.message_buffer(&id));
+        // A resumed transaction goes on after the content it kept (whole
+        // lines, so dot-stuffing goes on where it left off).
+        if let Some(tx) = &self.tx {
+            if !tx.resumed.is_empty() {
+                let _ = reader.feed(&crate::smtp::data::dot_stuff(&tx.resumed)[..]);
+            }
+        }
         self.codec.reply(&reply::start_data());
         loop {
             let input = self.codec.buffered();
@@ -725,6 +961,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             let n = input.len();
             self.codec.consume(n);
             if !self.fill_data().await {
+                if let Some(tx) = self.tx.as_mut().filter(|t| t.checkpoint.is_some()) {
+                    tx.received = reader.complete_lines().map(<[u8]>::to_vec);
+                }
                 return Flow::Close;
             }
         }
@@ -739,16 +978,23 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             (None, Some(open)) => Some(open),
             (None, None) => {
                 let id = QueueId::generate();
-                Some((
-                    id.clone(),
-                    Canonical::with_prefix(self.content_limits(), self.message_buffer(&id)),
-                ))
+                let mut c = Canonical::with_prefix(self.content_limits(), self.message_buffer(&id));
+                if let Some(tx) = &self.tx {
+                    c.extend(&tx.resumed);
+                }
+                Some((id.clone(), c))
             }
             (Some(_), _) => None,
         };
         let mut left = chunk;
         while left > 0 {
             if self.codec.buffered().is_empty() && !self.fill_data().await {
+                if let (Some(tx), Some((_, c))) = (
+                    self.tx.as_mut().filter(|t| t.checkpoint.is_some()),
+                    sink.as_ref(),
+                ) {
+                    tx.received = c.taken().map(<[u8]>::to_vec);
+                }
                 return Flow::Close;
             }
             let input = self.codec.buffered();
@@ -765,6 +1011,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         let (id, content) = sink.expect("set when not refused");
         if !last {
             let tx = self.tx.as_mut().expect("content_allowed checked");
+            if tx.checkpoint.is_some() {
+                // Between chunks the link may break too.
+                tx.received = content.taken().map(<[u8]>::to_vec);
+            }
             tx.bdat = Some((id, content));
             return self.reply(reply::bdat_ok(chunk));
         }
@@ -780,6 +1030,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         size: usize,
     ) -> Flow {
         let tx = self.tx.take().expect("a transaction is open");
+        let checkpoint = tx.checkpoint.clone();
+        if let Some(queued) = &tx.completed {
+            // Taken before the link broke (RFC 1047's window): said again,
+            // not stored again.
+            info!(peer = %self.peer, queue_id = %queued, "CHECKPOINT: already queued, not stored twice");
+            return self.reply(reply::already_queued(queued));
+        }
         let body = match content {
             Ok(body) => body,
             Err(e) => {
@@ -819,7 +1076,28 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             body,
         };
         let (sender, nrcpt, stored) = (msg.sender.clone(), msg.recipients.len(), msg.body.len());
-        match self.shared.writer.insert(msg).await {
+        // In the same commit: a client that misses our reply learns on its
+        // next try (same TRANSID) that the message was taken.
+        let remembered = checkpoint.map(|key| {
+            Change::SavePartial(Box::new(crate::queue::Partial {
+                key,
+                sender: msg.sender.clone(),
+                envelope: crate::queue::Envelope {
+                    body_type: msg.body_type.clone(),
+                    smtputf8: msg.smtputf8,
+                    dsn_ret: msg.dsn_ret.clone(),
+                    dsn_envid: msg.dsn_envid.clone(),
+                    recipients: msg.recipients.clone(),
+                },
+                content: Vec::new(),
+                size: size as i64,
+                queue_id: Some(id.to_string()),
+                updated_at: unix_now(),
+            }))
+        });
+        let mut changes = vec![Change::Insert(Box::new(msg))];
+        changes.extend(remembered);
+        match self.shared.writer.apply(changes).await {
             Ok(()) => {
                 info!(peer = %self.peer, queue_id = %id, from = %sender, rcpts = nrcpt, size = stored, "queued");
                 if let Some(n) = &self.shared.triggers.submitted {

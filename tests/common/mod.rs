@@ -79,13 +79,18 @@ impl Gateway {
     fn write_config(&self) {
         let d = self.dir.path().display();
         let (relay, submission, submissions) = (self.relay, self.submission, self.submissions);
-        let store = &self.store;
+        // TOML allows one [store] table: the keys of one in `extra` join ours.
+        let (from_extra, extra) = split_section(&self.extra, "[store]");
+        let mut store = self.store.clone();
+        if !store.is_empty() && !store.ends_with('\n') {
+            store.push('\n');
+        }
+        store.push_str(&from_extra);
         let mut config = format!(
             r#"hostname = "gw.test"
 [store]
 path = "{d}/queue.sqlite"
-{store}
-[[listen]]
+{store}[[listen]]
 address = "127.0.0.1:{relay}"
 mode = "relay"
 [[listen]]
@@ -111,7 +116,7 @@ socket = "{d}/submit.sock"
         if !self.extra.contains("[smtp]") {
             config.push_str("[smtp]\nauth_failure_delay = \"100ms\"\n");
         }
-        config.push_str(&self.extra);
+        config.push_str(&extra);
         std::fs::write(&self.config_path, config).unwrap();
     }
 
@@ -284,6 +289,24 @@ impl Drop for Gateway {
     fn drop(&mut self) {
         self.kill9();
     }
+}
+
+/// `text` without the table `header` (e.g. "[store]"), and that table's
+/// lines (up to the next table).
+fn split_section(text: &str, header: &str) -> (String, String) {
+    let (mut section, mut rest, mut inside) = (String::new(), String::new(), false);
+    for line in text.lines() {
+        if line.trim_start().starts_with('[') {
+            inside = line.trim() == header;
+            if inside {
+                continue;
+            }
+        }
+        let out = if inside { &mut section } else { &mut rest };
+        out.push_str(line);
+        out.push('\n');
+    }
+    (section, rest)
 }
 
 fn unsafe_kill(pid: u32, sig: &str) {

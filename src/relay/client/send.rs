@@ -1,0 +1,735 @@
+//! Sending messages over an open session, pipelined, and what each
+//! recipient's replies mean; addresses written so that nothing a client
+//! sent can become a parameter.
+
+use super::{LinkError, Reply, Session};
+
+/// How a batch reports as it goes, and how it is told to stop.
+pub struct Report<'a> {
+    /// Called once per message (its index in the batch) as soon as every
+    /// recipient's outcome is known: the caller records it at once, so a
+    /// stop or a crash later resends nothing the upstream took.
+    pub outcome: &'a mut (dyn FnMut(usize, Vec<Outcome>) + Send),
+    /// Once set, no new transaction starts; those in flight finish.
+    pub stop: &'a std::sync::atomic::AtomicBool,
+}
+
+impl Report<'_> {
+    fn stopping(&self) -> bool {
+        self.stop.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+/// Messages larger than this go with a TRANSID when the upstream offers
+/// CHECKPOINT: sent alone (one round trip more), they resume after a cut.
+pub const RESUME_OVER: usize = 64 << 10;
+
+/// One recipient of an outgoing message.
+#[derive(Debug, Clone)]
+pub struct OutRecipient {
+    pub address: String,
+    pub notify: Option<String>,
+    pub orcpt: Option<String>,
+}
+
+/// One message to send.
+#[derive(Debug, Clone)]
+pub struct Outgoing {
+    pub sender: String,
+    pub recipients: Vec<OutRecipient>,
+    pub body: Vec<u8>,
+    pub eightbit: bool,
+    pub smtputf8: bool,
+    pub dsn_ret: Option<String>,
+    pub dsn_envid: Option<String>,
+    /// The transaction id this copy goes with (RFC 1845, without the
+    /// angle brackets): the same on every try, so a cut transfer resumes.
+    pub transid: Option<String>,
+}
+
+/// What happened to one recipient.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Delivered(Reply),
+    Deferred(Reply),
+    Bounced(Reply),
+    /// The final dot was sent and no reply came (RFC 1047).
+    Uncertain(String),
+    /// Not tried: the session ended before this message's turn.
+    Untouched,
+}
+
+impl Session {
+    /// Checks what the upstream said it accepts; a message it cannot take
+    /// is bounced here without being sent.
+    pub fn refuse_before_sending(&self, m: &Outgoing) -> Option<Reply> {
+        let unsendable = std::iter::once(&m.sender)
+            .chain(m.recipients.iter().map(|r| &r.address))
+            .find(|a| smtp_path(a).is_none());
+        if let Some(a) = unsendable {
+            return Some(Reply {
+                code: 553,
+                text: format!(
+                    "5.1.7 the address {:?} cannot be written in SMTP (control characters)",
+                    a
+                ),
+            });
+        }
+        if let Some(max) = self.ext.size {
+            if m.body.len() as u64 > max {
+                return Some(Reply {
+                    code: 552,
+                    text: format!(
+                        "5.3.4 message of {} octets is larger than the upstream accepts ({max} octets, its SIZE)",
+                        m.body.len()
+                    ),
+                });
+            }
+        }
+        if m.smtputf8 && !self.ext.smtputf8 {
+            return Some(Reply {
+                code: 553,
+                text: "5.6.7 the message needs SMTPUTF8 (non-ASCII addresses) and the upstream does not offer it".into(),
+            });
+        }
+        if m.eightbit && !self.ext.eightbit {
+            return Some(Reply {
+                code: 554,
+                text:
+                    "5.6.3 the message has 8-bit content and the upstream does not offer 8BITMIME"
+                        .into(),
+            });
+        }
+        None
+    }
+
+    /// The MAIL command for `m`, with the parameters the upstream takes.
+    fn mail_command(&self, m: &Outgoing) -> String {
+        let mut out = format!("MAIL FROM:<{}>", smtp_path(&m.sender).unwrap_or_default());
+        if let Some(max) = self.ext.size.map(|_| m.body.len()) {
+            out.push_str(&format!(" SIZE={max}"));
+        }
+        if m.eightbit && self.ext.eightbit {
+            out.push_str(" BODY=8BITMIME");
+        }
+        if m.smtputf8 && self.ext.smtputf8 {
+            out.push_str(" SMTPUTF8");
+        }
+        if self.ext.dsn {
+            if let Some(ret) = &m.dsn_ret {
+                out.push_str(&format!(" RET={ret}"));
+            }
+            if let Some(envid) = &m.dsn_envid {
+                out.push_str(&format!(" ENVID={}", xtext(envid)));
+            }
+        }
+        if let Some(t) = self.transid(m) {
+            out.push_str(&format!(" TRANSID=<{t}>"));
+        }
+        out.push_str("\r\n");
+        out
+    }
+
+    /// The RCPT command for one recipient.
+    fn rcpt_command(&self, r: &OutRecipient) -> String {
+        let mut out = format!("RCPT TO:<{}>", smtp_path(&r.address).unwrap_or_default());
+        if self.ext.dsn {
+            if let Some(n) = &r.notify {
+                out.push_str(&format!(" NOTIFY={n}"));
+            }
+            if let Some(o) = &r.orcpt {
+                let (kind, addr) = o.split_once(';').unwrap_or(("rfc822", o));
+                out.push_str(&format!(" ORCPT={kind};{}", xtext(addr)));
+            }
+        }
+        out.push_str("\r\n");
+        out
+    }
+
+    fn envelope(&self, m: &Outgoing, bdat: bool) -> Vec<u8> {
+        let mut out = self.mail_command(m);
+        for r in &m.recipients {
+            out.push_str(&self.rcpt_command(r));
+        }
+        if bdat {
+            out.push_str(&format!("BDAT {} LAST\r\n", m.body.len()));
+        } else {
+            out.push_str("DATA\r\n");
+        }
+        out.into_bytes()
+    }
+
+    /// The TRANSID `m` goes with (RFC 1845), when the upstream offers
+    /// CHECKPOINT and `m` is big enough for resuming to matter.
+    fn transid<'m>(&self, m: &'m Outgoing) -> Option<&'m str> {
+        (self.ext.checkpoint && m.body.len() > RESUME_OVER)
+            .then_some(m.transid.as_deref())
+            .flatten()
+    }
+
+    /// Sends `msgs`, reporting each message's outcomes (one per
+    /// recipient) through `report` as soon as they are known; a message
+    /// never reported was not tried. After a connection loss the session
+    /// is unusable (`Err`); otherwise it is handed back for more.
+    /// Messages that go with a TRANSID go one at a time, the others
+    /// pipelined in runs between them.
+    pub async fn send_batch(
+        mut self,
+        msgs: &[&Outgoing],
+        report: &mut Report<'_>,
+    ) -> Result<Session, LinkError> {
+        let mut i = 0;
+        while i < msgs.len() && !report.stopping() {
+            if self.transid(msgs[i]).is_some() {
+                self.send_resumable(i, msgs[i], report).await?;
+                i += 1;
+                continue;
+            }
+            let end = (i..msgs.len())
+                .find(|&k| self.transid(msgs[k]).is_some())
+                .unwrap_or(msgs.len());
+            let offset = i;
+            let outcome = &mut *report.outcome;
+            let mut shifted = |k: usize, o: Vec<Outcome>| outcome(k + offset, o);
+            let mut run = Report {
+                outcome: &mut shifted,
+                stop: report.stop,
+            };
+            if self.ext.chunking && self.ext.pipelining {
+                self.send_bdat_pipelined(&msgs[i..end], &mut run).await?;
+            } else {
+                self.send_data(&msgs[i..end], &mut run).await?;
+            }
+            i = end;
+        }
+        Ok(self)
+    }
+
+    /// One message with a TRANSID (RFC 1845 CHECKPOINT): MAIL alone. 355
+    /// means the upstream kept the transaction when the link broke: its
+    /// recipients stand, and only the content after the offset goes (none
+    /// at all when it was taken whole and the reply never came, RFC 1047).
+    /// 250 means a new transaction, sent whole. A link that breaks during
+    /// the content leaves the message unreported (still due): the next try
+    /// resumes, so nothing is sent twice.
+    async fn send_resumable(
+        &mut self,
+        idx: usize,
+        m: &Outgoing,
+        report: &mut Report<'_>,
+    ) -> Result<(), LinkError> {
+        let n = m.recipients.len();
+        if let Some(r) = self.refuse_before_sending(m) {
+            (report.outcome)(idx, vec![Outcome::Bounced(r); n]);
+            return Ok(());
+        }
+        let bdat = self.ext.chunking;
+        let mail = self.command(&self.mail_command(m), "MAIL").await?;
+        let (rcpt, offset) = match mail.code {
+            355 => {
+                let offset = mail
+                    .text
+                    .split_whitespace()
+                    .next()
+                    .and_then(|o| o.parse::<usize>().ok())
+                    .filter(|&o| o <= m.body.len())
+                    .ok_or_else(|| LinkError::Protocol {
+                        addr: self.addr.clone(),
+                        why: "a 355 reply without a usable octet offset",
+                    })?;
+                tracing::info!(upstream = %self.addr, transid = self.transid(m).unwrap_or(""), offset,
+                               size = m.body.len(), "CHECKPOINT: resuming");
+                // The upstream kept the recipients it accepted.
+                let ok = Reply {
+                    code: 250,
+                    text: "2.1.5 kept from the interrupted transaction".into(),
+                };
+                (vec![ok; n], offset)
+            }
+            c if c / 100 == 2 => {
+                let mut rcpt = Vec::with_capacity(n);
+                if self.ext.pipelining {
+                    let cmds: String = m.recipients.iter().map(|r| self.rcpt_command(r)).collect();
+                    self.write(cmds.as_bytes(), "RCPT").await?;
+                    for _ in 0..n {
+                        rcpt.push(self.read_reply("RCPT").await?);
+                    }
+                } else {
+                    for r in &m.recipients {
+                        rcpt.push(self.command(&self.rcpt_command(r), "RCPT").await?);
+                    }
+                }
+                if let Some(e) = self.closing(&mail, &rcpt, &mail) {
+                    return Err(e);
+                }
+                if !rcpt.iter().any(|r| r.class() == 2) {
+                    (report.outcome)(idx, outcomes(&mail, &rcpt, None));
+                    let _ = self.command("RSET\r\n", "RSET").await?;
+                    return Ok(());
+                }
+                (rcpt, 0)
+            }
+            _ => {
+                if mail.code == 421 {
+                    return Err(LinkError::Greeting {
+                        addr: self.addr.clone(),
+                        reply: mail,
+                    });
+                }
+                (report.outcome)(idx, outcomes(&mail, &vec![mail.clone(); n], None));
+                return Ok(());
+            }
+        };
+        let rest = &m.body[offset..];
+        if bdat {
+            let mut buf = format!("BDAT {} LAST\r\n", rest.len()).into_bytes();
+            buf.extend_from_slice(rest);
+            self.write(&buf, "sending a message").await?;
+        } else {
+            let go = self.command("DATA\r\n", "DATA").await?;
+            if go.code != 354 {
+                if go.code == 421 {
+                    return Err(LinkError::Greeting {
+                        addr: self.addr.clone(),
+                        reply: go,
+                    });
+                }
+                (report.outcome)(idx, outcomes(&mail, &rcpt, Some(&go)));
+                let _ = self.command("RSET\r\n", "RSET").await?;
+                return Ok(());
+            }
+            let mut buf = crate::smtp::data::dot_stuff(rest);
+            buf.extend_from_slice(b".\r\n");
+            self.write(&buf, "sending a message").await?;
+        }
+        let last = self.read_final_reply().await?;
+        if last.code == 421 {
+            return Err(LinkError::Greeting {
+                addr: self.addr.clone(),
+                reply: last,
+            });
+        }
+        let mail_ok = Reply {
+            code: 250,
+            text: mail.text.clone(),
+        };
+        (report.outcome)(idx, outcomes(&mail_ok, &rcpt, Some(&last)));
+        Ok(())
+    }
+
+    /// CHUNKING + PIPELINING: keep up to WINDOW transactions in flight.
+    async fn send_bdat_pipelined(
+        &mut self,
+        msgs: &[&Outgoing],
+        report: &mut Report<'_>,
+    ) -> Result<(), LinkError> {
+        // Transactions and octets in flight at most. An upstream that holds
+        // its replies until its input runs dry (Postfix) answers a whole
+        // window at once, so the window must cover more than one round
+        // trip of its processing.
+        const WINDOW: usize = 64;
+        const WINDOW_BYTES: usize = 8 << 20;
+        let mut sent = 0;
+        let mut done = 0;
+        // Handed to the kernel whole, and awaiting replies.
+        let mut written: Vec<bool> = vec![false; msgs.len()];
+        // On a lost connection: a message written whole may have been
+        // taken (RFC 1047), one not written whole cannot have been.
+        let lost = |report: &mut Report<'_>, written: &[bool], from: usize, e: &LinkError| {
+            for (i, w) in written.iter().enumerate().skip(from) {
+                if *w {
+                    (report.outcome)(
+                        i,
+                        vec![Outcome::Uncertain(e.to_string()); msgs[i].recipients.len()],
+                    );
+                }
+            }
+        };
+        while done < msgs.len() {
+            if done == sent && report.stopping() {
+                return Ok(());
+            }
+            let mut buf = Vec::new();
+            let mut in_buf = Vec::new();
+            let in_flight: usize = (done..sent)
+                .filter(|&i| written[i])
+                .map(|i| msgs[i].body.len())
+                .sum();
+            while sent < msgs.len()
+                && !report.stopping()
+                && sent - done < WINDOW
+                && buf.len() < (1 << 20)
+                && (in_flight + buf.len() < WINDOW_BYTES || sent == done)
+            {
+                let m = msgs[sent];
+                if let Some(r) = self.refuse_before_sending(m) {
+                    (report.outcome)(sent, vec![Outcome::Bounced(r); m.recipients.len()]);
+                } else {
+                    buf.extend_from_slice(&self.envelope(m, true));
+                    buf.extend_from_slice(&m.body);
+                    in_buf.push(sent);
+                }
+                sent += 1;
+            }
+            if !buf.is_empty() {
+                if let Err(e) = self.write(&buf, "sending messages").await {
+                    lost(report, &written, done, &e);
+                    return Err(e);
+                }
+                for i in in_buf {
+                    written[i] = true;
+                }
+            }
+            // Read the replies of the oldest messages in flight.
+            while done < sent {
+                if !written[done] {
+                    done += 1;
+                    continue;
+                }
+                let m = msgs[done];
+                let replies = async {
+                    let mail = self.read_reply("MAIL").await?;
+                    let mut rcpt = Vec::with_capacity(m.recipients.len());
+                    for _ in &m.recipients {
+                        rcpt.push(self.read_reply("RCPT").await?);
+                    }
+                    let last = self.read_final_reply().await?;
+                    Ok::<_, LinkError>((mail, rcpt, last))
+                };
+                let (mail, rcpt, last) = match replies.await {
+                    Ok(r) => r,
+                    Err(e) => {
+                        lost(report, &written, done, &e);
+                        return Err(e);
+                    }
+                };
+                written[done] = false;
+                if let Some(e) = self.closing(&mail, &rcpt, &last) {
+                    // 421: the upstream is going away; this message was not
+                    // refused, and what follows it was never looked at.
+                    lost(report, &written, done + 1, &e);
+                    return Err(e);
+                }
+                (report.outcome)(done, outcomes(&mail, &rcpt, Some(&last)));
+                done += 1;
+                if sent < msgs.len() && !report.stopping() {
+                    break; // refill the window
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A 421 anywhere in a transaction's replies: the server is closing.
+    fn closing(&self, mail: &Reply, rcpt: &[Reply], last: &Reply) -> Option<LinkError> {
+        std::iter::once(mail)
+            .chain(rcpt)
+            .chain(std::iter::once(last))
+            .find(|r| r.code == 421)
+            .map(|r| LinkError::Greeting {
+                addr: self.addr.clone(),
+                reply: r.clone(),
+            })
+    }
+
+    /// DATA, pipelined when offered: the next message's MAIL/RCPT/DATA are
+    /// sent right behind the final dot.
+    async fn send_data(
+        &mut self,
+        msgs: &[&Outgoing],
+        report: &mut Report<'_>,
+    ) -> Result<(), LinkError> {
+        let pipelining = self.ext.pipelining;
+        // The envelope of message `i` already sent and awaiting replies.
+        let mut pending: Option<usize> = None;
+        let mut i = 0;
+        loop {
+            let idx = match pending.take() {
+                Some(p) => p,
+                None => {
+                    if report.stopping() {
+                        return Ok(());
+                    }
+                    // Skip messages refused before sending.
+                    while i < msgs.len() {
+                        if let Some(r) = self.refuse_before_sending(msgs[i]) {
+                            (report.outcome)(
+                                i,
+                                vec![Outcome::Bounced(r); msgs[i].recipients.len()],
+                            );
+                            i += 1;
+                        } else {
+                            break;
+                        }
+                    }
+                    if i >= msgs.len() {
+                        return Ok(());
+                    }
+                    if pipelining {
+                        let env = self.envelope(msgs[i], false);
+                        self.write(&env, "MAIL").await?;
+                    }
+                    i += 1;
+                    i - 1
+                }
+            };
+            let m = msgs[idx];
+            let (mail, rcpt, data) = if pipelining {
+                let mail = self.read_reply("MAIL").await?;
+                let mut rcpt = Vec::new();
+                for _ in &m.recipients {
+                    rcpt.push(self.read_reply("RCPT").await?);
+                }
+                (mail, rcpt, self.read_reply("DATA").await?)
+            } else {
+                let env = self.envelope(m, false);
+                let text = String::from_utf8_lossy(&env).into_owned();
+                let mut lines = text.split_inclusive("\r\n");
+                let mail = self.command(lines.next().unwrap_or(""), "MAIL").await?;
+                let mut rcpt = Vec::new();
+                if mail.class() == 2 {
+                    for _ in &m.recipients {
+                        rcpt.push(self.command(lines.next().unwrap_or(""), "RCPT").await?);
+                    }
+                } else {
+                    rcpt = vec![mail.clone(); m.recipients.len()];
+                }
+                let any = rcpt.iter().any(|r| r.class() == 2);
+                let data = if mail.class() == 2 && any {
+                    self.command("DATA\r\n", "DATA").await?
+                } else {
+                    Reply {
+                        code: 554,
+                        text: "5.5.1 no valid recipients (DATA not sent)".into(),
+                    }
+                };
+                (mail, rcpt, data)
+            };
+            if let Some(e) = self.closing(&mail, &rcpt, &data) {
+                return Err(e);
+            }
+            if data.code != 354 {
+                (report.outcome)(idx, outcomes(&mail, &rcpt, Some(&data)));
+                // The transaction is not open any more at most servers;
+                // RSET makes sure before the next MAIL.
+                if mail.class() == 2 {
+                    let r = self.command("RSET\r\n", "RSET").await?;
+                    if r.class() != 2 {
+                        return Err(LinkError::Greeting {
+                            addr: self.addr.clone(),
+                            reply: r,
+                        });
+                    }
+                }
+                continue;
+            }
+            let mut buf = crate::smtp::data::dot_stuff(&m.body);
+            buf.extend_from_slice(b".\r\n");
+            // Behind the dot: the next message's envelope (RFC 2920 §3.1).
+            let mut next = None;
+            if pipelining && !report.stopping() {
+                while i < msgs.len() {
+                    if let Some(r) = self.refuse_before_sending(msgs[i]) {
+                        (report.outcome)(i, vec![Outcome::Bounced(r); msgs[i].recipients.len()]);
+                        i += 1;
+                    } else {
+                        buf.extend_from_slice(&self.envelope(msgs[i], false));
+                        next = Some(i);
+                        i += 1;
+                        break;
+                    }
+                }
+            }
+            if let Err(e) = self.write(&buf, "sending a message").await {
+                // The dot may or may not have gone out.
+                (report.outcome)(
+                    idx,
+                    vec![Outcome::Uncertain(e.to_string()); m.recipients.len()],
+                );
+                return Err(e);
+            }
+            match self.read_final_reply().await {
+                Ok(last) if last.code == 421 => {
+                    // Refused while closing: not taken, try again later.
+                    return Err(LinkError::Greeting {
+                        addr: self.addr.clone(),
+                        reply: last,
+                    });
+                }
+                Ok(last) => (report.outcome)(idx, outcomes(&mail, &rcpt, Some(&last))),
+                Err(e) => {
+                    (report.outcome)(
+                        idx,
+                        vec![Outcome::Uncertain(e.to_string()); m.recipients.len()],
+                    );
+                    return Err(e);
+                }
+            }
+            pending = next;
+        }
+    }
+}
+
+/// Outcomes per recipient from the replies of one transaction.
+fn outcomes(mail: &Reply, rcpt: &[Reply], last: Option<&Reply>) -> Vec<Outcome> {
+    let by_class = |r: &Reply| match r.class() {
+        2 => Outcome::Delivered(r.clone()),
+        4 => Outcome::Deferred(r.clone()),
+        _ => Outcome::Bounced(r.clone()),
+    };
+    if mail.class() != 2 {
+        return rcpt.iter().map(|_| by_class(mail)).collect();
+    }
+    rcpt.iter()
+        .map(|r| {
+            if r.class() != 2 {
+                return by_class(r);
+            }
+            match last {
+                Some(l) => by_class(l),
+                None => Outcome::Untouched,
+            }
+        })
+        .collect()
+}
+
+/// An address as it goes between `<` and `>` (RFC 5321 §4.1.2): the local
+/// part as a dot-atom when it is one, else as a quoted string, so that no
+/// address can end the path early or add parameters (`"a> RET=FULL"@x`
+/// stays one address). `None` when it cannot be written at all (control
+/// characters). UTF-8 passes as it is (RFC 6531).
+pub fn smtp_path(address: &str) -> Option<String> {
+    if address.is_empty() {
+        return Some(String::new());
+    }
+    if address.chars().any(|c| c.is_control()) {
+        return None;
+    }
+    let (local, domain) = match address.rsplit_once('@') {
+        Some((l, d)) => (l, Some(d)),
+        None => (address, None),
+    };
+    let atext =
+        |c: char| c.is_ascii_alphanumeric() || !c.is_ascii() || "!#$%&'*+-/=?^_`{|}~".contains(c);
+    let dot_atom = !local.is_empty()
+        && local
+            .split('.')
+            .all(|a| !a.is_empty() && a.chars().all(atext));
+    let domain_ok = domain.is_none_or(|d| {
+        !d.is_empty()
+            && (d.starts_with('[')
+                && d.ends_with(']')
+                && !d[1..d.len() - 1].contains([']', '[', '\\', ' '])
+                || d.chars()
+                    .all(|c| c.is_alphanumeric() || c == '-' || c == '.'))
+    });
+    if !domain_ok {
+        return None;
+    }
+    let mut out = String::with_capacity(address.len() + 2);
+    if dot_atom {
+        out.push_str(local);
+    } else {
+        out.push('"');
+        for c in local.chars() {
+            if c == '"' || c == '\\' {
+                out.push('\\');
+            }
+            out.push(c);
+        }
+        out.push('"');
+    }
+    if let Some(d) = domain {
+        out.push('@');
+        out.push_str(d);
+    }
+    Some(out)
+}
+
+/// xtext (RFC 3461 §4): `+`, `=`, controls and non-ASCII as +XX.
+fn xtext(s: &str) -> String {
+    let mut out = String::new();
+    for b in s.bytes() {
+        if (33..=126).contains(&b) && b != b'+' && b != b'=' {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("+{b:02X}"));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn per_recipient_outcomes() {
+        let ok = Reply {
+            code: 250,
+            text: "2.0.0 ok".into(),
+        };
+        let defer = Reply {
+            code: 451,
+            text: "4.3.0 later".into(),
+        };
+        let no = Reply {
+            code: 550,
+            text: "5.1.1 no".into(),
+        };
+        let out = outcomes(&ok, &[ok.clone(), defer.clone(), no.clone()], Some(&ok));
+        assert_eq!(
+            out,
+            vec![
+                Outcome::Delivered(ok.clone()),
+                Outcome::Deferred(defer.clone()),
+                Outcome::Bounced(no.clone())
+            ]
+        );
+        let out = outcomes(&defer, &[ok.clone(), ok.clone()], None);
+        assert_eq!(out, vec![Outcome::Deferred(defer.clone()); 2]);
+        assert_eq!(no.status(), Some("5.1.1"));
+        assert_eq!(
+            Reply {
+                code: 250,
+                text: "ok".into()
+            }
+            .status(),
+            None
+        );
+    }
+
+    #[test]
+    fn addresses_cannot_smuggle_parameters() {
+        assert_eq!(smtp_path("").as_deref(), Some(""));
+        assert_eq!(
+            smtp_path("a.b+c@x.example").as_deref(),
+            Some("a.b+c@x.example")
+        );
+        assert_eq!(
+            smtp_path("odd> RET=FULL ENVID=x@outside.example").as_deref(),
+            Some("\"odd> RET=FULL ENVID=x\"@outside.example")
+        );
+        assert_eq!(
+            smtp_path("we\"ird\\@x.example").as_deref(),
+            Some("\"we\\\"ird\\\\\"@x.example")
+        );
+        assert_eq!(
+            smtp_path("a..b@x.example").as_deref(),
+            Some("\"a..b\"@x.example")
+        );
+        assert_eq!(smtp_path("postmaster").as_deref(), Some("postmaster"));
+        assert_eq!(
+            smtp_path("ü@bücher.example").as_deref(),
+            Some("ü@bücher.example")
+        );
+        assert_eq!(smtp_path("a@[192.0.2.1]").as_deref(), Some("a@[192.0.2.1]"));
+        assert_eq!(smtp_path("a\r\nRCPT TO:<b@x>@x.example"), None);
+        assert_eq!(smtp_path("a@x.example> NOTIFY=NEVER"), None);
+    }
+
+    #[test]
+    fn xtext_encoding() {
+        assert_eq!(xtext("a+b=c d"), "a+2Bb+3Dc+20d");
+    }
+}

@@ -1,0 +1,180 @@
+//! Commands out, replies in: every write and read with its deadline, and
+//! every reply bounded in size.
+
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use super::{LinkError, Reply, Session};
+
+/// Bounds on one reply from the upstream: RFC 5321 §4.5.3.1.5 allows 512
+/// octets a line; a little more is tolerated, a peer that never ends its
+/// line or its reply is not.
+const MAX_REPLY_LINE: usize = 4096;
+const MAX_REPLY_LINES: usize = 200;
+const MAX_REPLY_BYTES: usize = 64 << 10;
+
+/// Message data is handed to the socket at most this much at a time; each
+/// write has its own `Timeouts::data` (RFC 5321 §4.5.3.2.5: a timeout per
+/// block written).
+pub const BLOCK: usize = 64 << 10;
+
+impl Session {
+    pub(super) async fn command(
+        &mut self,
+        line: &str,
+        phase: &'static str,
+    ) -> Result<Reply, LinkError> {
+        self.write(line.as_bytes(), phase).await?;
+        self.read_reply(phase).await
+    }
+
+    /// Writes `bytes`: a command line within the command timeout; message
+    /// data with the data timeout for each write, so that only a stall
+    /// (no octet taken in that long) times out, never a message that is
+    /// merely big or slow.
+    pub(super) async fn write(
+        &mut self,
+        bytes: &[u8],
+        phase: &'static str,
+    ) -> Result<(), LinkError> {
+        let limit = if bytes.len() > 4096 {
+            self.timeouts.data
+        } else {
+            self.timeouts.command
+        };
+        let addr = &self.addr;
+        let failed = |e: std::io::Error| LinkError::Lost {
+            addr: addr.clone(),
+            phase,
+            error: e.to_string(),
+        };
+        let stalled = |_| LinkError::Timeout {
+            addr: addr.clone(),
+            phase,
+        };
+        let io = self.stream.io().map_err(failed)?;
+        let mut done = 0;
+        while done < bytes.len() {
+            let end = (done + BLOCK).min(bytes.len());
+            let n = tokio::time::timeout(limit, io.write(&bytes[done..end]))
+                .await
+                .map_err(stalled)?
+                .map_err(failed)?;
+            if n == 0 {
+                return Err(failed(std::io::ErrorKind::WriteZero.into()));
+            }
+            done += n;
+        }
+        tokio::time::timeout(limit, io.flush())
+            .await
+            .map_err(stalled)?
+            .map_err(failed)
+    }
+
+    /// Reads one (possibly multi-line) reply to a command.
+    pub(super) async fn read_reply(&mut self, phase: &'static str) -> Result<Reply, LinkError> {
+        self.read_reply_within(phase, self.timeouts.command).await
+    }
+
+    /// Reads the reply to the end of a message.
+    pub(super) async fn read_final_reply(&mut self) -> Result<Reply, LinkError> {
+        self.read_reply_within("final dot", self.timeouts.final_reply)
+            .await
+    }
+
+    pub(super) async fn read_reply_within(
+        &mut self,
+        phase: &'static str,
+        limit: Duration,
+    ) -> Result<Reply, LinkError> {
+        let deadline = tokio::time::Instant::now() + limit;
+        let mut lines: Vec<String> = Vec::new();
+        let mut code = 0u16;
+        let mut total = 0;
+        loop {
+            while let Some(lf) = self.rbuf.iter().position(|&b| b == b'\n') {
+                let raw: Vec<u8> = self.rbuf.drain(..=lf).collect();
+                let line = String::from_utf8_lossy(&raw)
+                    .trim_end_matches(['\r', '\n'])
+                    .to_string();
+                let (c, sep, text) =
+                    split_reply_line(&line).ok_or_else(|| LinkError::Protocol {
+                        addr: self.addr.clone(),
+                        why: "not a reply line",
+                    })?;
+                if code != 0 && c != code {
+                    return Err(LinkError::Protocol {
+                        addr: self.addr.clone(),
+                        why: "reply code changed within a reply",
+                    });
+                }
+                total += raw.len();
+                code = c;
+                lines.push(text.to_string());
+                if sep != '-' {
+                    return Ok(Reply {
+                        code,
+                        text: lines.join("\n"),
+                    });
+                }
+                if lines.len() > MAX_REPLY_LINES || total > MAX_REPLY_BYTES {
+                    return Err(LinkError::Protocol {
+                        addr: self.addr.clone(),
+                        why: "reply too long",
+                    });
+                }
+            }
+            // A line without an end: a peer that never stops talking is
+            // cut off, it does not fill memory.
+            if self.rbuf.len() > MAX_REPLY_LINE {
+                return Err(LinkError::Protocol {
+                    addr: self.addr.clone(),
+                    why: "reply line too long",
+                });
+            }
+            let mut chunk = [0u8; 4096];
+            let io = &mut self.stream;
+            let n =
+                match tokio::time::timeout_at(deadline, async { io.io()?.read(&mut chunk).await })
+                    .await
+                {
+                    Ok(Ok(0)) => {
+                        return Err(LinkError::Lost {
+                            addr: self.addr.clone(),
+                            phase,
+                            error: "connection closed".into(),
+                        })
+                    }
+                    Ok(Ok(n)) => n,
+                    Ok(Err(e)) => {
+                        return Err(LinkError::Lost {
+                            addr: self.addr.clone(),
+                            phase,
+                            error: e.to_string(),
+                        })
+                    }
+                    Err(_) => {
+                        return Err(LinkError::Timeout {
+                            addr: self.addr.clone(),
+                            phase,
+                        })
+                    }
+                };
+            self.rbuf.extend_from_slice(&chunk[..n]);
+        }
+    }
+}
+
+pub(super) fn split_reply_line(line: &str) -> Option<(u16, char, &str)> {
+    if line.len() < 3 || !line.is_char_boundary(3) {
+        return None;
+    }
+    let code: u16 = line[..3].parse().ok()?;
+    if !(200..600).contains(&code) {
+        return None;
+    }
+    let sep = line[3..].chars().next().unwrap_or(' ');
+    let text = line.get(4..).unwrap_or("");
+    Some((code, sep, text))
+}
