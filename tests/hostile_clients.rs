@@ -123,6 +123,43 @@ fn a_client_that_never_reads_loses_its_slot_within_the_timeout() {
     }
 }
 
+/// Before, a client that never read kept the daemon from stopping: the
+/// 421 at shutdown waited on it for good (SIGTERM did nothing for minutes).
+#[test]
+fn a_client_that_never_reads_does_not_keep_the_daemon_from_stopping() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    let mut g = Gateway::start(
+        "[smtp]\ncommand_timeout = \"2s\"\nshutdown_grace = \"1s\"\nauth_failure_delay = \"100ms\"\n",
+    );
+    let c = Client::connect_from(g.relay, Some(STUCK));
+    let mut s = c.stream.try_clone().unwrap();
+    let sent = Arc::new(AtomicUsize::new(0));
+    let progress = sent.clone();
+    let writer = std::thread::spawn(move || {
+        let chunk = b"HELP\r\n".repeat(10_000);
+        for _ in 0..50 {
+            if s.write_all(&chunk).is_err() {
+                return;
+            }
+            progress.fetch_add(chunk.len(), Ordering::SeqCst);
+        }
+    });
+    // The session is stuck once the client's writes make no progress.
+    let (mut last, mut since) = (usize::MAX, Instant::now());
+    wait_for("the flood to stall", Duration::from_secs(20), || {
+        let now = sent.load(Ordering::SeqCst);
+        if now != last {
+            (last, since) = (now, Instant::now());
+        }
+        now > 0 && since.elapsed() > Duration::from_millis(500)
+    });
+    // Stopping waits (with the harness's own deadline) for the exit.
+    assert_eq!(g.stop(), Some(0), "{}", g.log());
+    writer.join().unwrap();
+    drop(c);
+}
+
 /// A TLS handshake (implicit TLS or after STARTTLS) that never completes
 /// holds its slot no longer than the command timeout.
 #[test]
