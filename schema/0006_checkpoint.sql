@@ -21,3 +21,17 @@ CREATE TABLE partials (
     PRIMARY KEY (transid, helo, client)
 );
 CREATE INDEX partials_updated ON partials (updated_at);
+
+-- Client side: a big message on its way to the upstream, for `outpost
+-- status` and `queue show` (octets sent, rate, time left). Updated every
+-- few seconds while it goes, removed when its outcome is recorded; a row
+-- left behind is a transfer the link cut, to be resumed.
+CREATE TABLE transfers (
+    message_id TEXT PRIMARY KEY,
+    upstream   TEXT NOT NULL,
+    size       INTEGER NOT NULL,   -- octets of the message
+    resumed_at INTEGER NOT NULL,   -- the offset this try started from
+    sent       INTEGER NOT NULL,   -- octets of it written so far (offset included)
+    started_at INTEGER NOT NULL,
+    updated_at INTEGER NOT NULL
+);

@@ -10,7 +10,8 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 
-use crate::smtp::reply::Reply;
+use std::borrow::Cow;
+use std::fmt::Write as _;
 
 /// One command line, or why there is none.
 #[derive(Debug, PartialEq, Eq)]
@@ -243,6 +244,65 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Codec<Conn<S>> {
 }
 
 /// A connection that may be switched to TLS in the middle (STARTTLS).
+/// A reply as the servers send it: a code, an enhanced status code
+/// (empty for the greeting and EHLO), and its lines. The texts are in
+/// `smtp::reply` and `pop3`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reply {
+    pub code: u16,
+    /// Enhanced status code, e.g. "5.7.1"; empty for the greeting and EHLO.
+    pub status: &'static str,
+    pub lines: Vec<Cow<'static, str>>,
+}
+
+impl Reply {
+    pub fn new(code: u16, status: &'static str, text: impl Into<Cow<'static, str>>) -> Reply {
+        Reply {
+            code,
+            status,
+            lines: vec![text.into()],
+        }
+    }
+
+    pub fn multi(code: u16, lines: Vec<Cow<'static, str>>) -> Reply {
+        Reply {
+            code,
+            status: "",
+            lines,
+        }
+    }
+
+    pub fn is_positive(&self) -> bool {
+        self.code < 400
+    }
+
+    /// Appends the reply in wire form to `out`.
+    pub fn write_to(&self, out: &mut Vec<u8>) {
+        let mut s = String::new();
+        let last = self.lines.len().saturating_sub(1);
+        for (i, line) in self.lines.iter().enumerate() {
+            let sep = if i == last { ' ' } else { '-' };
+            let _ = write!(s, "{}{}", self.code, sep);
+            if !self.status.is_empty() {
+                let _ = write!(s, "{} ", self.status);
+            }
+            s.push_str(line);
+            s.push_str("\r\n");
+        }
+        out.extend_from_slice(s.as_bytes());
+    }
+
+    /// One line for logs.
+    pub fn summary(&self) -> String {
+        let text = self.lines.last().map(|l| l.as_ref()).unwrap_or("");
+        if self.status.is_empty() {
+            format!("{} {}", self.code, text)
+        } else {
+            format!("{} {} {}", self.code, self.status, text)
+        }
+    }
+}
+
 /// Any byte stream a session can run on (TCP, TLS, a connection whose
 /// roles were turned around by ATRN), boxed where the type must not show.
 pub trait Io: AsyncRead + AsyncWrite + Unpin + Send + Sync {}

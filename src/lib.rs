@@ -5,11 +5,14 @@
 //! The library never touches process-wide state (signals, argv, the global
 //! log subscriber): `main.rs` does.
 
+pub mod address;
+pub mod aliases;
 pub mod auth;
 pub mod cli;
 pub mod codec;
 pub mod config;
 pub mod control;
+pub mod dotstuff;
 pub mod guard;
 pub mod logwriter;
 pub mod pop3;
@@ -307,6 +310,17 @@ async fn link_prober(
     }
 }
 
+/// The next item from `rx`, or None once `stop` changes or `rx` closes.
+async fn next_or_stop<T>(
+    rx: &mut tokio::sync::mpsc::UnboundedReceiver<T>,
+    stop: &mut watch::Receiver<bool>,
+) -> Option<T> {
+    tokio::select! {
+        _ = stop.changed() => None,
+        t = rx.recv() => t,
+    }
+}
+
 /// Hub role: each connection a branch turned around with ATRN gets the
 /// held mail of its domains, delivered by the flusher of the moment.
 async fn atrn_hub(
@@ -316,12 +330,8 @@ async fn atrn_hub(
 ) {
     let mut running = tokio::task::JoinSet::new();
     loop {
-        let t = tokio::select! {
-            _ = stop.changed() => break,
-            t = turned.recv() => match t {
-                Some(t) => t,
-                None => break,
-            },
+        let Some(t) = next_or_stop(&mut turned, &mut stop).await else {
+            break;
         };
         let flusher = flushers.borrow().clone();
         running.spawn(async move {
@@ -353,12 +363,8 @@ async fn atrn_branch(
 ) {
     let mut running = tokio::task::JoinSet::new();
     loop {
-        let t = tokio::select! {
-            _ = stop.changed() => break,
-            t = turned.recv() => match t {
-                Some(t) => t,
-                None => break,
-            },
+        let Some(t) = next_or_stop(&mut turned, &mut stop).await else {
+            break;
         };
         let listen = config::Listen {
             address: t.peer,

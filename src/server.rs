@@ -166,6 +166,41 @@ impl Shared {
         client_key(peer, self.config().smtp.ipv6_client_prefix)
     }
 
+    /// Checks `user`'s password on the pool (SMTP AUTH and POP3). Returns
+    /// (the account exists, the password is right).
+    pub async fn check_password(&self, user: &str, pass: String) -> (bool, bool) {
+        let store = self.store.clone();
+        let name = user.to_string();
+        self.verifier
+            .run(move || {
+                let hash = store.password_hash(&name).ok().flatten();
+                (
+                    hash.is_some(),
+                    crate::auth::verify_password(hash.as_deref(), &pass),
+                )
+            })
+            .await
+            .unwrap_or((false, false))
+    }
+
+    /// Counts a failed login (SMTP or POP3) across sessions and logs what
+    /// it led to. `account` only when it exists.
+    pub fn login_failed(&self, config: &Config, client: IpAddr, account: Option<&str>, peer: &str) {
+        let v = self.logins.failed(
+            client,
+            config.smtp.ipv6_client_prefix,
+            account,
+            &config.auth,
+            std::time::Instant::now(),
+        );
+        if v.account_under_attack {
+            warn!(account = account.unwrap_or(""), failures = config.auth.max_account_failures, window = ?config.auth.failure_window, "account under attack: many failed logins from several clients (auth.max_account_failures); each client that fails for it now is blocked at once");
+        }
+        if v.blocked {
+            warn!(peer = %peer, client = %client, failures = v.failures, block_time = ?config.auth.block_time, "client blocked: too many failed logins (auth.max_failures); its logins are refused until the block ends");
+        }
+    }
+
     /// The configuration now (a reload replaces it for new sessions).
     pub fn config(&self) -> Arc<Config> {
         self.config

@@ -23,12 +23,26 @@ enum Break {
     /// Once this many octets came from the client, nothing more from the
     /// server reaches it (the final reply is lost) and the link closes.
     LoseReplyAfter(usize),
+    /// No break: the client's octets go at about this many a second.
+    Throttle(usize),
 }
 
 /// Forwards to `to`; breaks the first connection as told, later ones pass
 /// whole. Counts the client's octets per connection.
 fn proxy(to: u16, how: Break) -> (u16, Arc<Mutex<Vec<usize>>>) {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    // A small receive buffer, so that a throttled client really waits
+    // instead of filling the kernel's buffers at once.
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    sock.set_recv_buffer_size(16 << 10).unwrap();
+    sock.bind(
+        &"127.0.0.1:0"
+            .parse::<std::net::SocketAddr>()
+            .unwrap()
+            .into(),
+    )
+    .unwrap();
+    sock.listen(16).unwrap();
+    let l: TcpListener = sock.into();
     let port = l.local_addr().unwrap().port();
     let counts = Arc::new(Mutex::new(Vec::new()));
     let seen = counts.clone();
@@ -53,6 +67,9 @@ fn proxy(to: u16, how: Break) -> (u16, Arc<Mutex<Vec<usize>>>) {
                         Ok(0) | Err(_) => break,
                         Ok(g) => g,
                     };
+                    if let Break::Throttle(rate) = how {
+                        std::thread::sleep(Duration::from_millis((got * 1000 / rate) as u64));
+                    }
                     let before = up.load(Ordering::SeqCst);
                     let take = match how {
                         Break::Cut(limit) if first => got.min(limit.saturating_sub(before)),
@@ -99,9 +116,13 @@ fn proxy(to: u16, how: Break) -> (u16, Arc<Mutex<Vec<usize>>>) {
 }
 
 fn big_body() -> Vec<u8> {
-    let mut body = b"Subject: a scan of 300 KiB\r\n\r\n".to_vec();
+    body_of(300 << 10)
+}
+
+fn body_of(size: usize) -> Vec<u8> {
+    let mut body = b"Subject: a scan\r\n\r\n".to_vec();
     let mut i = 0u32;
-    while body.len() < 300 << 10 {
+    while body.len() < size {
         body.extend_from_slice(
             format!("{i:08} .line of the scan, base64-ish ABCDEFGHIJKLMNOPQRSTUVWXYZ\r\n")
                 .as_bytes(),
@@ -275,4 +296,49 @@ fn old_checkpoints_are_purged() {
     wait_for("the checkpoint purged", Duration::from_secs(15), || {
         store.partial(&key).unwrap().is_none()
     });
+}
+
+#[test]
+fn status_shows_a_big_message_on_its_way() {
+    let hub = Gateway::start("");
+    // About 2 MiB/s: a 12 MiB message takes some seconds, more than the
+    // kernel's socket buffers (a few MiB on loopback) can hide.
+    let (port, _) = proxy(hub.relay, Break::Throttle(2 << 20));
+    let branch = branch_to(port);
+    let id = send(&branch, &body_of(12 << 20));
+    let mut flush = std::process::Command::new(common::BIN)
+        .args(["flush", "--config"])
+        .arg(&branch.config_path)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut seen = serde_json::Value::Null;
+    let deadline = std::time::Instant::now() + Duration::from_secs(12);
+    let mut poll = || {
+        let v = json_out(&branch.cli(&["status", "--json"]));
+        seen = v["transfers"][0].clone();
+        seen["in_progress"] == true && seen["bytes_per_second"].is_i64()
+    };
+    while !poll() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no transfer in status:\n{}",
+            branch.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    eprintln!("LOG {}", branch.log());
+    assert_eq!(seen["id"], id.as_str(), "{seen}");
+    let (sent, size) = (
+        seen["sent"].as_i64().unwrap(),
+        seen["size"].as_i64().unwrap(),
+    );
+    assert!(sent > 0 && sent < size, "{seen}");
+    assert!(seen["bytes_per_second"].as_i64().unwrap() > 0, "{seen}");
+    let text = String::from_utf8_lossy(&branch.cli(&["queue", "show", &id]).stdout).to_string();
+    assert!(text.contains("sending:") && text.contains(&id), "{text}");
+    assert!(flush.wait().unwrap().success());
+    assert_eq!(hub.queue().len(), 1);
+    let v = json_out(&branch.cli(&["status", "--json"]));
+    assert_eq!(v["transfers"], serde_json::json!([]), "{v}");
 }

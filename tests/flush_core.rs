@@ -404,17 +404,6 @@ fn a_closed_window() -> String {
     format!("{:02}:00-{:02}:00", (h + 2) % 24, (h + 3) % 24)
 }
 
-/// `outpost flush --json` in a process whose clock runs `offset` ahead
-/// (libfaketime). The daemon must be stopped: the flush runs here.
-fn flush_later(g: &Gateway, offset: &str) -> (i32, serde_json::Value) {
-    let out = std::process::Command::new("faketime")
-        .args(["-f", offset, common::BIN, "flush", "--json", "--config"])
-        .arg(&g.config_path)
-        .output()
-        .expect("faketime (Debian package faketime) runs");
-    (out.status.code().unwrap_or(-1), json_out(&out))
-}
-
 #[test]
 fn outside_its_window_the_link_is_closed_and_mail_does_not_age() {
     let (port, seen) = fake::start(Script::default());
@@ -461,11 +450,11 @@ fn outside_its_window_the_link_is_closed_and_mail_does_not_age() {
     // Two minutes later (max_age is one): still waiting, not expired,
     // because a closed link's clock stands still.
     g.stop();
-    let (code, v) = flush_later(&g, "+2m");
+    let (code, v) = g.flush_later("+2m");
     assert_eq!(code, 75, "{v}");
     assert_eq!(v["summary"]["expired"], 0, "{v}");
     assert_eq!(g.queue().len(), 1);
-    let (code, v) = flush_later(&g, "+3m");
+    let (code, v) = g.flush_later("+3m");
     assert_eq!(
         (code, &v["summary"]["delivered"]),
         (75, &serde_json::json!(0)),

@@ -104,19 +104,6 @@ fn flush(g: &Gateway) -> (i32, Value) {
     (out.status.code().unwrap_or(-1), json_out(&out))
 }
 
-/// `outpost flush --json` in a process whose clock runs `offset` ahead
-/// (`+2s`; libfaketime), so that aging is tested without waiting for time
-/// to pass. The daemon must be stopped: the flush then runs in this
-/// process, on its clock.
-fn flush_later(g: &Gateway, offset: &str) -> (i32, Value) {
-    let out = std::process::Command::new("faketime")
-        .args(["-f", offset, common::BIN, "flush", "--json", "--config"])
-        .arg(&g.config_path)
-        .output()
-        .expect("faketime (Debian package faketime) runs");
-    (out.status.code().unwrap_or(-1), json_out(&out))
-}
-
 fn summary_is(v: &Value, key: &str, want: u64) {
     assert_eq!(
         v["summary"][key].as_u64(),
@@ -758,7 +745,7 @@ fn delay_warning_once_while_the_link_is_down() {
     assert_eq!(code, 75, "link down: {v:#}");
     summary_is(&v, "delay_warnings", 0);
     // The warning is due by the clock: two minutes later.
-    let (code, v) = flush_later(&g, "+2m");
+    let (code, v) = g.flush_later("+2m");
     assert_eq!(code, 75, "link down: {v:#}");
     assert_eq!(v["summary"]["link"], "down", "{v:#}");
     summary_is(&v, "delay_warnings", 1);
@@ -778,7 +765,7 @@ fn delay_warning_once_while_the_link_is_down() {
     assert_eq!(r["attempts"], 0);
 
     // No second warning for the same recipient.
-    let (code, v) = flush_later(&g, "+3m");
+    let (code, v) = g.flush_later("+3m");
     assert_eq!(code, 75, "{v:#}");
     summary_is(&v, "delay_warnings", 0);
     assert_eq!(dsns(&g).len(), 1, "{:#?}", g.queue());
@@ -797,7 +784,7 @@ fn max_age_counts_only_time_with_the_link_up() {
     let (code, v) = flush(&g);
     assert_eq!(code, 75, "link down: {v:#}");
     // Longer than max_age, but all of it with the link down.
-    let (code, v) = flush_later(&g, "+2m");
+    let (code, v) = g.flush_later("+2m");
     assert_eq!(code, 75, "link down: {v:#}");
     summary_is(&v, "expired", 0);
     let q = g.queue();
@@ -832,7 +819,7 @@ fn max_age_absolute_expires_even_with_the_link_down() {
     assert_eq!(code, 75, "link down: {v:#}");
     summary_is(&v, "expired", 0);
 
-    let (code, v) = flush_later(&g, "+2m");
+    let (code, v) = g.flush_later("+2m");
     assert!(code == 75 || code == 0, "exit {code}: {v:#}");
     summary_is(&v, "expired", 1);
     let q = g.queue();

@@ -11,15 +11,9 @@ use crate::relay::client::{LinkError, Session, Step};
 use crate::relay::{flush, route};
 
 pub fn run(config: &Config) -> ExitCode {
-    let rt = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+    let rt = match super::runtime() {
         Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("outpost: cannot start the runtime: {e}");
-            return ExitCode::from(exit::SOFTWARE);
-        }
+        Err(code) => return code,
     };
     ExitCode::from(rt.block_on(check(config)))
 }

@@ -13,15 +13,9 @@ use crate::queue::Writer;
 use crate::relay::flush::{Event, FlushOptions, Flusher, Summary};
 
 pub fn run(config: Config, opts: FlushOptions, as_json: bool) -> ExitCode {
-    let rt = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+    let rt = match super::runtime() {
         Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("outpost: cannot start the runtime: {e}");
-            return ExitCode::from(exit::SOFTWARE);
-        }
+        Err(code) => return code,
     };
     let mut messages = Vec::new();
     let mut link = serde_json::Value::Null;

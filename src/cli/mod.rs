@@ -311,6 +311,17 @@ fn check_config(cli: &Cli) -> ExitCode {
     }
 }
 
+/// A runtime for a command that talks to the network or the daemon.
+fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| {
+            eprintln!("outpost: cannot start the runtime: {e}");
+            ExitCode::from(exit::SOFTWARE)
+        })
+}
+
 /// Opens the store named by the configuration, or says why not.
 fn open_store(config: &Config) -> Result<crate::queue::Store, ExitCode> {
     crate::queue::Store::open(&config.store.path).map_err(|e| {

@@ -56,7 +56,14 @@ pub fn run(config: &Config, cmd: &QueueCommand) -> ExitCode {
         },
         QueueCommand::Show { id } => match store.show(id) {
             Ok(Some(m)) => {
-                print!("{}", terminal_safe(&render_show(&m, unix_now())));
+                let transfer = store
+                    .transfers()
+                    .ok()
+                    .and_then(|t| t.into_iter().find(|t| &t.message_id == id));
+                print!(
+                    "{}",
+                    terminal_safe(&render_show(&m, transfer.as_ref(), unix_now()))
+                );
                 ExitCode::from(exit::OK)
             }
             Ok(None) => {
@@ -160,7 +167,7 @@ fn render_list(msgs: &[MessageSummary], now: i64) -> String {
 }
 
 /// `queue show`: envelope, recipients, history and headers.
-fn render_show(m: &MessageDetail, now: i64) -> String {
+fn render_show(m: &MessageDetail, transfer: Option<&crate::queue::Transfer>, now: i64) -> String {
     let mut out = String::new();
     let s = &m.summary;
     let _ = writeln!(out, "id:          {}", s.id);
@@ -172,6 +179,9 @@ fn render_show(m: &MessageDetail, now: i64) -> String {
     );
     let _ = writeln!(out, "from:        <{}>", s.sender);
     let _ = writeln!(out, "size:        {} octets", s.size);
+    if let Some(t) = transfer {
+        let _ = writeln!(out, "{}", super::status::transfer_line(t, now));
+    }
     let _ = writeln!(
         out,
         "client:      {} (HELO {}) via {}",

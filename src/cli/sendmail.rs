@@ -13,9 +13,9 @@ use std::sync::Arc;
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
 
 use super::exit;
+use crate::address::smtp_path;
 use crate::config::Config;
 use crate::queue::{Store, Writer};
-use crate::relay::client::smtp_path;
 use crate::server::{local_listen, Peer, Phase, Shared, Triggers};
 use crate::smtp::session::Session;
 

@@ -37,6 +37,13 @@ pub fn run(config: &Config, as_json: bool) -> ExitCode {
         };
     let oldest_age = counts.oldest.map(|t| (now - t).max(0));
     let logins = daemon_logins(config);
+    let transfers = match store.transfers() {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("outpost: {e}");
+            return ExitCode::from(exit::IOERR);
+        }
+    };
     // What waits for a window or the budget, as the next flush would see it.
     let flush = &config.flush;
     let waiting = decide::select(
@@ -84,6 +91,20 @@ pub fn run(config: &Config, as_json: bool) -> ExitCode {
                 "limit": flush.daily_byte_budget,
                 "sent_today": sent_today,
             })),
+            "transfers": transfers.iter().map(|t| {
+                let v = TransferView::of(t, now);
+                json!({
+                    "id": t.message_id,
+                    "upstream": t.upstream,
+                    "size": t.size,
+                    "sent": t.sent,
+                    "resumed_at": t.resumed_at,
+                    "in_progress": v.in_progress,
+                    "bytes_per_second": v.rate,
+                    "seconds_left": v.left,
+                    "updated_at": rfc3339(t.updated_at),
+                })
+            }).collect::<Vec<_>>(),
             "held": held.iter().map(|h| json!({
                 "domain": h.domain,
                 "messages": h.messages,
@@ -133,6 +154,9 @@ pub fn run(config: &Config, as_json: bool) -> ExitCode {
                 .map(|t| format!(" (next change {})", t.format("%Y-%m-%d %H:%M")))
                 .unwrap_or_default()
         );
+    }
+    for t in &transfers {
+        println!("{}", terminal_safe(&transfer_line(t, now)));
     }
     if flush.daily_byte_budget > 0 {
         println!(
@@ -230,6 +254,65 @@ fn daemon_logins(config: &Config) -> Option<crate::guard::Report> {
     rt.block_on(crate::control::request_logins(&config.control.socket))
         .ok()
         .flatten()
+}
+
+/// How a transfer is going, as `status` and `queue show` say it.
+pub(super) struct TransferView {
+    /// Updated in the last few seconds: still going.
+    pub in_progress: bool,
+    /// Octets a second over this try.
+    pub rate: Option<i64>,
+    /// Seconds left at that rate.
+    pub left: Option<i64>,
+}
+
+impl TransferView {
+    pub(super) fn of(t: &crate::queue::Transfer, now: i64) -> TransferView {
+        let secs = t.updated_at - t.started_at;
+        let rate = (secs > 0 && t.sent > t.resumed_at).then(|| (t.sent - t.resumed_at) / secs);
+        TransferView {
+            in_progress: now - t.updated_at <= 10,
+            rate,
+            left: rate
+                .filter(|&r| r > 0)
+                .map(|r| (t.size - t.sent).max(0) / r),
+        }
+    }
+}
+
+/// One line about a big message on its way, or cut on its way.
+pub(super) fn transfer_line(t: &crate::queue::Transfer, now: i64) -> String {
+    let v = TransferView::of(t, now);
+    let pct = if t.size > 0 { t.sent * 100 / t.size } else { 0 };
+    let done = format!("{} of {} ({pct} %)", octets(t.sent), octets(t.size));
+    if v.in_progress {
+        format!(
+            "sending:     {} to {}: {done}{}{}",
+            t.message_id,
+            t.upstream,
+            v.rate
+                .map(|r| format!(", {}/s", octets(r)))
+                .unwrap_or_default(),
+            v.left
+                .map(|l| format!(", about {} left", age(l)))
+                .unwrap_or_default()
+        )
+    } else {
+        format!(
+            "cut:         {} to {} at {done}, {} ago; the next flush goes on from what the upstream kept",
+            t.message_id,
+            t.upstream,
+            age(now - t.updated_at)
+        )
+    }
+}
+
+fn octets(n: i64) -> String {
+    match n {
+        n if n >= 1 << 20 => format!("{:.1} MiB", n as f64 / (1 << 20) as f64),
+        n if n >= 1 << 10 => format!("{:.0} KiB", n as f64 / (1 << 10) as f64),
+        n => format!("{n} octets"),
+    }
 }
 
 pub(super) fn rfc3339(t: i64) -> String {

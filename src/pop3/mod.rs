@@ -5,7 +5,7 @@
 //! dropped connection deletes nothing. One session per maildrop at a time.
 //! A message is read as stored, with the Return-Path line the final
 //! delivery adds (RFC 5321 §4.4), and sent dot-stuffed
-//! (`smtp::data::dot_stuff_into`, the same as SMTP's).
+//! (`dotstuff::dot_stuff_into`, the same as SMTP's).
 
 mod session;
 

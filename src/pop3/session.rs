@@ -349,7 +349,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         if self.refused_as_blocked() {
             return Flow::Go;
         }
-        let (exists, ok) = crate::smtp::session::check_password(&self.shared, &user, pass).await;
+        let (exists, ok) = self.shared.check_password(&user, pass).await;
         if !ok {
             return self.login_failed(Some(&user), exists).await;
         }
@@ -389,8 +389,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         self.failures += 1;
         warn!(peer = %self.peer, user = user.unwrap_or("?"), failures = self.failures, "pop3 login failed");
         let client = self.shared.client_of(self.peer.ip());
-        crate::smtp::session::login_failed(
-            &self.shared,
+        self.shared.login_failed(
             &self.config,
             client,
             user.filter(|_| exists),
@@ -493,7 +492,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 // into the output as well.
                 self.codec
                     .write(format!("+OK {} octets\r\n", entry.size()).as_bytes());
-                let mut stuffer = crate::smtp::data::DotStuffer::default();
+                let mut stuffer = crate::dotstuff::DotStuffer::default();
                 let mut buf = Vec::with_capacity(PIECE + PIECE / 32);
                 stuffer.push(&mut buf, entry.return_path().as_bytes());
                 for piece in part.chunks(PIECE) {

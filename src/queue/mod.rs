@@ -390,6 +390,32 @@ impl Store {
         })
     }
 
+    /// Big messages on their way to the upstream, or cut on their way
+    /// (only those still pending).
+    pub fn transfers(&self) -> Result<Vec<Transfer>, StoreError> {
+        self.with(|c| {
+            let mut st = c.prepare_cached(
+                "SELECT t.message_id, t.upstream, t.size, t.resumed_at, t.sent, t.started_at, t.updated_at
+                   FROM transfers t
+                  WHERE EXISTS (SELECT 1 FROM recipients r WHERE r.message_id = t.message_id
+                                   AND r.state IN ('queued', 'deferred'))
+                  ORDER BY t.started_at",
+            )?;
+            let rows = st.query_map([], |r| {
+                Ok(Transfer {
+                    message_id: r.get(0)?,
+                    upstream: r.get(1)?,
+                    size: r.get(2)?,
+                    resumed_at: r.get(3)?,
+                    sent: r.get(4)?,
+                    started_at: r.get(5)?,
+                    updated_at: r.get(6)?,
+                })
+            })?;
+            rows.collect()
+        })
+    }
+
     /// The checkpointed transaction `key`, if one is kept.
     pub fn partial(&self, key: &TransactionKey) -> Result<Option<Partial>, StoreError> {
         self.with(|c| {

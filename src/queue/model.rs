@@ -314,6 +314,20 @@ pub struct Envelope {
     pub recipients: Vec<NewRecipient>,
 }
 
+/// A big message on its way to the upstream (or cut on its way).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Transfer {
+    pub message_id: String,
+    pub upstream: String,
+    pub size: i64,
+    /// The offset this try started from (CHECKPOINT), 0 for a whole one.
+    pub resumed_at: i64,
+    /// Octets written so far, the offset included.
+    pub sent: i64,
+    pub started_at: i64,
+    pub updated_at: i64,
+}
+
 /// A checkpointed transaction (RFC 1845).
 #[derive(Debug, Clone)]
 pub struct Partial {

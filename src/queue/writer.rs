@@ -38,6 +38,10 @@ pub enum Change {
     /// A transaction marked with TRANSID: interrupted (what came is kept),
     /// or committed (its queue id is kept, the content is not).
     SavePartial(Box<super::Partial>),
+    /// How far a big message on its way has got.
+    Transfer(super::Transfer),
+    /// Its outcome is recorded: no longer on its way.
+    TransferDone { message_id: String },
     /// Checkpoints older than `before` are dropped (smtp.checkpoint_keep).
     PurgePartials { before: i64 },
     /// `bytes` more octets went to the upstream on `day` (local date).
@@ -357,6 +361,28 @@ fn apply(tx: &rusqlite::Savepoint<'_>, c: &Change, applied: &mut Applied) -> rus
                 p.queue_id,
                 p.updated_at
             ])?;
+            Ok(())
+        }
+        Change::Transfer(t) => {
+            tx.prepare_cached(
+                "INSERT OR REPLACE INTO transfers
+                    (message_id, upstream, size, resumed_at, sent, started_at, updated_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            )?
+            .execute(params![
+                t.message_id,
+                t.upstream,
+                t.size,
+                t.resumed_at,
+                t.sent,
+                t.started_at,
+                t.updated_at
+            ])?;
+            Ok(())
+        }
+        Change::TransferDone { message_id } => {
+            tx.prepare_cached("DELETE FROM transfers WHERE message_id = ?1")?
+                .execute([message_id])?;
             Ok(())
         }
         Change::PurgePartials { before } => {

@@ -1,64 +1,7 @@
 //! Every reply the SMTP server sends, in one place. Each carries an RFC 3463
 //! enhanced status code (RFC 2034), and its text says what to do about it.
 
-use std::borrow::Cow;
-use std::fmt::Write as _;
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Reply {
-    pub code: u16,
-    /// Enhanced status code, e.g. "5.7.1"; empty for the greeting and EHLO.
-    pub status: &'static str,
-    pub lines: Vec<Cow<'static, str>>,
-}
-
-impl Reply {
-    pub fn new(code: u16, status: &'static str, text: impl Into<Cow<'static, str>>) -> Reply {
-        Reply {
-            code,
-            status,
-            lines: vec![text.into()],
-        }
-    }
-
-    pub fn multi(code: u16, lines: Vec<Cow<'static, str>>) -> Reply {
-        Reply {
-            code,
-            status: "",
-            lines,
-        }
-    }
-
-    pub fn is_positive(&self) -> bool {
-        self.code < 400
-    }
-
-    /// Appends the reply in wire form to `out`.
-    pub fn write_to(&self, out: &mut Vec<u8>) {
-        let mut s = String::new();
-        let last = self.lines.len().saturating_sub(1);
-        for (i, line) in self.lines.iter().enumerate() {
-            let sep = if i == last { ' ' } else { '-' };
-            let _ = write!(s, "{}{}", self.code, sep);
-            if !self.status.is_empty() {
-                let _ = write!(s, "{} ", self.status);
-            }
-            s.push_str(line);
-            s.push_str("\r\n");
-        }
-        out.extend_from_slice(s.as_bytes());
-    }
-
-    /// One line for logs.
-    pub fn summary(&self) -> String {
-        let text = self.lines.last().map(|l| l.as_ref()).unwrap_or("");
-        if self.status.is_empty() {
-            format!("{} {}", self.code, text)
-        } else {
-            format!("{} {} {}", self.code, self.status, text)
-        }
-    }
-}
+pub use crate::codec::Reply;
 
 pub fn greeting(host: &str) -> Reply {
     Reply::multi(220, vec![format!("{host} ESMTP outpost").into()])

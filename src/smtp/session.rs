@@ -394,8 +394,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + Sync + 'static> Session<S> {
         }
         let config = &self.config;
         let held_here = config.hub.hold_domains.iter().any(|h| {
-            crate::relay::flush::domain_matches(&name, h)
-                || crate::relay::flush::domain_matches(h, &name)
+            crate::address::domain_matches(&name, h) || crate::address::domain_matches(h, &name)
         });
         if name.is_empty() || !held_here {
             info!(peer = %self.peer, name = %name, "ETRN for a domain not held here");
@@ -948,7 +947,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + Sync + 'static> Session<S> {
         // lines, so dot-stuffing goes on where it left off).
         if let Some(tx) = &self.tx {
             if !tx.resumed.is_empty() {
-                let _ = reader.feed(&crate::smtp::data::dot_stuff(&tx.resumed)[..]);
+                let _ = reader.feed(&crate::dotstuff::dot_stuff(&tx.resumed)[..]);
             }
         }
         self.codec.reply(&reply::start_data());
@@ -1281,7 +1280,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + Sync + 'static> Session<S> {
         };
         let ok_user = match creds {
             Some((user, pass)) => {
-                let (exists, ok) = check_password(&self.shared, &user, pass).await;
+                let (exists, ok) = self.shared.check_password(&user, pass).await;
                 if ok {
                     Ok(user)
                 } else {
@@ -1300,8 +1299,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + Sync + 'static> Session<S> {
                 self.auth_failures += 1;
                 warn!(peer = %self.peer, user = user.as_deref().unwrap_or("?"), failures = self.auth_failures, "authentication failed");
                 if let Some(client) = client {
-                    login_failed(
-                        &self.shared,
+                    self.shared.login_failed(
                         &self.config,
                         client,
                         user.as_deref(),
@@ -1334,48 +1332,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + Sync + 'static> Session<S> {
             Some(Line::BareLf) => Err(self.error(reply::bare_lf_in_command())),
             Some(Line::Eof) | None => Err(Flow::Close),
         }
-    }
-}
-
-/// Checks `user`'s password on the pool. Returns (the account exists, the
-/// password is right).
-pub(crate) async fn check_password(shared: &Shared, user: &str, pass: String) -> (bool, bool) {
-    let store = shared.store.clone();
-    let name = user.to_string();
-    shared
-        .verifier
-        .run(move || {
-            let hash = store.password_hash(&name).ok().flatten();
-            (
-                hash.is_some(),
-                auth::verify_password(hash.as_deref(), &pass),
-            )
-        })
-        .await
-        .unwrap_or((false, false))
-}
-
-/// Counts a failed login (SMTP or POP3) across sessions and logs what it
-/// led to. `account` only when it exists.
-pub(crate) fn login_failed(
-    shared: &Shared,
-    config: &Config,
-    client: std::net::IpAddr,
-    account: Option<&str>,
-    peer: &str,
-) {
-    let v = shared.logins.failed(
-        client,
-        config.smtp.ipv6_client_prefix,
-        account,
-        &config.auth,
-        Instant::now().into_std(),
-    );
-    if v.account_under_attack {
-        warn!(account = account.unwrap_or(""), failures = config.auth.max_account_failures, window = ?config.auth.failure_window, "account under attack: many failed logins from several clients (auth.max_account_failures); each client that fails for it now is blocked at once");
-    }
-    if v.blocked {
-        warn!(peer = %peer, client = %client, failures = v.failures, block_time = ?config.auth.block_time, "client blocked: too many failed logins (auth.max_failures); its logins are refused until the block ends");
     }
 }
 

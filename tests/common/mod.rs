@@ -252,6 +252,19 @@ socket = "{d}/submit.sock"
         );
     }
 
+    /// `outpost flush --json` in a process whose clock runs `offset` ahead
+    /// (`+2m`; libfaketime), so that aging is tested without waiting for
+    /// time to pass. The daemon must be stopped: the flush then runs in
+    /// that process, on its clock. Returns the exit code and the JSON.
+    pub fn flush_later(&self, offset: &str) -> (i32, serde_json::Value) {
+        let out = Command::new("faketime")
+            .args(["-f", offset, BIN, "flush", "--json", "--config"])
+            .arg(&self.config_path)
+            .output()
+            .expect("faketime (Debian package faketime) runs");
+        (out.status.code().unwrap_or(-1), json_out(&out))
+    }
+
     /// `queue list --json`, parsed.
     pub fn queue(&self) -> Vec<serde_json::Value> {
         let out = self.cli(&["queue", "list", "--json"]);

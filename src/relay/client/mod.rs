@@ -16,8 +16,9 @@ mod reply;
 mod send;
 mod wire;
 
+pub use crate::address::smtp_path;
 pub use reply::{Extensions, LinkError, Reply};
-pub use send::{smtp_path, OutRecipient, Outcome, Outgoing, Report};
+pub use send::{OutRecipient, Outcome, Outgoing, Report, RESUME_OVER};
 pub use wire::BLOCK;
 
 use std::sync::Arc;
@@ -122,9 +123,30 @@ pub struct Session {
     pub ext: Extensions,
     pub tls: Option<String>,
     timeouts: Timeouts,
+    progress: Arc<Progress>,
+}
+
+/// How far the message on its way has got, for the big messages sent
+/// alone: the flusher reads it while they go (`outpost status`).
+#[derive(Debug, Default)]
+pub struct Progress {
+    /// The message's index in its batch, plus one; 0 while none goes.
+    pub message: std::sync::atomic::AtomicUsize,
+    /// Octets of the message, where this try started (the CHECKPOINT
+    /// offset), and how far it has got (the offset included).
+    pub size: std::sync::atomic::AtomicU64,
+    pub resumed_at: std::sync::atomic::AtomicU64,
+    pub sent: std::sync::atomic::AtomicU64,
+    /// When the content began to go (Unix seconds).
+    pub started_at: std::sync::atomic::AtomicI64,
 }
 
 impl Session {
+    /// How far the message on its way has got.
+    pub fn progress(&self) -> Arc<Progress> {
+        self.progress.clone()
+    }
+
     /// Connects to `addr` and runs greeting, EHLO, STARTTLS and AUTH.
     pub async fn open(
         addr: std::net::SocketAddr,
@@ -162,21 +184,7 @@ impl Session {
             addr: &a,
             elapsed: started.elapsed(),
         });
-        let mut sess = Session {
-            stream: Stream::Plain(tcp),
-            rbuf: Vec::new(),
-            addr: a.clone(),
-            ext: Extensions::default(),
-            tls: None,
-            timeouts: s.timeouts.clone(),
-        };
-        let greeting = sess.read_reply("greeting").await?;
-        if greeting.class() != 2 {
-            return Err(LinkError::Greeting {
-                addr: a,
-                reply: greeting,
-            });
-        }
+        let (mut sess, greeting) = Session::begin(Stream::Plain(tcp), a.clone(), s).await?;
         seen(Step::Greeting(&greeting));
         sess.ehlo(&s.helo).await?;
         seen(Step::Ehlo(&sess.ext));
@@ -214,6 +222,31 @@ impl Session {
         Ok(sess)
     }
 
+    /// A session on `stream`, once the server greeted it with 2xx.
+    async fn begin(
+        stream: Stream,
+        addr: String,
+        s: &ClientSettings,
+    ) -> Result<(Session, Reply), LinkError> {
+        let mut sess = Session {
+            stream,
+            rbuf: Vec::new(),
+            addr,
+            ext: Extensions::default(),
+            tls: None,
+            timeouts: s.timeouts.clone(),
+            progress: Arc::default(),
+        };
+        let greeting = sess.read_reply("greeting").await?;
+        if greeting.class() != 2 {
+            return Err(LinkError::Greeting {
+                addr: sess.addr,
+                reply: greeting,
+            });
+        }
+        Ok((sess, greeting))
+    }
+
     /// A transaction started and abandoned: `MAIL FROM:<>` then `RSET`,
     /// nothing sent. Tells whether the upstream would take mail from us.
     pub async fn try_mail(&mut self) -> Result<(Reply, Reply), LinkError> {
@@ -231,21 +264,7 @@ impl Session {
         addr: String,
         s: &ClientSettings,
     ) -> Result<Session, LinkError> {
-        let mut sess = Session {
-            stream: Stream::Turned(io),
-            rbuf: Vec::new(),
-            addr: addr.clone(),
-            ext: Extensions::default(),
-            tls: None,
-            timeouts: s.timeouts.clone(),
-        };
-        let greeting = sess.read_reply("greeting").await?;
-        if greeting.class() != 2 {
-            return Err(LinkError::Greeting {
-                addr,
-                reply: greeting,
-            });
-        }
+        let (mut sess, _) = Session::begin(Stream::Turned(io), addr, s).await?;
         sess.ehlo(&s.helo).await?;
         Ok(sess)
     }

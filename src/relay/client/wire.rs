@@ -1,6 +1,7 @@
 //! Commands out, replies in: every write and read with its deadline, and
 //! every reply bounded in size.
 
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -65,6 +66,9 @@ impl Session {
                 return Err(failed(std::io::ErrorKind::WriteZero.into()));
             }
             done += n;
+            if self.progress.message.load(Ordering::Relaxed) != 0 {
+                self.progress.sent.fetch_add(n as u64, Ordering::Relaxed);
+            }
         }
         tokio::time::timeout(limit, io.flush())
             .await

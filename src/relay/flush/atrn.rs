@@ -38,10 +38,7 @@ impl Flusher {
         domains: Vec<String>,
         progress: &mut (dyn FnMut(&Event) + Send),
     ) -> Summary {
-        let mut summary = Summary {
-            link: "unknown".into(),
-            ..Summary::default()
-        };
+        let mut summary = Summary::untried();
         let _lock = match FlushLock::acquire(&self.config.store.path).await {
             Ok(l) => l,
             Err(e) => {

@@ -298,6 +298,7 @@ impl Flusher {
             let (otx, orx) = mpsc::unbounded_channel::<(usize, Vec<Outcome>)>();
             let refs: Vec<&Outgoing> = sendable.iter().map(|(_, o)| o).collect();
             let stop = self.stop.clone();
+            let progress = s.progress();
             let send = async move {
                 let mut outcome = move |i: usize, o: Vec<Outcome>| {
                     let _ = otx.send((i, o));
@@ -309,7 +310,11 @@ impl Flusher {
                 s.send_batch(&refs, &mut report).await
             };
             let record = self.record_as_they_come(orx, &sendable, &peer, dest.upstream, &tx);
-            let (sent, ()) = tokio::join!(send, record);
+            let watch = self.watch_transfer(&progress, &sendable, &peer);
+            let (sent, ()) = tokio::select! {
+                done = async { tokio::join!(send, record) } => done,
+                never = watch => match never {},
+            };
             match sent {
                 Ok(s) => session = Some(s),
                 Err(e) => {
@@ -319,6 +324,40 @@ impl Flusher {
             }
         }
         session
+    }
+
+    /// While a big message goes alone, records every few seconds how far
+    /// it has got, for `outpost status` and `queue show`. Never ends.
+    async fn watch_transfer(
+        &self,
+        progress: &client::Progress,
+        sent: &[(DueMessage, Outgoing)],
+        peer: &str,
+    ) -> std::convert::Infallible {
+        use std::sync::atomic::Ordering::Relaxed;
+        loop {
+            tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+            let k = progress.message.load(Relaxed);
+            let Some((m, _)) = k.checked_sub(1).and_then(|i| sent.get(i)) else {
+                continue;
+            };
+            let now = unix_now();
+            let started_at = progress.started_at.load(Relaxed);
+            let t = crate::queue::Transfer {
+                message_id: m.id.clone(),
+                upstream: peer.to_string(),
+                size: progress.size.load(Relaxed) as i64,
+                resumed_at: progress.resumed_at.load(Relaxed) as i64,
+                // Dot-stuffing and the command lines go too: at most the
+                // message's size is counted.
+                sent: progress.sent.load(Relaxed).min(progress.size.load(Relaxed)) as i64,
+                started_at,
+                updated_at: now,
+            };
+            if let Err(e) = self.writer.apply(vec![Change::Transfer(t)]).await {
+                warn!(queue_id = %m.id, error = %e, "could not record how far the transfer has got");
+            }
+        }
     }
 
     /// Commits outcomes as they arrive, all those waiting in one request.
@@ -349,6 +388,11 @@ impl Flusher {
                           reply = r.reply.as_deref().unwrap_or(""), "delivery attempt");
                 }
                 changes.extend(self.with_notice(a.decision, m, Some(&out.body), now));
+                if m.size > client::RESUME_OVER as i64 {
+                    changes.push(Change::TransferDone {
+                        message_id: m.id.clone(),
+                    });
+                }
                 reports.push(WorkerReport::Message {
                     id: m.id.clone(),
                     results: a.results,

@@ -62,18 +62,7 @@ impl FlushOptions {
     }
 }
 
-/// `spec` is a domain, or `@domain` for the domain and its subdomains.
-pub fn domain_matches(spec: &str, domain: &str) -> bool {
-    match spec.strip_prefix('@') {
-        Some(d) => {
-            domain.eq_ignore_ascii_case(d)
-                || (domain.len() > d.len() + 1
-                    && domain.as_bytes()[domain.len() - d.len() - 1] == b'.'
-                    && domain[domain.len() - d.len()..].eq_ignore_ascii_case(d))
-        }
-        None => domain.eq_ignore_ascii_case(spec),
-    }
-}
+pub use crate::address::domain_matches;
 
 /// Progress, as `outpost flush` prints it (and `--json` streams it).
 #[derive(Debug, Clone, Serialize, serde::Deserialize)]
@@ -134,6 +123,14 @@ pub struct Summary {
 }
 
 impl Summary {
+    /// Nothing happened yet: the link was not tried.
+    pub fn untried() -> Summary {
+        Summary {
+            link: "unknown".into(),
+            ..Summary::default()
+        }
+    }
+
     /// The link could not be used: down, or closed (a window or the
     /// budget) with mail waiting. `outpost flush` exits 75 then.
     pub fn link_down(&self) -> bool {
@@ -177,10 +174,7 @@ impl Flusher {
         opts: &FlushOptions,
         progress: &mut (dyn FnMut(&Event) + Send),
     ) -> Summary {
-        let mut summary = Summary {
-            link: "unknown".into(),
-            ..Summary::default()
-        };
+        let mut summary = Summary::untried();
         let _lock = match FlushLock::acquire(&self.config.store.path).await {
             Ok(l) => l,
             Err(e) => {
@@ -467,7 +461,7 @@ impl Flusher {
             let domain = decide::sender_domain(m);
             let mailboxes = if self.config.is_local_domain(&domain) {
                 let local = m.sender.rsplit_once('@').map(|(l, _)| l).unwrap_or("");
-                crate::smtp::policy::expand_local(&self.config, local).0
+                crate::aliases::expand_local(&self.config, local).0
             } else {
                 Vec::new()
             };
