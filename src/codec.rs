@@ -6,6 +6,7 @@
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 
@@ -30,9 +31,23 @@ pub struct Codec<S> {
     rbuf: Vec<u8>,
     rpos: usize,
     wbuf: Vec<u8>,
+    /// Octets of `wbuf` already written: a flush cut short by a timeout
+    /// goes on where it stopped, never sends anything twice.
+    wpos: usize,
+    /// How long one flush may wait for the peer to take the output.
+    write_timeout: Duration,
+    /// A write failed or timed out: the peer is gone or not reading, and
+    /// nothing more is sent.
+    broken: bool,
 }
 
 const READ_CHUNK: usize = 16 * 1024;
+/// Replies to pipelined commands are held until the input is drained
+/// (RFC 2920), but no more than this: a client that sends commands without
+/// reading the answers makes outpost wait on the write, not buffer them all.
+const OUTPUT_HIGH_WATER: usize = 64 * 1024;
+/// Until a session sets its own.
+const DEFAULT_WRITE_TIMEOUT: Duration = Duration::from_secs(300);
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Codec<S> {
     pub fn new(stream: S) -> Codec<S> {
@@ -41,7 +56,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Codec<S> {
             rbuf: Vec::with_capacity(1024),
             rpos: 0,
             wbuf: Vec::with_capacity(512),
+            wpos: 0,
+            write_timeout: DEFAULT_WRITE_TIMEOUT,
+            broken: false,
         }
+    }
+
+    /// How long a flush may wait for the peer to take the output; past it
+    /// the flush fails with `TimedOut` and the codec sends nothing more.
+    pub fn set_write_timeout(&mut self, t: Duration) {
+        self.write_timeout = t;
     }
 
     /// Queues a reply; it is sent before the next read that has to wait.
@@ -56,16 +80,62 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Codec<S> {
 
     /// Octets queued and not yet sent.
     pub fn pending_output(&self) -> usize {
-        self.wbuf.len()
+        self.wbuf.len() - self.wpos
     }
 
-    /// Sends queued replies now.
+    /// True once a write failed or timed out.
+    pub fn is_broken(&self) -> bool {
+        self.broken
+    }
+
+    /// Sends queued replies now, within the write timeout.
     pub async fn flush(&mut self) -> io::Result<()> {
-        if !self.wbuf.is_empty() {
-            self.stream.write_all(&self.wbuf).await?;
-            self.wbuf.clear();
+        let t = self.write_timeout;
+        self.flush_within(t).await
+    }
+
+    /// Sends queued output within `limit`. Cancel-safe: what was written
+    /// is remembered, so a later flush sends only the rest.
+    pub async fn flush_within(&mut self, limit: Duration) -> io::Result<()> {
+        if self.broken {
+            return Err(io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                "an earlier write failed",
+            ));
         }
+        let r = match tokio::time::timeout(limit, self.write_pending()).await {
+            Ok(r) => r,
+            Err(_) => Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the peer took no output within the write timeout",
+            )),
+        };
+        if r.is_err() {
+            self.broken = true;
+        }
+        r
+    }
+
+    async fn write_pending(&mut self) -> io::Result<()> {
+        while self.wpos < self.wbuf.len() {
+            let n = self.stream.write(&self.wbuf[self.wpos..]).await?;
+            if n == 0 {
+                return Err(io::ErrorKind::WriteZero.into());
+            }
+            self.wpos += n;
+        }
+        self.wbuf.clear();
+        self.wpos = 0;
         self.stream.flush().await
+    }
+
+    /// The end of a session: sends what is queued and closes, giving the
+    /// peer at most `limit` to take it.
+    pub async fn close(&mut self, limit: Duration) {
+        let limit = limit.min(self.write_timeout);
+        if self.flush_within(limit).await.is_ok() {
+            let _ = tokio::time::timeout(limit, self.stream.shutdown()).await;
+        }
     }
 
     /// Input received and not yet consumed.
@@ -106,6 +176,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Codec<S> {
 
     /// The next line of at most `max` octets including CRLF.
     pub async fn read_line(&mut self, max: usize) -> io::Result<Line> {
+        if self.pending_output() >= OUTPUT_HIGH_WATER {
+            self.flush().await?;
+        }
         let mut discarding = false;
         loop {
             let buf = self.buffered();
@@ -356,5 +429,54 @@ mod tests {
         c.flush().await.unwrap();
         let n = client.read(&mut probe).await.unwrap();
         assert_eq!(&probe[..n], b"250 2.0.0 Ok\r\n250 2.0.0 Ok\r\n");
+    }
+
+    #[tokio::test]
+    async fn a_peer_that_takes_no_output_times_the_write_out() {
+        let (mut client, server) = tokio::io::duplex(64);
+        let mut c = Codec::new(server);
+        c.set_write_timeout(Duration::from_millis(50));
+        c.write(&[b'x'; 1000]);
+        let e = c.flush().await.unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::TimedOut);
+        assert!(c.is_broken());
+        // Nothing more is tried, and a read reports the broken write.
+        c.write(b"more");
+        assert!(c.flush().await.is_err());
+        client.write_all(b"NOOP\r\n").await.unwrap();
+        assert!(c.read_line(512).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn a_flush_cut_short_goes_on_where_it_stopped() {
+        let (mut client, server) = tokio::io::duplex(64);
+        let mut c = Codec::new(server);
+        let out: Vec<u8> = (0..200u8).collect();
+        c.write(&out);
+        // Cancelled from outside (a read timeout around it) after 64 octets.
+        let cut = tokio::time::timeout(Duration::from_millis(20), c.flush()).await;
+        assert!(cut.is_err());
+        assert_eq!(c.pending_output(), 200 - 64);
+        let reader = tokio::spawn(async move {
+            let mut got = vec![0u8; 200];
+            client.read_exact(&mut got).await.unwrap();
+            got
+        });
+        c.flush().await.unwrap();
+        assert_eq!(reader.await.unwrap(), out, "every octet once, in order");
+    }
+
+    #[tokio::test]
+    async fn pipelined_replies_are_not_buffered_without_bound() {
+        let (mut client, server) = tokio::io::duplex(1 << 20);
+        let mut c = Codec::new(server);
+        client.write_all(&b"HELP\r\n".repeat(10_000)).await.unwrap();
+        let mut most = 0;
+        for _ in 0..10_000 {
+            assert!(matches!(c.read_line(512).await.unwrap(), Line::Text(_)));
+            c.write(&[b'r'; 90]);
+            most = most.max(c.pending_output());
+        }
+        assert!(most <= OUTPUT_HIGH_WATER + 90, "{most}");
     }
 }

@@ -37,6 +37,8 @@ pub struct Config {
     #[serde(default)]
     pub pop3: Pop3Config,
     #[serde(default)]
+    pub auth: AuthConfig,
+    #[serde(default)]
     pub upstream: UpstreamConfig,
     #[serde(default)]
     pub flush: FlushConfig,
@@ -217,6 +219,15 @@ pub struct SmtpConfig {
     /// The longest line of message content, in octets with its CRLF.
     /// RFC 5321 says 1000; office programs send longer ones.
     pub max_line_length: usize,
+    /// The longest a session may last, whatever it does (421 then).
+    #[serde(with = "humantime_serde_compat")]
+    pub max_session_time: Duration,
+    /// Errors, refused recipients included, after which a session that
+    /// had a recipient refused is closed (Postfix's smtpd_hard_error_limit).
+    pub max_rcpt_errors: u32,
+    /// IPv6 clients in one network of this prefix length count as one
+    /// client for `max_connections_per_client` and failed logins.
+    pub ipv6_client_prefix: u8,
     /// CHECKPOINT (RFC 1845): how long an interrupted transaction, or the
     /// id of a completed one, is kept for its client to resume; 0: not
     /// offered.
@@ -236,6 +247,9 @@ impl Default for SmtpConfig {
             max_errors: 10,
             shutdown_grace: Duration::from_secs(30),
             max_line_length: 65536,
+            max_session_time: Duration::from_secs(3600),
+            max_rcpt_errors: 20,
+            ipv6_client_prefix: 64,
             checkpoint_keep: Duration::from_secs(24 * 3600),
         }
     }
@@ -253,6 +267,9 @@ pub struct Pop3Config {
     /// Pause before answering a failed login.
     #[serde(with = "humantime_serde_compat")]
     pub auth_failure_delay: Duration,
+    /// The longest a session may last, whatever it does.
+    #[serde(with = "humantime_serde_compat")]
+    pub max_session_time: Duration,
 }
 
 impl Default for Pop3Config {
@@ -261,6 +278,40 @@ impl Default for Pop3Config {
             idle_timeout: Duration::from_secs(600),
             max_auth_failures: 3,
             auth_failure_delay: Duration::from_secs(2),
+            max_session_time: Duration::from_secs(1800),
+        }
+    }
+}
+
+/// Failed logins (SMTP AUTH and POP3) counted across sessions, and the
+/// password checks themselves.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// Failed logins from one client (an IPv4 address, an IPv6
+    /// `smtp.ipv6_client_prefix` network) within `failure_window` after
+    /// which that client is refused logins for `block_time`.
+    pub max_failures: u32,
+    #[serde(with = "humantime_serde_compat")]
+    pub failure_window: Duration,
+    #[serde(with = "humantime_serde_compat")]
+    pub block_time: Duration,
+    /// Failed logins for one account (from anywhere) within
+    /// `failure_window` after which the account is reported as under
+    /// attack; each address that fails for it is then blocked at once.
+    pub max_account_failures: u32,
+    /// Password checks (argon2, about 19 MiB each) run at once.
+    pub verify_threads: usize,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            max_failures: 10,
+            failure_window: Duration::from_secs(900),
+            block_time: Duration::from_secs(900),
+            max_account_failures: 30,
+            verify_threads: 2,
         }
     }
 }
@@ -821,6 +872,21 @@ impl Config {
         }
         if self.smtp.max_connections == 0 || self.smtp.max_connections_per_client == 0 {
             return Err(("max_connections", "must be at least 1".into()));
+        }
+        if !(16..=128).contains(&self.smtp.ipv6_client_prefix) {
+            return Err((
+                "ipv6_client_prefix",
+                "must be a prefix length from 16 to 128 (64: one customer network)".into(),
+            ));
+        }
+        if self.smtp.max_rcpt_errors == 0 {
+            return Err(("max_rcpt_errors", "must be at least 1".into()));
+        }
+        if self.auth.verify_threads == 0 || self.auth.verify_threads > 64 {
+            return Err(("verify_threads", "must be from 1 to 64".into()));
+        }
+        if self.auth.max_failures == 0 || self.auth.max_account_failures == 0 {
+            return Err(("max_failures", "must be at least 1".into()));
         }
         if let Err(e) = self.upstream.target() {
             return Err(("server", e));

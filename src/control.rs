@@ -1,22 +1,35 @@
-//! The control socket: how `outpost flush` reaches the running daemon.
+//! The control socket: how `outpost flush` and `outpost status` reach the
+//! running daemon.
 //!
-//! A Unix socket (mode 0660). The client sends one JSON request line; the
-//! daemon answers with JSON lines, one per flush event, `done` last.
+//! A Unix socket (mode 0660). The client sends one JSON request line (at
+//! most [`MAX_REQUEST`] octets, within [`REQUEST_TIMEOUT`]); the daemon
+//! answers with JSON lines: for a flush one per event, `done` last; for
+//! `logins` one [`crate::guard::Report`].
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::watch;
 use tracing::{info, warn, Instrument};
 
+use crate::guard::{LoginGuard, Report};
 use crate::relay::flush::{Event, FlushOptions, Flusher, Summary};
+
+/// The longest request line; a longer one is refused unread.
+pub const MAX_REQUEST: usize = 64 * 1024;
+/// How long a client may take to send its request.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Request {
     Flush(FlushOptions),
+    /// Clients blocked after failed logins, accounts under attack.
+    Logins,
 }
 
 /// Binds the control socket (mode 0660), replacing a stale one.
@@ -63,6 +76,7 @@ pub async fn serve(
     listener: UnixListener,
     path: PathBuf,
     flushers: watch::Receiver<Flusher>,
+    logins: Arc<LoginGuard>,
     mut stop: watch::Receiver<bool>,
 ) {
     loop {
@@ -71,8 +85,9 @@ pub async fn serve(
             r = listener.accept() => match r {
                 Ok((stream, _)) => {
                     let flusher = flushers.borrow().clone();
+                    let logins = logins.clone();
                     tokio::spawn(async move {
-                        if let Err(e) = handle(stream, flusher).await {
+                        if let Err(e) = handle(stream, flusher, &logins).await {
                             warn!(error = %e, "control request failed");
                         }
                     });
@@ -87,13 +102,41 @@ pub async fn serve(
     let _ = std::fs::remove_file(&path);
 }
 
-async fn handle(stream: UnixStream, flusher: Flusher) -> std::io::Result<()> {
+/// Reads one request line: at most [`MAX_REQUEST`] octets, within
+/// [`REQUEST_TIMEOUT`].
+async fn read_request<R: tokio::io::AsyncRead + Unpin>(
+    r: R,
+    within: Duration,
+) -> std::io::Result<Request> {
+    let invalid = |m: String| std::io::Error::new(std::io::ErrorKind::InvalidData, m);
+    let mut line = Vec::new();
+    let mut limited = BufReader::new(r.take(MAX_REQUEST as u64 + 1));
+    tokio::time::timeout(within, limited.read_until(b'\n', &mut line))
+        .await
+        .map_err(|_| {
+            std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "no request within the time allowed",
+            )
+        })??;
+    if line.len() > MAX_REQUEST {
+        return Err(invalid(format!(
+            "request line longer than {MAX_REQUEST} octets"
+        )));
+    }
+    serde_json::from_slice(&line).map_err(|e| invalid(e.to_string()))
+}
+
+async fn handle(stream: UnixStream, flusher: Flusher, logins: &LoginGuard) -> std::io::Result<()> {
     let (r, mut w) = stream.into_split();
-    let mut line = String::new();
-    BufReader::new(r).read_line(&mut line).await?;
-    let req: Request = serde_json::from_str(&line)
-        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+    let req = read_request(r, REQUEST_TIMEOUT).await?;
     match req {
+        Request::Logins => {
+            let mut s = serde_json::to_string(&logins.report(std::time::Instant::now()))
+                .unwrap_or_default();
+            s.push('\n');
+            w.write_all(s.as_bytes()).await?;
+        }
         Request::Flush(opts) => {
             info!(all = opts.all, domains = ?opts.domains, "flush requested on the control socket");
             // Events go to the client as they happen; a client that went
@@ -156,4 +199,70 @@ pub async fn request_flush(
         std::io::ErrorKind::UnexpectedEof,
         "the daemon closed the control socket before the flush ended",
     ))
+}
+
+/// Client side: the daemon's blocked clients and accounts under attack.
+/// `Ok(None)` when no daemon listens.
+pub async fn request_logins(path: &Path) -> std::io::Result<Option<Report>> {
+    let stream = match UnixStream::connect(path).await {
+        Ok(s) => s,
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+            ) =>
+        {
+            return Ok(None)
+        }
+        Err(e) => return Err(e),
+    };
+    let (r, mut w) = stream.into_split();
+    let mut req = serde_json::to_string(&Request::Logins)?;
+    req.push('\n');
+    w.write_all(req.as_bytes()).await?;
+    let mut line = String::new();
+    let mut limited = BufReader::new(r.take(16 << 20));
+    tokio::time::timeout(REQUEST_TIMEOUT, limited.read_line(&mut line))
+        .await
+        .map_err(|_| {
+            std::io::Error::new(std::io::ErrorKind::TimedOut, "the daemon did not answer")
+        })??;
+    serde_json::from_str(&line)
+        .map(Some)
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn request_lines_are_bounded() {
+        // A line without an end is refused once it passes the limit, not
+        // read on for ever.
+        let (mut client, server) = tokio::io::duplex(1 << 20);
+        let writer = tokio::spawn(async move {
+            let chunk = vec![b'x'; 8192];
+            while client.write_all(&chunk).await.is_ok() {}
+        });
+        let e = read_request(server, REQUEST_TIMEOUT).await.unwrap_err();
+        assert!(e.to_string().contains("longer than"), "{e}");
+        writer.abort();
+        // A good one passes.
+        let (mut client, server) = tokio::io::duplex(4096);
+        client.write_all(b"{\"op\":\"logins\"}\n").await.unwrap();
+        assert!(matches!(
+            read_request(server, REQUEST_TIMEOUT).await.unwrap(),
+            Request::Logins
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_silent_client_is_given_up_on() {
+        let (_client, server) = tokio::io::duplex(4096);
+        let e = read_request(server, Duration::from_millis(50))
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::TimedOut);
+    }
 }

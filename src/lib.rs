@@ -13,6 +13,7 @@ pub mod codec;
 pub mod config;
 pub mod control;
 pub mod dotstuff;
+pub mod guard;
 pub mod logwriter;
 pub mod pop3;
 pub mod queue;
@@ -109,10 +110,12 @@ pub async fn serve(
     let control = control::bind(&config.control.socket)
         .with_context(|| format!("control.socket {}", config.control.socket.display()))?;
     let (stop_tx, stop_rx) = watch::channel(false);
+    let logins = Arc::new(guard::LoginGuard::default());
     let control_task = tokio::spawn(control::serve(
         control,
         config.control.socket.clone(),
         flusher_rx.clone(),
+        logins.clone(),
         stop_rx.clone(),
     ));
     // Store housekeeping (purge, vacuum, WAL checkpoint): at start, then
@@ -148,13 +151,10 @@ pub async fn serve(
         triggers.etrn_running.clone(),
         stop_rx.clone(),
     ));
-    let shared = Arc::new(Shared::new(
-        config.clone(),
-        store.clone(),
-        writer.clone(),
-        tls,
-        triggers,
-    ));
+    let shared = Arc::new(
+        Shared::new(config.clone(), store.clone(), writer.clone(), tls, triggers)
+            .with_logins(logins),
+    );
     // Sessions on turned connections see the daemon's stop like others.
     let (turned_phase_tx, turned_phase_rx) = watch::channel(server::Phase::Running);
     let atrn_branch = tokio::spawn(atrn_branch(

@@ -102,6 +102,10 @@ pub struct Shared {
     per_client: Mutex<HashMap<IpAddr, usize>>,
     /// POP3 maildrops open in a session (lower-case account names).
     maildrops: Mutex<std::collections::HashSet<String>>,
+    /// Failed logins across sessions (`[auth]`).
+    pub logins: Arc<crate::guard::LoginGuard>,
+    /// Where password checks run (`auth.verify_threads`).
+    pub verifier: crate::auth::VerifyPool,
 }
 
 /// How sessions hand work to the daemon's flush runner.
@@ -141,10 +145,59 @@ impl Shared {
             slots: Arc::new(Semaphore::new(config.smtp.max_connections)),
             per_client: Mutex::new(HashMap::new()),
             maildrops: Mutex::new(std::collections::HashSet::new()),
+            logins: Arc::default(),
+            verifier: crate::auth::VerifyPool::new(config.auth.verify_threads),
             config: std::sync::RwLock::new(config),
             store,
             writer,
             tls: std::sync::RwLock::new(tls),
+        }
+    }
+
+    /// Shares `logins` (the daemon shows it on the control socket).
+    pub fn with_logins(mut self, logins: Arc<crate::guard::LoginGuard>) -> Shared {
+        self.logins = logins;
+        self
+    }
+
+    /// The client `peer` counts as for per-client limits, if it has an
+    /// address.
+    pub fn client_of(&self, peer: IpAddr) -> IpAddr {
+        client_key(peer, self.config().smtp.ipv6_client_prefix)
+    }
+
+    /// Checks `user`'s password on the pool (SMTP AUTH and POP3). Returns
+    /// (the account exists, the password is right).
+    pub async fn check_password(&self, user: &str, pass: String) -> (bool, bool) {
+        let store = self.store.clone();
+        let name = user.to_string();
+        self.verifier
+            .run(move || {
+                let hash = store.password_hash(&name).ok().flatten();
+                (
+                    hash.is_some(),
+                    crate::auth::verify_password(hash.as_deref(), &pass),
+                )
+            })
+            .await
+            .unwrap_or((false, false))
+    }
+
+    /// Counts a failed login (SMTP or POP3) across sessions and logs what
+    /// it led to. `account` only when it exists.
+    pub fn login_failed(&self, config: &Config, client: IpAddr, account: Option<&str>, peer: &str) {
+        let v = self.logins.failed(
+            client,
+            config.smtp.ipv6_client_prefix,
+            account,
+            &config.auth,
+            std::time::Instant::now(),
+        );
+        if v.account_under_attack {
+            warn!(account = account.unwrap_or(""), failures = config.auth.max_account_failures, window = ?config.auth.failure_window, "account under attack: many failed logins from several clients (auth.max_account_failures); each client that fails for it now is blocked at once");
+        }
+        if v.blocked {
+            warn!(peer = %peer, client = %client, failures = v.failures, block_time = ?config.auth.block_time, "client blocked: too many failed logins (auth.max_failures); its logins are refused until the block ends");
         }
     }
 
@@ -188,7 +241,7 @@ impl Shared {
             .clone()
             .try_acquire_owned()
             .map_err(|_| reply::too_many_connections())?;
-        let ip = canonical_ip(ip);
+        let ip = client_key(ip, self.config().smtp.ipv6_client_prefix);
         let mut map = self.per_client.lock().unwrap_or_else(|p| p.into_inner());
         let n = map.entry(ip).or_insert(0);
         if *n >= self.config().smtp.max_connections_per_client {
@@ -200,6 +253,19 @@ impl Shared {
             ip,
             _permit: permit,
         })
+    }
+}
+
+/// The client an address belongs to, for per-client limits: an IPv4
+/// address (also when it reaches a dual-stack socket as `::ffff:a.b.c.d`),
+/// or the IPv6 network of `v6_prefix` bits it is in, since one customer
+/// usually has a whole /64 (or more) to connect from.
+pub fn client_key(ip: IpAddr, v6_prefix: u8) -> IpAddr {
+    match canonical_ip(ip) {
+        IpAddr::V6(v6) => ipnet::Ipv6Net::new(v6, v6_prefix.min(128))
+            .map(|n| IpAddr::V6(n.network()))
+            .unwrap_or(IpAddr::V6(v6)),
+        v4 => v4,
     }
 }
 
@@ -455,6 +521,37 @@ async fn accept_local(
 async fn refuse<S: tokio::io::AsyncWrite + Unpin>(mut stream: S, r: Reply) {
     let mut out = Vec::new();
     r.write_to(&mut out);
-    let _ = tokio::time::timeout(Duration::from_secs(5), stream.write_all(&out)).await;
-    let _ = stream.shutdown().await;
+    let limit = Duration::from_secs(5);
+    if let Ok(Ok(())) = tokio::time::timeout(limit, stream.write_all(&out)).await {
+        let _ = tokio::time::timeout(limit, stream.shutdown()).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(ip: &str, prefix: u8) -> String {
+        client_key(ip.parse().unwrap(), prefix).to_string()
+    }
+
+    #[test]
+    fn clients_are_ipv4_addresses_and_ipv6_networks() {
+        // IPv4: the address itself, in either form.
+        assert_eq!(key("192.0.2.7", 64), "192.0.2.7");
+        assert_eq!(key("::ffff:192.0.2.7", 64), "192.0.2.7");
+        assert_ne!(key("192.0.2.7", 64), key("192.0.2.8", 64));
+        // IPv6: every address of one /64 is one client...
+        assert_eq!(key("2001:db8:1:2::1", 64), "2001:db8:1:2::");
+        assert_eq!(
+            key("2001:db8:1:2:ffff:ffff:ffff:ffff", 64),
+            key("2001:db8:1:2::1", 64)
+        );
+        // ...and the next /64 another.
+        assert_ne!(key("2001:db8:1:3::1", 64), key("2001:db8:1:2::1", 64));
+        // The prefix is configurable: a /56 per customer, or exact addresses.
+        assert_eq!(key("2001:db8:1:2ff::1", 56), key("2001:db8:1:200::9", 56));
+        assert_ne!(key("2001:db8::1", 128), key("2001:db8::2", 128));
+        assert_eq!(key("::1", 64), "::");
+    }
 }

@@ -13,6 +13,7 @@ use std::sync::Arc;
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
 
 use super::exit;
+use crate::address::smtp_path;
 use crate::config::Config;
 use crate::queue::{Store, Writer};
 use crate::server::{local_listen, Peer, Phase, Shared, Triggers};
@@ -122,6 +123,23 @@ pub fn parse_args(args: &[String]) -> Result<Args, String> {
         .map(|r| r.trim().to_string())
         .filter(|r| !r.is_empty())
         .collect();
+    // A CR or LF would end the line they go on (MAIL FROM, RCPT TO, the
+    // From: header) and start another that the caller chose: refused,
+    // like every other control character.
+    let named = a
+        .from
+        .iter()
+        .map(|f| ("the sender (-f)", f))
+        .chain(a.full_name.iter().map(|n| ("the full name (-F)", n)))
+        .chain(a.recipients.iter().map(|r| ("a recipient", r)));
+    for (what, value) in named {
+        if value.chars().any(char::is_control) {
+            return Err(format!(
+                "{what} \"{}\" contains a control character (such as CR or LF); refused",
+                value.escape_debug()
+            ));
+        }
+    }
     Ok(a)
 }
 
@@ -249,6 +267,28 @@ fn addresses(value: &str) -> Vec<String> {
     out
 }
 
+/// An address as outpost keeps it: a quoted local part (`"john doe"@x`,
+/// as written in a header or on the command line) without its quotes, so
+/// that it is quoted once, not twice, on the way out.
+fn unquoted(address: &str) -> String {
+    let Some((local, domain)) = address.rsplit_once('@') else {
+        return address.to_string();
+    };
+    let Some(inner) = local.strip_prefix('"').and_then(|l| l.strip_suffix('"')) else {
+        return address.to_string();
+    };
+    let mut out = String::with_capacity(address.len());
+    let mut chars = inner.chars();
+    while let Some(c) = chars.next() {
+        out.push(if c == '\\' {
+            chars.next().unwrap_or(c)
+        } else {
+            c
+        });
+    }
+    format!("{out}@{domain}")
+}
+
 fn quote_phrase(name: &str) -> String {
     if name
         .chars()
@@ -348,6 +388,20 @@ async fn submit<S: AsyncRead + AsyncWrite + Unpin>(
     if code != 250 {
         return Err(failed(class(code), text));
     }
+    // Written as RFC 5321 paths: a local part that needs quoting is
+    // quoted, so an address cannot end the path early or add parameters.
+    let path = |a: &str| {
+        smtp_path(a).ok_or_else(|| {
+            failed(
+                exit::DATAERR,
+                format!(
+                    "<{}> cannot be written as an SMTP address (control characters or a bad domain)",
+                    a.escape_debug()
+                ),
+            )
+        })
+    };
+    let sender_path = path(sender)?;
     let smtputf8 = if sender.is_ascii() && recipients.iter().all(|r| r.is_ascii()) {
         ""
     } else {
@@ -358,7 +412,11 @@ async fn submit<S: AsyncRead + AsyncWrite + Unpin>(
     } else {
         ""
     };
-    send(&mut w, &format!("MAIL FROM:<{sender}>{body}{smtputf8}\r\n")).await?;
+    send(
+        &mut w,
+        &format!("MAIL FROM:<{sender_path}>{body}{smtputf8}\r\n"),
+    )
+    .await?;
     let (code, text) = reply(&mut r).await?;
     if code != 250 {
         return Err(failed(class(code), format!("sender <{sender}>: {text}")));
@@ -366,7 +424,14 @@ async fn submit<S: AsyncRead + AsyncWrite + Unpin>(
     let mut refused = Vec::new();
     let mut accepted = 0;
     for rcpt in recipients {
-        send(&mut w, &format!("RCPT TO:<{rcpt}>\r\n")).await?;
+        let Ok(rcpt_path) = path(rcpt) else {
+            refused.push(format!(
+                "<{}>: cannot be written as an SMTP address (control characters or a bad domain)",
+                rcpt.escape_debug()
+            ));
+            continue;
+        };
+        send(&mut w, &format!("RCPT TO:<{rcpt_path}>\r\n")).await?;
         let (code, text) = reply(&mut r).await?;
         if code / 100 == 2 {
             accepted += 1;
@@ -454,10 +519,14 @@ async fn deliver(config: &Config, args: &Args) -> ExitCode {
     let uid = uid();
     let sender = args
         .from
-        .clone()
+        .as_deref()
+        .map(unquoted)
         .unwrap_or_else(|| format!("{}@{}", user_name(uid), config.hostname));
     let id = crate::queue::QueueId::generate();
-    let (message, from_headers) = prepare(&input, args, &sender, &config.hostname, id.as_str());
+    // In the From: header the address is written as in the envelope.
+    let header_sender = smtp_path(&sender).unwrap_or_else(|| sender.clone());
+    let (message, from_headers) =
+        prepare(&input, args, &header_sender, &config.hostname, id.as_str());
     let mut recipients = args.recipients.clone();
     if args.extract {
         for r in from_headers {
@@ -466,6 +535,7 @@ async fn deliver(config: &Config, args: &Args) -> ExitCode {
             }
         }
     }
+    let recipients: Vec<String> = recipients.iter().map(|r| unquoted(r)).collect();
     if recipients.is_empty() {
         eprintln!("sendmail: no recipients: name them as arguments, or use -t to take them from To, Cc and Bcc");
         return ExitCode::from(exit::USAGE);
@@ -638,5 +708,30 @@ mod tests {
         assert_eq!(addresses(" undisclosed-recipients:;"), Vec::<String>::new());
         assert_eq!(addresses(" team: a@x, b@y;"), ["a@x", "b@y"]);
         assert_eq!(addresses(" \"Doe, J\" <j@x>"), ["j@x"]);
+    }
+
+    #[test]
+    fn control_characters_in_arguments_are_refused() {
+        let try_args =
+            |a: &[&str]| parse_args(&a.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+        let e = try_args(&["-f", "a@b.example\r\nRCPT TO:<x@evil.example>", "c@d"]).unwrap_err();
+        assert!(e.contains("sender (-f)") && e.contains("\\r\\n"), "{e}");
+        let e = try_args(&["-F", "Name\nBcc: x@evil.example", "c@d"]).unwrap_err();
+        assert!(e.contains("full name (-F)"), "{e}");
+        let e = try_args(&["c@d\rDATA"]).unwrap_err();
+        assert!(e.contains("a recipient"), "{e}");
+        assert!(try_args(&["a\u{7f}b@c"]).is_err());
+        assert!(try_args(&["-f", "a@b", "-F", "Ann O'Neil", "c@d"]).is_ok());
+    }
+
+    #[test]
+    fn quoted_local_parts_are_taken_as_written() {
+        assert_eq!(unquoted("\"john doe\"@x.example"), "john doe@x.example");
+        assert_eq!(unquoted("\"a\\\"b\"@x.example"), "a\"b@x.example");
+        assert_eq!(unquoted("plain@x.example"), "plain@x.example");
+        assert_eq!(
+            unquoted("odd> NOTIFY=NEVER@x.example"),
+            "odd> NOTIFY=NEVER@x.example"
+        );
     }
 }

@@ -36,6 +36,7 @@ pub fn run(config: &Config, as_json: bool) -> ExitCode {
             }
         };
     let oldest_age = counts.oldest.map(|t| (now - t).max(0));
+    let logins = daemon_logins(config);
     let transfers = match store.transfers() {
         Ok(t) => t,
         Err(e) => {
@@ -115,6 +116,8 @@ pub fn run(config: &Config, as_json: bool) -> ExitCode {
                 "wal_bytes": disk.wal_bytes,
                 "free_bytes": disk.free_bytes,
             },
+            // null when no daemon runs (the state is the daemon's).
+            "logins": logins,
         });
         println!("{v}");
         return ExitCode::from(exit::OK);
@@ -206,6 +209,26 @@ pub fn run(config: &Config, as_json: bool) -> ExitCode {
                 .unwrap_or_else(|| "never".into())
         );
     }
+    if let Some(r) = &logins {
+        if r.blocked.is_empty() {
+            println!("logins:      no client blocked");
+        }
+        for b in &r.blocked {
+            println!(
+                "blocked:     {} after {} failed logins (for {} more)",
+                terminal_safe(&b.client),
+                b.failures,
+                age(b.seconds_left as i64)
+            );
+        }
+        for a in &r.accounts_under_attack {
+            println!(
+                "attacked:    account {}: {} failed logins from several clients",
+                terminal_safe(&a.account),
+                a.failures
+            );
+        }
+    }
     match next_flush {
         Some(t) if t <= now => println!("next flush:  now (mail is due)"),
         Some(t) => println!("next flush:  {} (in {})", rfc3339(t), age(t - now)),
@@ -219,6 +242,18 @@ pub fn run(config: &Config, as_json: bool) -> ExitCode {
         bytes(disk.free_bytes)
     );
     ExitCode::from(exit::OK)
+}
+
+/// Clients blocked after failed logins, from the running daemon (None when
+/// none runs or it does not answer).
+fn daemon_logins(config: &Config) -> Option<crate::guard::Report> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .ok()?;
+    rt.block_on(crate::control::request_logins(&config.control.socket))
+        .ok()
+        .flatten()
 }
 
 /// How a transfer is going, as `status` and `queue show` say it.

@@ -4,8 +4,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::watch;
+use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use crate::auth;
@@ -17,7 +18,10 @@ use crate::server::{phase_reached, Phase, Shared};
 /// RFC 2449 §4: a command line is at most 255 octets; AUTH responses may
 /// be longer (RFC 5034 §4).
 const MAX_LINE: usize = 1024;
+/// How long a TLS handshake may take (less when `pop3.idle_timeout` is).
 const TLS_TIMEOUT: Duration = Duration::from_secs(30);
+/// After a timeout, how long the last response may take to leave.
+const LINGER: Duration = Duration::from_secs(1);
 /// Octets of a message sent per write when it is retrieved.
 const PIECE: usize = 64 * 1024;
 
@@ -56,6 +60,12 @@ pub struct Session<S> {
     user: Option<String>,
     drop: Option<Maildrop>,
     failures: u32,
+    /// `pop3.max_session_time` from the start.
+    deadline: Instant,
+    /// How long the last response may take to leave at the end: the
+    /// write timeout, [`LINGER`] after a read timeout, nothing when the
+    /// peer already left output untaken.
+    linger: Duration,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
@@ -66,13 +76,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         stream: S,
         phase: watch::Receiver<Phase>,
     ) -> Self {
+        let config = shared.config();
+        let mut codec = Codec::new(Conn::Plain(stream));
+        // A client that stops taking a message it asked for is cut off
+        // like one that stops sending commands.
+        codec.set_write_timeout(config.pop3.idle_timeout);
+        let linger = config.pop3.idle_timeout;
         Session {
-            config: shared.config(),
+            linger,
+            deadline: Instant::now() + config.pop3.max_session_time,
+            config,
             tls: shared.tls(),
             shared,
             listen,
             peer,
-            codec: Codec::new(Conn::Plain(stream)),
+            codec,
             phase,
             user: None,
             drop: None,
@@ -104,8 +122,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             }
         }
         self.release();
-        let _ = self.codec.flush().await;
-        let _ = self.codec.get_mut().shutdown().await;
+        self.codec.close(self.linger).await;
         debug!(peer = %self.peer, "pop3 disconnect");
     }
 
@@ -120,7 +137,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     /// The next command; None when the session must end (idle timeout,
     /// shutdown, connection error). A session that ends here deletes nothing.
     async fn next_line(&mut self) -> Option<Line> {
-        let timeout = self.config.pop3.idle_timeout;
+        if Instant::now() >= self.deadline {
+            self.session_too_long();
+            return None;
+        }
+        let timeout = self
+            .config
+            .pop3
+            .idle_timeout
+            .min(self.deadline.saturating_duration_since(Instant::now()));
         let mut phase = self.phase.clone();
         tokio::select! {
             biased;
@@ -130,14 +155,34 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             }
             r = tokio::time::timeout(timeout, self.codec.read_line(MAX_LINE)) => match r {
                 Ok(Ok(line)) => Some(line),
-                Ok(Err(_)) => None,
+                Ok(Err(e)) => {
+                    if e.kind() == std::io::ErrorKind::TimedOut {
+                        info!(peer = %self.peer, "pop3 client takes no output (pop3.idle_timeout); nothing deleted");
+                    }
+                    None
+                }
+                Err(_) if Instant::now() >= self.deadline => {
+                    self.session_too_long();
+                    None
+                }
                 Err(_) => {
                     info!(peer = %self.peer, "pop3 idle timeout; nothing deleted");
-                    self.err("idle timeout, closing; nothing was deleted");
+                    if self.codec.pending_output() == 0 {
+                        self.linger = LINGER;
+                        self.err("idle timeout, closing; nothing was deleted");
+                    } else {
+                        self.linger = Duration::ZERO;
+                    }
                     None
                 }
             }
         }
+    }
+
+    fn session_too_long(&mut self) {
+        self.linger = LINGER;
+        warn!(peer = %self.peer, limit = ?self.config.pop3.max_session_time, "pop3 session time limit reached (pop3.max_session_time); nothing deleted");
+        self.err("session time limit reached, closing; nothing was deleted");
     }
 
     /// Plain-text login (USER/PASS, AUTH PLAIN) is allowed over TLS, or in
@@ -262,7 +307,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 }
                 match auth::decode_b64(&response).and_then(|d| auth::parse_plain(&d)) {
                     Some((user, pass)) => self.login(user, pass).await,
-                    None => self.login_failed(None).await,
+                    None => {
+                        if self.refused_as_blocked() {
+                            return Flow::Go;
+                        }
+                        self.login_failed(None, false).await
+                    }
                 }
             }
             "APOP" => {
@@ -276,17 +326,32 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         }
     }
 
+    /// Refuses the login at once when this client is blocked after too
+    /// many failed logins (`[auth]`); true when it did.
+    fn refused_as_blocked(&mut self) -> bool {
+        let client = self.shared.client_of(self.peer.ip());
+        let Some(left) = self
+            .shared
+            .logins
+            .blocked(client, Instant::now().into_std())
+        else {
+            return false;
+        };
+        info!(peer = %self.peer, minutes_left = left.as_secs().div_ceil(60), "pop3 login refused: this client is blocked after too many failed logins (auth.max_failures)");
+        self.err(&format!(
+            "[SYS/TEMP] too many failed logins from your address; try again in {} minutes",
+            left.as_secs().div_ceil(60)
+        ));
+        true
+    }
+
     async fn login(&mut self, user: String, pass: String) -> Flow {
-        let store = self.shared.store.clone();
-        let name = user.clone();
-        let ok = tokio::task::spawn_blocking(move || {
-            let hash = store.password_hash(&name).ok().flatten();
-            auth::verify_password(hash.as_deref(), &pass)
-        })
-        .await
-        .unwrap_or(false);
+        if self.refused_as_blocked() {
+            return Flow::Go;
+        }
+        let (exists, ok) = self.shared.check_password(&user, pass).await;
         if !ok {
-            return self.login_failed(Some(&user)).await;
+            return self.login_failed(Some(&user), exists).await;
         }
         let key = user.to_ascii_lowercase();
         if !self.shared.lock_maildrop(&key) {
@@ -319,9 +384,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         Flow::Go
     }
 
-    async fn login_failed(&mut self, user: Option<&str>) -> Flow {
+    /// A failed login; `exists` when `user` is an account.
+    async fn login_failed(&mut self, user: Option<&str>, exists: bool) -> Flow {
         self.failures += 1;
         warn!(peer = %self.peer, user = user.unwrap_or("?"), failures = self.failures, "pop3 login failed");
+        let client = self.shared.client_of(self.peer.ip());
+        self.shared.login_failed(
+            &self.config,
+            client,
+            user.filter(|_| exists),
+            &self.peer.to_string(),
+        );
         tokio::time::sleep(self.config.pop3.auth_failure_delay).await;
         if self.failures >= self.config.pop3.max_auth_failures {
             self.err("[AUTH] too many failed logins, closing");
@@ -426,9 +499,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     stuffer.push(&mut buf, piece);
                     self.codec.write(&buf);
                     buf.clear();
-                    if self.codec.pending_output() >= PIECE * 4 && self.codec.flush().await.is_err()
-                    {
-                        return;
+                    if self.codec.pending_output() >= PIECE * 4 {
+                        if let Err(e) = self.codec.flush().await {
+                            if e.kind() == std::io::ErrorKind::TimedOut {
+                                info!(peer = %self.peer, "pop3 client takes no output (pop3.idle_timeout); nothing deleted");
+                            }
+                            return;
+                        }
                     }
                 }
                 stuffer.finish(&mut buf);
@@ -489,7 +566,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         let Some(acceptor) = self.tls.clone() else {
             return false;
         };
-        match self.codec.start_tls(&acceptor, TLS_TIMEOUT).await {
+        let limit = TLS_TIMEOUT
+            .min(self.config.pop3.idle_timeout)
+            .min(self.deadline.saturating_duration_since(Instant::now()));
+        match self.codec.start_tls(&acceptor, limit).await {
             Ok(()) => true,
             Err(e) => {
                 info!(peer = %self.peer, error = %e, "pop3 TLS handshake failed");

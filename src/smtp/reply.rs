@@ -113,6 +113,13 @@ pub fn bdat_in_progress() -> Reply {
 pub fn too_many_errors() -> Reply {
     Reply::new(421, "4.7.0", "Too many errors, closing connection")
 }
+pub fn too_many_rcpt_errors() -> Reply {
+    Reply::new(
+        421,
+        "4.7.0",
+        "Too many errors and refused recipients, closing connection",
+    )
+}
 pub fn tls_already() -> Reply {
     Reply::new(503, "5.5.1", "TLS is already active")
 }
@@ -261,6 +268,13 @@ pub fn timeout() -> Reply {
         "Timeout waiting for the client, closing connection",
     )
 }
+pub fn session_too_long() -> Reply {
+    Reply::new(
+        421,
+        "4.4.2",
+        "Session time limit reached, closing connection; nothing unfinished was queued",
+    )
+}
 pub fn too_many_connections() -> Reply {
     Reply::new(421, "4.7.0", "Too many connections, try again later")
 }
@@ -368,6 +382,16 @@ pub fn auth_too_many() -> Reply {
         421,
         "4.7.0",
         "Too many failed authentications, closing connection",
+    )
+}
+pub fn auth_blocked(left: std::time::Duration) -> Reply {
+    Reply::new(
+        454,
+        "4.7.0",
+        format!(
+            "Too many failed logins from your address; try again in {} minutes",
+            left.as_secs().div_ceil(60)
+        ),
     )
 }
 pub fn auth_already() -> Reply {

@@ -3,8 +3,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::time::Instant;
+
 use smtp_proto::{self as proto, Request};
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
@@ -22,8 +24,11 @@ use crate::server::{phase_reached, Peer, Phase, Shared};
 const MAX_COMMAND: usize = 512;
 /// RFC 4954 §4: an AUTH response line may be up to 12288 octets.
 const MAX_AUTH_LINE: usize = 12288;
-/// How long a TLS handshake may take.
+/// How long a TLS handshake may take (less when `smtp.command_timeout` is).
 const TLS_TIMEOUT: Duration = Duration::from_secs(30);
+/// After a timeout, how long the last reply may take to leave: the peer
+/// is probably stuck, and its slot is wanted.
+const LINGER: Duration = Duration::from_secs(1);
 
 enum Flow {
     Go,
@@ -82,8 +87,18 @@ pub struct Session<S> {
     esmtp: bool,
     auth_user: Option<String>,
     auth_failures: u32,
+    /// Protocol errors and refused recipients.
     errors: u32,
+    /// `errors` when last judged against `smtp.max_errors`: only a protocol
+    /// error closes the session there.
+    checked_errors: u32,
     tx: Option<Transaction>,
+    /// `smtp.max_session_time` from the start.
+    deadline: Instant,
+    /// How long the last reply may take to leave at the end: the write
+    /// timeout, [`LINGER`] after a read timeout, nothing when the peer
+    /// already left output untaken.
+    linger: Duration,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin + Send + Sync + 'static> Session<S> {
@@ -94,20 +109,51 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + Sync + 'static> Session<S> {
         stream: S,
         phase: watch::Receiver<Phase>,
     ) -> Self {
+        let config = shared.config();
+        let mut codec = Codec::new(Conn::Plain(stream));
+        // Writes wait as long as reads: a peer that stops taking replies
+        // is cut off like one that stops sending commands.
+        codec.set_write_timeout(config.smtp.command_timeout);
+        let linger = config.smtp.command_timeout;
         Session {
-            config: shared.config(),
+            linger,
+            deadline: Instant::now() + config.smtp.max_session_time,
+            config,
             tls: shared.tls(),
             shared,
             listen,
             peer,
-            codec: Codec::new(Conn::Plain(stream)),
+            codec,
             phase,
             helo: None,
             esmtp: false,
             auth_user: None,
             auth_failures: 0,
             errors: 0,
+            checked_errors: 0,
             tx: None,
+        }
+    }
+
+    /// How long the next read may wait: `limit`, or less when the session's
+    /// time is nearly up.
+    fn read_limit(&self, limit: Duration) -> Duration {
+        limit.min(self.deadline.saturating_duration_since(Instant::now()))
+    }
+
+    /// A read timed out: says why (the wait, or the whole session) and
+    /// queues the 421.
+    fn read_timed_out(&mut self, waiting_for: &str) {
+        self.linger = LINGER;
+        if Instant::now() >= self.deadline {
+            warn!(peer = %self.peer, limit = ?self.config.smtp.max_session_time, "session time limit reached (smtp.max_session_time), closing");
+            self.codec.reply(&reply::session_too_long());
+        } else if self.codec.pending_output() > 0 {
+            self.linger = Duration::ZERO;
+            info!(peer = %self.peer, "the client takes no replies (smtp.command_timeout), closing");
+        } else {
+            info!(peer = %self.peer, "timeout waiting for {waiting_for}");
+            self.codec.reply(&reply::timeout());
         }
     }
 
@@ -119,11 +165,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + Sync + 'static> Session<S> {
         let greeting = reply::greeting(&self.config.hostname);
         self.codec.reply(&greeting);
         loop {
-            if self.errors >= self.config.smtp.max_errors {
+            if self.errors >= self.config.smtp.max_errors && self.errors > self.checked_errors {
                 warn!(peer = %self.peer, errors = self.errors, "too many protocol errors, closing");
                 self.codec.reply(&reply::too_many_errors());
                 break;
             }
+            self.checked_errors = self.errors;
             let flow = match self.next_line(MAX_COMMAND).await {
                 Some(Line::Text(line)) => self.command(line).await,
                 Some(Line::TooLong) => self.error(reply::line_too_long()),
@@ -134,8 +181,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + Sync + 'static> Session<S> {
                 break;
             }
         }
-        let _ = self.codec.flush().await;
-        let _ = self.codec.get_mut().shutdown().await;
+        self.codec.close(self.linger).await;
         self.checkpoint_interrupted().await;
         debug!(peer = %self.peer, "disconnect");
     }
@@ -148,7 +194,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + Sync + 'static> Session<S> {
         } else {
             Phase::Draining
         };
-        let timeout = self.config.smtp.command_timeout;
+        if Instant::now() >= self.deadline {
+            self.read_timed_out("a command");
+            return None;
+        }
+        let timeout = self.read_limit(self.config.smtp.command_timeout);
         let mut phase = self.phase.clone();
         tokio::select! {
             biased;
@@ -159,12 +209,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + Sync + 'static> Session<S> {
             r = tokio::time::timeout(timeout, self.codec.read_line(max)) => match r {
                 Ok(Ok(line)) => Some(line),
                 Ok(Err(e)) => {
-                    debug!(peer = %self.peer, error = %e, "connection error");
+                    if e.kind() == std::io::ErrorKind::TimedOut {
+                        info!(peer = %self.peer, "the client takes no replies (smtp.command_timeout), closing");
+                    } else {
+                        debug!(peer = %self.peer, error = %e, "connection error");
+                    }
                     None
                 }
                 Err(_) => {
-                    info!(peer = %self.peer, "timeout waiting for a command");
-                    self.codec.reply(&reply::timeout());
+                    self.read_timed_out("a command");
                     None
                 }
             }
@@ -173,7 +226,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + Sync + 'static> Session<S> {
 
     /// Reads more message content; false when the session must end.
     async fn fill_data(&mut self) -> bool {
-        let timeout = self.config.smtp.data_timeout;
+        if Instant::now() >= self.deadline {
+            self.read_timed_out("message data; nothing was queued");
+            return false;
+        }
+        let timeout = self.read_limit(self.config.smtp.data_timeout);
         let mut phase = self.phase.clone();
         tokio::select! {
             biased;
@@ -189,8 +246,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + Sync + 'static> Session<S> {
                 }
                 Ok(Ok(_)) => true,
                 Err(_) => {
-                    info!(peer = %self.peer, "timeout waiting for message data; nothing was queued");
-                    self.codec.reply(&reply::timeout());
+                    self.read_timed_out("message data; nothing was queued");
                     false
                 }
             }
@@ -205,6 +261,23 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + Sync + 'static> Session<S> {
 
     fn reply(&mut self, r: Reply) -> Flow {
         self.codec.reply(&r);
+        Flow::Go
+    }
+
+    /// A recipient refused for what the client asked (not for a limit or
+    /// a failure on this side): an error like a protocol error, and at
+    /// `smtp.max_rcpt_errors` the end of the session, so that one session
+    /// cannot probe a long list of names.
+    fn refuse_rcpt(&mut self, r: Reply) -> Flow {
+        self.errors += 1;
+        // Judged against max_rcpt_errors here, not against max_errors.
+        self.checked_errors = self.errors;
+        self.codec.reply(&r);
+        if self.errors >= self.config.smtp.max_rcpt_errors {
+            warn!(peer = %self.peer, errors = self.errors, "too many errors and refused recipients (smtp.max_rcpt_errors), closing");
+            self.codec.reply(&reply::too_many_rcpt_errors());
+            return Flow::Close;
+        }
         Flow::Go
     }
 
@@ -706,7 +779,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + Sync + 'static> Session<S> {
             return self.error(reply::bdat_in_progress());
         }
         if !to.address.is_ascii() && !tx.smtputf8 {
-            return self.reply(reply::non_ascii_address());
+            return self.refuse_rcpt(reply::non_ascii_address());
         }
         let notify_any =
             proto::RCPT_NOTIFY_SUCCESS | proto::RCPT_NOTIFY_FAILURE | proto::RCPT_NOTIFY_DELAY;
@@ -723,7 +796,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + Sync + 'static> Session<S> {
             Ok(a) => a,
             Err(r) => {
                 info!(peer = %self.peer, rcpt = %to.address, reply = %r.summary(), "recipient refused");
-                return self.reply(r);
+                return self.refuse_rcpt(r);
             }
         };
         if accepted.route == Route::Local {
@@ -731,7 +804,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + Sync + 'static> Session<S> {
                 Ok(true) => {}
                 Ok(false) => {
                     info!(peer = %self.peer, rcpt = %accepted.address, "recipient refused: no such local user");
-                    return self.reply(reply::unknown_user());
+                    return self.refuse_rcpt(reply::unknown_user());
                 }
                 Err(e) => {
                     warn!(peer = %self.peer, error = %e, "account lookup failed");
@@ -1136,7 +1209,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + Sync + 'static> Session<S> {
         let Some(acceptor) = self.tls.clone() else {
             return false;
         };
-        match self.codec.start_tls(&acceptor, TLS_TIMEOUT).await {
+        let limit = self.read_limit(TLS_TIMEOUT.min(self.config.smtp.command_timeout));
+        match self.codec.start_tls(&acceptor, limit).await {
             Ok(()) => {
                 let (v, c) = self.codec.get_ref().tls_info().unwrap_or_default();
                 debug!(peer = %self.peer, version = %v, cipher = %c, "TLS established");
@@ -1158,6 +1232,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + Sync + 'static> Session<S> {
         }
         if !self.auth_offered() {
             return self.reply(reply::encryption_required());
+        }
+        let client = self.peer.ip().map(|ip| self.shared.client_of(ip));
+        if let Some(left) =
+            client.and_then(|c| self.shared.logins.blocked(c, Instant::now().into_std()))
+        {
+            info!(peer = %self.peer, minutes_left = left.as_secs().div_ceil(60), "AUTH refused: this client is blocked after too many failed logins (auth.max_failures)");
+            return self.reply(reply::auth_blocked(left));
         }
         let creds = match mechanism {
             proto::AUTH_PLAIN => {
@@ -1199,18 +1280,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + Sync + 'static> Session<S> {
         };
         let ok_user = match creds {
             Some((user, pass)) => {
-                let store = self.shared.store.clone();
-                let name = user.clone();
-                let ok = tokio::task::spawn_blocking(move || {
-                    let hash = store.password_hash(&name).ok().flatten();
-                    auth::verify_password(hash.as_deref(), &pass)
-                })
-                .await
-                .unwrap_or(false);
+                let (exists, ok) = self.shared.check_password(&user, pass).await;
                 if ok {
                     Ok(user)
                 } else {
-                    Err(Some(user))
+                    Err(Some(user).filter(|_| exists))
                 }
             }
             None => Err(None),
@@ -1224,6 +1298,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + Sync + 'static> Session<S> {
             Err(user) => {
                 self.auth_failures += 1;
                 warn!(peer = %self.peer, user = user.as_deref().unwrap_or("?"), failures = self.auth_failures, "authentication failed");
+                if let Some(client) = client {
+                    self.shared.login_failed(
+                        &self.config,
+                        client,
+                        user.as_deref(),
+                        &self.peer.to_string(),
+                    );
+                }
                 tokio::time::sleep(self.config.smtp.auth_failure_delay).await;
                 if self.auth_failures >= self.config.smtp.max_auth_failures {
                     self.codec.reply(&reply::auth_too_many());
