@@ -2,7 +2,7 @@
 //! Postfix's anvil with fail2ban built in (`[auth]`).
 //!
 //! A client is an IPv4 address or an IPv6 network
-//! (`server::client_key`). Past `auth.max_failures` failures within
+//! (`shared::client_key`). Past `auth.max_failures` failures within
 //! `auth.failure_window` the client is refused logins for `auth.block_time`,
 //! without its password being checked. Only the client is refused, never
 //! the account, so the account's owner still logs in from elsewhere. An

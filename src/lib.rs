@@ -19,6 +19,7 @@ pub mod pop3;
 pub mod queue;
 pub mod relay;
 pub mod server;
+pub mod shared;
 pub mod smtp;
 pub mod tls;
 pub mod window;
@@ -36,7 +37,7 @@ use tracing::{error, info, warn, Instrument};
 use config::Config;
 use queue::{LinkState, Store, Writer};
 use relay::flush::{Event, FlushOptions, Flusher};
-use server::Shared;
+use shared::Shared;
 
 /// The server's TLS acceptor for `config`, making a self-signed
 /// certificate first when asked to.
@@ -136,7 +137,7 @@ pub async fn serve(
     ));
     let (etrn_tx, etrn_rx) = tokio::sync::mpsc::unbounded_channel();
     let (atrn_tx, atrn_rx) = tokio::sync::mpsc::unbounded_channel();
-    let triggers = server::Triggers {
+    let triggers = shared::Triggers {
         submitted: Some(submitted.clone()),
         etrn: Some(etrn_tx),
         etrn_running: Default::default(),
@@ -156,7 +157,7 @@ pub async fn serve(
             .with_logins(logins),
     );
     // Sessions on turned connections see the daemon's stop like others.
-    let (turned_phase_tx, turned_phase_rx) = watch::channel(server::Phase::Running);
+    let (turned_phase_tx, turned_phase_rx) = watch::channel(shared::Phase::Running);
     let atrn_branch = tokio::spawn(atrn_branch(
         shared.clone(),
         turned_rx,
@@ -233,7 +234,7 @@ pub async fn serve(
     let _ = runner.await;
     let _ = prober.await;
     let _ = housekeeping.await;
-    let _ = turned_phase_tx.send(server::Phase::Stopped);
+    let _ = turned_phase_tx.send(shared::Phase::Stopped);
     let _ = atrn_hub.await;
     let _ = atrn_branch.await;
     // Every session and the flusher have ended; the last handle to the
@@ -325,7 +326,7 @@ async fn next_or_stop<T>(
 /// held mail of its domains, delivered by the flusher of the moment.
 async fn atrn_hub(
     flushers: watch::Receiver<Flusher>,
-    mut turned: tokio::sync::mpsc::UnboundedReceiver<server::Turned>,
+    mut turned: tokio::sync::mpsc::UnboundedReceiver<shared::Turned>,
     mut stop: watch::Receiver<bool>,
 ) {
     let mut running = tokio::task::JoinSet::new();
@@ -362,7 +363,7 @@ async fn atrn_hub(
 async fn atrn_branch(
     shared: Arc<Shared>,
     mut turned: tokio::sync::mpsc::UnboundedReceiver<relay::flush::TurnedBack>,
-    phase: watch::Receiver<server::Phase>,
+    phase: watch::Receiver<shared::Phase>,
     mut stop: watch::Receiver<bool>,
 ) {
     let mut running = tokio::task::JoinSet::new();
@@ -378,7 +379,7 @@ async fn atrn_branch(
         let session = smtp::session::Session::new(
             shared.clone(),
             listen,
-            server::Peer::Tcp(t.peer),
+            shared::Peer::Tcp(t.peer),
             t.io,
             phase.clone(),
         );

@@ -4,14 +4,15 @@
 //! test reads `src/` and fails when a new cycle appears between top-level
 //! modules (a `crate::x` path in code that is not a test).
 //!
-//! One cycle is left, and named here so that it cannot grow: the sessions
-//! (smtp, pop3) use what `server` shares with them (`Shared`, `Peer`,
-//! `Phase`), and `server` starts the sessions.
+//! What the listeners and their sessions share (`Shared`, `Peer`, `Phase`)
+//! is in `shared`, below both, so `server` may start sessions without the
+//! sessions needing `server`.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
-const STILL_TANGLED: &[&str] = &["pop3", "server", "smtp"];
+/// Modules allowed in a cycle, while one is being taken apart: none.
+const STILL_TANGLED: &[&str] = &[];
 
 fn module_graph() -> BTreeMap<String, BTreeSet<String>> {
     let mut graph: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
@@ -40,7 +41,15 @@ fn module_graph() -> BTreeMap<String, BTreeSet<String>> {
                 continue;
             }
             let text = std::fs::read_to_string(&path).unwrap();
-            let code = text.split("#[cfg(test)]").next().unwrap_or("");
+            // Code only: not the tests, not comments.
+            let code: String = text
+                .split("#[cfg(test)]")
+                .next()
+                .unwrap_or("")
+                .lines()
+                .filter(|l| !l.trim_start().starts_with("//"))
+                .collect::<Vec<_>>()
+                .join("\n");
             let deps = graph.entry(top.clone()).or_default();
             for (i, _) in code.match_indices("crate::") {
                 let name: String = code[i + 7..]

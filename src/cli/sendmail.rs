@@ -16,7 +16,8 @@ use super::exit;
 use crate::address::smtp_path;
 use crate::config::Config;
 use crate::queue::{Store, Writer};
-use crate::server::{local_listen, Peer, Phase, Shared, Triggers};
+use crate::server::local_listen;
+use crate::shared::{Peer, Phase, Shared, Triggers};
 use crate::smtp::session::Session;
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -13,7 +13,7 @@ use crate::auth;
 use crate::codec::{Codec, Conn, Line};
 use crate::config::{Config, Listen};
 use crate::queue::{Change, MailboxEntry};
-use crate::server::{phase_reached, Phase, Shared};
+use crate::shared::{phase_reached, Phase, Shared};
 
 /// RFC 2449 §4: a command line is at most 255 octets; AUTH responses may
 /// be longer (RFC 5034 §4).

@@ -18,7 +18,7 @@ use super::data::{Canonical, ContentError, DotReader, Limits};
 use super::policy;
 use super::reply::{self, Reply};
 use crate::codec::{Codec, Conn, Line};
-use crate::server::{phase_reached, Peer, Phase, Shared};
+use crate::shared::{phase_reached, Peer, Phase, Shared};
 
 /// RFC 5321 §4.5.3.1.4: a command line is at most 512 octets with CRLF.
 const MAX_COMMAND: usize = 512;
@@ -493,7 +493,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + Sync + 'static> Session<S> {
         }
         info!(peer = %self.peer, account = %account, domains = %domains.join(","), held, "ATRN: turning the connection around");
         let io = std::mem::replace(self.codec.get_mut(), Conn::Gone);
-        let _ = turn.send(crate::server::Turned {
+        let _ = turn.send(crate::shared::Turned {
             io: Box::new(io),
             peer: self.peer.to_string(),
             account,
