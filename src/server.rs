@@ -14,7 +14,7 @@ use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
-use tracing::{error, info, warn};
+use tracing::{error, info, warn, Instrument};
 
 use crate::config::{Config, Listen};
 
@@ -205,19 +205,24 @@ async fn accept_loop(
             Ok(slot) => {
                 let alive = alive.clone();
                 let (shared, listen, phase) = (shared.clone(), listen.clone(), phase.clone());
-                tokio::spawn(async move {
-                    if listen.mode.is_smtp() {
-                        Session::new(shared, listen, Peer::Tcp(peer), stream, phase)
-                            .run()
-                            .await;
-                    } else {
-                        crate::pop3::Session::new(shared, listen, peer, stream, phase)
-                            .run()
-                            .await;
+                // Every line a session logs carries its peer and listener.
+                let span = tracing::info_span!("session", peer = %peer, mode = %listen.mode);
+                tokio::spawn(
+                    async move {
+                        if listen.mode.is_smtp() {
+                            Session::new(shared, listen, Peer::Tcp(peer), stream, phase)
+                                .run()
+                                .await;
+                        } else {
+                            crate::pop3::Session::new(shared, listen, peer, stream, phase)
+                                .run()
+                                .await;
+                        }
+                        drop(slot);
+                        drop(alive);
                     }
-                    drop(slot);
-                    drop(alive);
-                });
+                    .instrument(span),
+                );
             }
             Err(why) => {
                 let r = match why {
@@ -259,13 +264,17 @@ async fn accept_local(
         };
         let alive = alive.clone();
         let (shared, phase) = (shared.clone(), phase.clone());
-        tokio::spawn(async move {
-            Session::new(shared, local_listen(), Peer::Local { uid }, stream, phase)
-                .run()
-                .await;
-            drop(permit);
-            drop(alive);
-        });
+        let span = tracing::info_span!("session", peer = %Peer::Local { uid }, mode = "local");
+        tokio::spawn(
+            async move {
+                Session::new(shared, local_listen(), Peer::Local { uid }, stream, phase)
+                    .run()
+                    .await;
+                drop(permit);
+                drop(alive);
+            }
+            .instrument(span),
+        );
     }
 }
 
