@@ -61,14 +61,10 @@ pub fn bind_socket(path: &Path, mode: u32, group: Option<u32>) -> std::io::Resul
     Ok(l)
 }
 
-/// The gid of a group name, from /etc/group.
+/// The gid of a group name, through the system's name service (local
+/// files, LDAP, whatever nsswitch.conf says).
 pub fn group_id(name: &str) -> Option<u32> {
-    let groups = std::fs::read_to_string("/etc/group").ok()?;
-    groups.lines().find_map(|l| {
-        let mut f = l.split(':');
-        (f.next()? == name).then_some(())?;
-        f.nth(1)?.parse().ok()
-    })
+    uzers::get_group_by_name(name).map(|g| g.gid())
 }
 
 /// Serves requests until `stop` changes; removes the socket then.

@@ -84,13 +84,13 @@ pub async fn serve(
         listeners.push(server::Listener::Tcp(listener, l.clone()));
     }
     let submit = &config.submit;
-    let group = match &submit.group {
-        Some(g) => Some(
-            control::group_id(g)
-                .with_context(|| format!("submit.group: no group named {g} in /etc/group"))?,
-        ),
-        None => None,
-    };
+    let group =
+        match &submit.group {
+            Some(g) => Some(control::group_id(g).with_context(|| {
+                format!("submit.group: no group named {g} (see `getent group`)")
+            })?),
+            None => None,
+        };
     let local = control::bind_socket(&submit.socket, submit.mode, group)
         .with_context(|| format!("submit.socket {}", submit.socket.display()))?;
     info!(socket = %submit.socket.display(), mode = format!("{:o}", submit.mode), "listening for local submission");

@@ -301,28 +301,16 @@ fn quote_phrase(name: &str) -> String {
     }
 }
 
-/// The uid of this process, from /proc (std has no getuid).
+/// The uid of this process.
 fn uid() -> u32 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("Uid:"))
-                .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        })
-        .unwrap_or(u32::MAX)
+    rustix::process::getuid().as_raw()
 }
 
-/// The login name of `uid`, from /etc/passwd, else $USER.
+/// The login name of `uid`, through the system's name service (local
+/// files, LDAP, ...), else $USER.
 fn user_name(uid: u32) -> String {
-    std::fs::read_to_string("/etc/passwd")
-        .ok()
-        .and_then(|p| {
-            p.lines().find_map(|l| {
-                let f: Vec<&str> = l.split(':').collect();
-                (f.len() > 2 && f[2].parse() == Ok(uid)).then(|| f[0].to_string())
-            })
-        })
+    uzers::get_user_by_uid(uid)
+        .map(|u| u.name().to_string_lossy().into_owned())
         .or_else(|| std::env::var("USER").ok())
         .unwrap_or_else(|| format!("uid{uid}"))
 }
