@@ -230,42 +230,23 @@ pub fn prepare(
     (out, recipients)
 }
 
-/// The addresses in a header field's value: `a@b, "X" <c@d>, group: e@f;`.
+/// The addresses in a To, Cc or Bcc field's value (`a@b, "X" <c@d>,
+/// group: e@f;`, with comments and encoded names), read by mail-parser.
 fn addresses(value: &str) -> Vec<String> {
-    let mut out = Vec::new();
-    let (mut depth, mut quoted, mut cur) = (0, false, String::new());
-    let mut items = Vec::new();
-    for ch in value.chars() {
-        match ch {
-            '"' => quoted = !quoted,
-            '<' if !quoted => depth += 1,
-            '>' if !quoted => depth -= 1,
-            ',' | ';' if !quoted && depth == 0 => {
-                items.push(std::mem::take(&mut cur));
-                continue;
-            }
-            _ => {}
-        }
-        cur.push(ch);
-    }
-    items.push(cur);
-    for item in items {
-        // "group: first@x" starts a group; the phrase before ':' is a name.
-        let item = match item.split_once(':') {
-            Some((_, rest)) if !item.contains('<') || item.find(':') < item.find('<') => {
-                rest.to_string()
-            }
-            _ => item,
-        };
-        let addr = match (item.find('<'), item.rfind('>')) {
-            (Some(a), Some(b)) if a < b => item[a + 1..b].trim().to_string(),
-            _ => item.split_whitespace().next().unwrap_or("").to_string(),
-        };
-        if addr.contains('@') {
-            out.push(addr);
-        }
-    }
-    out
+    let field = format!("To:{value}\r\n\r\n");
+    let Some(message) = mail_parser::MessageParser::default().parse(field.as_bytes()) else {
+        return Vec::new();
+    };
+    message
+        .to()
+        .map(|list| {
+            list.iter()
+                .filter_map(|a| a.address())
+                .filter(|a| a.contains('@'))
+                .map(str::to_string)
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// An address as outpost keeps it: a quoted local part (`"john doe"@x`,
@@ -697,6 +678,11 @@ mod tests {
         assert_eq!(addresses(" undisclosed-recipients:;"), Vec::<String>::new());
         assert_eq!(addresses(" team: a@x, b@y;"), ["a@x", "b@y"]);
         assert_eq!(addresses(" \"Doe, J\" <j@x>"), ["j@x"]);
+        // Comments, encoded names and folding, as mail programs write them.
+        assert_eq!(
+            addresses(" j@x (Doe, J), =?utf-8?q?M=C3=BCller?= <m@y>,\r\n\tz@w"),
+            ["j@x", "m@y", "z@w"]
+        );
     }
 
     #[test]
