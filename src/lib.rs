@@ -1,9 +1,14 @@
 //! outpost: a store-and-forward mail gateway for branch offices.
 //!
-//! The pipeline, one module per arrow: `smtp` accepts mail, `queue` keeps it
-//! (the only module that opens the database), `cli` is the command line.
-//! The library never touches process-wide state (signals, argv, the global
-//! log subscriber): `main.rs` does.
+//! The pipeline, one module per arrow: `server` accepts connections and
+//! `smtp` (or `pop3`) runs each session; `queue` keeps the mail (the only
+//! module that opens the database); `relay` forwards it (the flush, the
+//! client, link economy); `control` lets `outpost flush` reach the daemon;
+//! `cli` is the command line. This file wires the daemon together: the
+//! flush runner and its schedule, the link prober, ATRN both ways,
+//! housekeeping and reloads. The library never touches process-wide state
+//! (signals, argv, the global log subscriber): `main.rs` does.
+//! `docs/ARCHITECTURE.md` has the module graph.
 
 pub mod address;
 pub mod aliases;

@@ -689,7 +689,7 @@ pub fn human(secs: i64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::relay::client::Reply;
+    use crate::relay::client::UpstreamReply;
     use rand::SeedableRng;
     use std::path::Path;
 
@@ -751,8 +751,8 @@ mod tests {
             .collect()
     }
 
-    fn reply(code: u16, text: &str) -> Reply {
-        Reply {
+    fn reply(code: u16, text: &str) -> UpstreamReply {
+        UpstreamReply {
             code,
             text: text.into(),
         }

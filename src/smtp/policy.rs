@@ -1,9 +1,9 @@
 //! Who may send what where: pure decisions over addresses and the config.
 //!
-//! Addresses are judged literally (DESIGN rule 2): the domain is what follows
-//! the one `@`; a `%` or `!` in a local part is never read as a route, and a
-//! client that may not relay cannot use one to reach a hold or local domain
-//! either. Source routes (`@a,@b:user@dom`) are stripped by the parser.
+//! Addresses are judged literally, so that outpost is never an open relay:
+//! the domain is what follows the one `@`; a `%` or `!` in a local part is
+//! never read as a route, and a client that may not relay cannot use one to
+//! reach a hold or local domain either. Source routes (`@a,@b:user@dom`) are stripped by the parser.
 
 use crate::config::Config;
 use crate::queue::Route;

@@ -17,7 +17,7 @@ mod send;
 mod wire;
 
 pub use crate::address::smtp_path;
-pub use reply::{Extensions, LinkError, Reply};
+pub use reply::{Extensions, LinkError, UpstreamReply};
 pub use send::{OutRecipient, Outcome, Outgoing, Report, RESUME_OVER};
 pub use wire::BLOCK;
 
@@ -82,7 +82,7 @@ pub enum Step<'a> {
         addr: &'a str,
         elapsed: Duration,
     },
-    Greeting(&'a Reply),
+    Greeting(&'a UpstreamReply),
     Ehlo(&'a Extensions),
     Tls {
         /// Protocol version and cipher suite.
@@ -227,7 +227,7 @@ impl Session {
         stream: Stream,
         addr: String,
         s: &ClientSettings,
-    ) -> Result<(Session, Reply), LinkError> {
+    ) -> Result<(Session, UpstreamReply), LinkError> {
         let mut sess = Session {
             stream,
             rbuf: Vec::new(),
@@ -249,7 +249,7 @@ impl Session {
 
     /// A transaction started and abandoned: `MAIL FROM:<>` then `RSET`,
     /// nothing sent. Tells whether the upstream would take mail from us.
-    pub async fn try_mail(&mut self) -> Result<(Reply, Reply), LinkError> {
+    pub async fn try_mail(&mut self) -> Result<(UpstreamReply, UpstreamReply), LinkError> {
         let mail = self.command("MAIL FROM:<>\r\n", "MAIL").await?;
         let rset = self.command("RSET\r\n", "RSET").await?;
         Ok((mail, rset))
@@ -272,7 +272,7 @@ impl Session {
     /// ATRN (RFC 2645), branch role: ask the hub to turn this connection
     /// around and deliver the held mail of `domains` over it. The hub may
     /// take long to answer (it looks through its queue).
-    pub async fn atrn(&mut self, domains: &[String]) -> Result<Reply, LinkError> {
+    pub async fn atrn(&mut self, domains: &[String]) -> Result<UpstreamReply, LinkError> {
         self.write(format!("ATRN {}\r\n", domains.join(",")).as_bytes(), "ATRN")
             .await?;
         self.read_reply_within("ATRN", self.timeouts.final_reply)
@@ -405,7 +405,7 @@ impl Session {
 
     /// Asks the server to start delivering mail queued for `name` (RFC 1985:
     /// a domain, `@domain` or `#queue`).
-    pub async fn etrn(&mut self, name: &str) -> Result<Reply, LinkError> {
+    pub async fn etrn(&mut self, name: &str) -> Result<UpstreamReply, LinkError> {
         self.command(&format!("ETRN {name}\r\n"), "ETRN").await
     }
 

@@ -1,14 +1,15 @@
 //! What the upstream says: a reply, the extensions it offers, and why a
 //! link could not be used.
 
-/// A reply from the upstream.
+/// A reply from the upstream (or, after ATRN, a branch): what our client
+/// reads. What our servers send is `codec::Reply`.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Reply {
+pub struct UpstreamReply {
     pub code: u16,
     pub text: String,
 }
 
-impl Reply {
+impl UpstreamReply {
     pub fn class(&self) -> u16 {
         self.code / 100
     }
@@ -25,7 +26,7 @@ impl Reply {
     }
 }
 
-impl std::fmt::Display for Reply {
+impl std::fmt::Display for UpstreamReply {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{} {}", self.code, self.text.replace('\n', " / "))
     }
@@ -45,11 +46,11 @@ pub enum LinkError {
     /// The upstream ended the session in the middle (a 421, or a RSET it
     /// would not take): what was not answered stays due.
     #[error("{addr} ended the session: {reply}")]
-    Closing { addr: String, reply: Reply },
+    Closing { addr: String, reply: UpstreamReply },
     #[error("{addr} refused the session: {reply}")]
-    Greeting { addr: String, reply: Reply },
+    Greeting { addr: String, reply: UpstreamReply },
     #[error("authentication at {addr} failed: {reply} (check upstream.username and upstream.password_file)")]
-    Auth { addr: String, reply: Reply },
+    Auth { addr: String, reply: UpstreamReply },
     #[error(
         "{addr} offers no AUTH mechanism we speak (PLAIN, LOGIN) but upstream.username is set"
     )]
@@ -119,7 +120,7 @@ impl Extensions {
 
     /// The keywords of an EHLO reply, read by smtp-proto's EHLO parser
     /// (the reply is given back its wire form for it).
-    pub(super) fn parse(reply: &Reply) -> Extensions {
+    pub(super) fn parse(reply: &UpstreamReply) -> Extensions {
         use smtp_proto as p;
         let lines: Vec<&str> = reply.text.split('\n').collect();
         let mut wire = String::new();
@@ -152,7 +153,7 @@ mod tests {
 
     #[test]
     fn extensions() {
-        let r = Reply {
+        let r = UpstreamReply {
             code: 250,
             text: "hub greets\nPIPELINING\nSIZE 1000\nCHUNKING\nAUTH LOGIN plain\nDSN\n8BITMIME\nCHECKPOINT"
                 .into(),

@@ -4,7 +4,7 @@
 
 use std::sync::atomic::Ordering;
 
-use super::{LinkError, Reply, Session};
+use super::{LinkError, Session, UpstreamReply};
 use crate::address::smtp_path;
 
 /// How a batch reports as it goes, and how it is told to stop.
@@ -53,9 +53,9 @@ pub struct Outgoing {
 /// What happened to one recipient.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
-    Delivered(Reply),
-    Deferred(Reply),
-    Bounced(Reply),
+    Delivered(UpstreamReply),
+    Deferred(UpstreamReply),
+    Bounced(UpstreamReply),
     /// The final dot was sent and no reply came (RFC 1047).
     Uncertain(String),
     /// Not tried: the session ended before this message's turn.
@@ -65,12 +65,12 @@ pub enum Outcome {
 impl Session {
     /// Checks what the upstream said it accepts; a message it cannot take
     /// is bounced here without being sent.
-    pub fn refuse_before_sending(&self, m: &Outgoing) -> Option<Reply> {
+    pub fn refuse_before_sending(&self, m: &Outgoing) -> Option<UpstreamReply> {
         let unsendable = std::iter::once(&m.sender)
             .chain(m.recipients.iter().map(|r| &r.address))
             .find(|a| smtp_path(a).is_none());
         if let Some(a) = unsendable {
-            return Some(Reply {
+            return Some(UpstreamReply {
                 code: 553,
                 text: format!(
                     "5.1.7 the address {:?} cannot be written in SMTP (control characters)",
@@ -80,7 +80,7 @@ impl Session {
         }
         if let Some(max) = self.ext.size {
             if m.body.len() as u64 > max {
-                return Some(Reply {
+                return Some(UpstreamReply {
                     code: 552,
                     text: format!(
                         "5.3.4 message of {} octets is larger than the upstream accepts ({max} octets, its SIZE)",
@@ -90,13 +90,13 @@ impl Session {
             }
         }
         if m.smtputf8 && !self.ext.smtputf8 {
-            return Some(Reply {
+            return Some(UpstreamReply {
                 code: 553,
                 text: "5.6.7 the message needs SMTPUTF8 (non-ASCII addresses) and the upstream does not offer it".into(),
             });
         }
         if m.eightbit && !self.ext.eightbit {
-            return Some(Reply {
+            return Some(UpstreamReply {
                 code: 554,
                 text:
                     "5.6.3 the message has 8-bit content and the upstream does not offer 8BITMIME"
@@ -243,7 +243,7 @@ impl Session {
                 tracing::info!(upstream = %self.addr, transid = self.transid(m).unwrap_or(""), offset,
                                size = m.body.len(), "CHECKPOINT: resuming");
                 // The upstream kept the recipients it accepted.
-                let ok = Reply {
+                let ok = UpstreamReply {
                     code: 250,
                     text: "2.1.5 kept from the interrupted transaction".into(),
                 };
@@ -302,8 +302,8 @@ impl Session {
         &mut self,
         rest: &[u8],
         bdat: bool,
-        mail: &Reply,
-        rcpt: &[Reply],
+        mail: &UpstreamReply,
+        rcpt: &[UpstreamReply],
         idx: usize,
         report: &mut Report<'_>,
     ) -> Result<(), LinkError> {
@@ -342,7 +342,7 @@ impl Session {
                 reply: last,
             });
         }
-        let mail_ok = Reply {
+        let mail_ok = UpstreamReply {
             code: 250,
             text: mail.text.clone(),
         };
@@ -454,7 +454,12 @@ impl Session {
     }
 
     /// A 421 anywhere in a transaction's replies: the server is closing.
-    fn closing(&self, mail: &Reply, rcpt: &[Reply], last: &Reply) -> Option<LinkError> {
+    fn closing(
+        &self,
+        mail: &UpstreamReply,
+        rcpt: &[UpstreamReply],
+        last: &UpstreamReply,
+    ) -> Option<LinkError> {
         std::iter::once(mail)
             .chain(rcpt)
             .chain(std::iter::once(last))
@@ -531,7 +536,7 @@ impl Session {
                 let data = if mail.class() == 2 && any {
                     self.command("DATA\r\n", "DATA").await?
                 } else {
-                    Reply {
+                    UpstreamReply {
                         code: 554,
                         text: "5.5.1 no valid recipients (DATA not sent)".into(),
                     }
@@ -604,8 +609,12 @@ impl Session {
 }
 
 /// Outcomes per recipient from the replies of one transaction.
-fn outcomes(mail: &Reply, rcpt: &[Reply], last: Option<&Reply>) -> Vec<Outcome> {
-    let by_class = |r: &Reply| match r.class() {
+fn outcomes(
+    mail: &UpstreamReply,
+    rcpt: &[UpstreamReply],
+    last: Option<&UpstreamReply>,
+) -> Vec<Outcome> {
+    let by_class = |r: &UpstreamReply| match r.class() {
         2 => Outcome::Delivered(r.clone()),
         4 => Outcome::Deferred(r.clone()),
         _ => Outcome::Bounced(r.clone()),
@@ -645,15 +654,15 @@ mod tests {
 
     #[test]
     fn per_recipient_outcomes() {
-        let ok = Reply {
+        let ok = UpstreamReply {
             code: 250,
             text: "2.0.0 ok".into(),
         };
-        let defer = Reply {
+        let defer = UpstreamReply {
             code: 451,
             text: "4.3.0 later".into(),
         };
-        let no = Reply {
+        let no = UpstreamReply {
             code: 550,
             text: "5.1.1 no".into(),
         };
@@ -670,7 +679,7 @@ mod tests {
         assert_eq!(out, vec![Outcome::Deferred(defer.clone()); 2]);
         assert_eq!(no.status(), Some("5.1.1"));
         assert_eq!(
-            Reply {
+            UpstreamReply {
                 code: 250,
                 text: "ok".into()
             }

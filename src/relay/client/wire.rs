@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use super::{LinkError, Reply, Session};
+use super::{LinkError, Session, UpstreamReply};
 
 /// Bounds on one reply from the upstream: RFC 5321 §4.5.3.1.5 allows 512
 /// octets a line; a little more is tolerated, a peer that never ends its
@@ -25,7 +25,7 @@ impl Session {
         &mut self,
         line: &str,
         phase: &'static str,
-    ) -> Result<Reply, LinkError> {
+    ) -> Result<UpstreamReply, LinkError> {
         self.write(line.as_bytes(), phase).await?;
         self.read_reply(phase).await
     }
@@ -77,12 +77,15 @@ impl Session {
     }
 
     /// Reads one (possibly multi-line) reply to a command.
-    pub(super) async fn read_reply(&mut self, phase: &'static str) -> Result<Reply, LinkError> {
+    pub(super) async fn read_reply(
+        &mut self,
+        phase: &'static str,
+    ) -> Result<UpstreamReply, LinkError> {
         self.read_reply_within(phase, self.timeouts.command).await
     }
 
     /// Reads the reply to the end of a message.
-    pub(super) async fn read_final_reply(&mut self) -> Result<Reply, LinkError> {
+    pub(super) async fn read_final_reply(&mut self) -> Result<UpstreamReply, LinkError> {
         self.read_reply_within("final dot", self.timeouts.final_reply)
             .await
     }
@@ -91,7 +94,7 @@ impl Session {
         &mut self,
         phase: &'static str,
         limit: Duration,
-    ) -> Result<Reply, LinkError> {
+    ) -> Result<UpstreamReply, LinkError> {
         let deadline = tokio::time::Instant::now() + limit;
         let mut lines: Vec<String> = Vec::new();
         let mut code = 0u16;
@@ -117,7 +120,7 @@ impl Session {
                 code = c;
                 lines.push(text.to_string());
                 if sep != '-' {
-                    return Ok(Reply {
+                    return Ok(UpstreamReply {
                         code,
                         text: lines.join("\n"),
                     });

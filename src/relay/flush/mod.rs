@@ -534,7 +534,7 @@ impl Flusher {
     /// `outpost queue bounce`: return these messages' recipients still
     /// waiting to the sender with a DSN, as if the upstream had said 5xx.
     pub fn admin_bounce(&self, ids: &[String]) -> Result<Vec<Change>, StoreError> {
-        let reply = client::Reply {
+        let reply = client::UpstreamReply {
             code: 550,
             text: "5.0.0 returned to the sender by the administrator".into(),
         };
