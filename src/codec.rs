@@ -216,7 +216,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Codec<S> {
 impl<S: AsyncRead + AsyncWrite + Unpin> Codec<Conn<S>> {
     /// Runs the server side of a TLS handshake on the plain stream (implicit
     /// TLS, STARTTLS, STLS). Input buffered before it is dropped first.
-    pub async fn start_tls(
+    pub async fn tls_handshake(
         &mut self,
         acceptor: &tokio_rustls::TlsAcceptor,
         timeout: std::time::Duration,

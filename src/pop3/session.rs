@@ -100,7 +100,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
 
     pub async fn run(mut self) {
         debug!(peer = %self.peer, listener = %self.listen.address, "pop3 connect");
-        if self.listen.mode.implicit_tls() && !self.start_tls().await {
+        if self.listen.mode.implicit_tls() && !self.tls_handshake().await {
             return;
         }
         self.ok("outpost POP3 ready");
@@ -247,7 +247,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     return Flow::Go;
                 }
                 self.ok("begin TLS negotiation");
-                if self.codec.flush().await.is_err() || !self.start_tls().await {
+                if self.codec.flush().await.is_err() || !self.tls_handshake().await {
                     return Flow::Close;
                 }
                 self.user = None;
@@ -562,14 +562,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         Flow::Close
     }
 
-    async fn start_tls(&mut self) -> bool {
+    async fn tls_handshake(&mut self) -> bool {
         let Some(acceptor) = self.tls.clone() else {
             return false;
         };
         let limit = TLS_TIMEOUT
             .min(self.config.pop3.idle_timeout)
             .min(self.deadline.saturating_duration_since(Instant::now()));
-        match self.codec.start_tls(&acceptor, limit).await {
+        match self.codec.tls_handshake(&acceptor, limit).await {
             Ok(()) => true,
             Err(e) => {
                 info!(peer = %self.peer, error = %e, "pop3 TLS handshake failed");

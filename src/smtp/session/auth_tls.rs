@@ -29,7 +29,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + Sync + 'static> Session<S> {
         if dropped > 0 {
             warn!(peer = %self.peer, octets = dropped, "discarded input pipelined after STARTTLS");
         }
-        if !self.start_tls().await {
+        if !self.tls_handshake().await {
             return Flow::Close;
         }
         // RFC 3207 §4.2: forget everything learnt before TLS.
@@ -41,12 +41,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + Sync + 'static> Session<S> {
     }
 
     /// Runs the TLS handshake on the plain stream. False when it failed.
-    pub(super) async fn start_tls(&mut self) -> bool {
+    pub(super) async fn tls_handshake(&mut self) -> bool {
         let Some(acceptor) = self.tls.clone() else {
             return false;
         };
         let limit = self.read_limit(TLS_TIMEOUT.min(self.config.smtp.command_timeout));
-        match self.codec.start_tls(&acceptor, limit).await {
+        match self.codec.tls_handshake(&acceptor, limit).await {
             Ok(()) => {
                 let (v, c) = self.codec.get_ref().tls_info().unwrap_or_default();
                 debug!(peer = %self.peer, version = %v, cipher = %c, "TLS established");

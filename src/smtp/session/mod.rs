@@ -170,7 +170,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + Sync + 'static> Session<S> {
 
     pub async fn run(mut self) {
         debug!(peer = %self.peer, listener = %self.listen.address, mode = %self.listen.mode, "connect");
-        if self.listen.mode.implicit_tls() && !self.start_tls().await {
+        if self.listen.mode.implicit_tls() && !self.tls_handshake().await {
             return;
         }
         let greeting = reply::greeting(&self.config.hostname);
