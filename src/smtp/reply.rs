@@ -1,10 +1,35 @@
 //! Every reply the SMTP server sends, in one place. Each carries an RFC 3463
 //! enhanced status code (RFC 2034), and its text says what to do about it.
 
+use std::borrow::Cow;
+
 pub use crate::codec::Reply;
 
 pub fn greeting(host: &str) -> Reply {
     Reply::multi(220, vec![format!("{host} ESMTP outpost").into()])
+}
+
+/// EHLO's answer: the greeting line, then the keywords.
+pub fn ehlo(lines: Vec<Cow<'static, str>>) -> Reply {
+    Reply::multi(250, lines)
+}
+pub fn auth_challenge(text: &'static str) -> Reply {
+    Reply::new(334, "", text)
+}
+pub fn auth_line_too_long() -> Reply {
+    Reply::new(500, "5.5.6", "Authentication exchange line is too long")
+}
+pub fn syntax_hint(syntax: &str) -> Reply {
+    Reply::new(501, "5.5.4", format!("Syntax: {syntax}"))
+}
+pub fn bad_sender_address() -> Reply {
+    Reply::new(553, "5.1.7", "Invalid sender address")
+}
+pub fn bad_recipient_address() -> Reply {
+    Reply::new(553, "5.1.3", "Invalid recipient address")
+}
+pub fn sender_not_an_address() -> Reply {
+    Reply::new(553, "5.1.7", "Sender address must be user@domain or <>")
 }
 
 pub fn ok() -> Reply {

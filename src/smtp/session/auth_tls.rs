@@ -154,17 +154,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + Sync + 'static> Session<S> {
 
     /// Sends a 334 challenge and reads the client's answer. `*` cancels.
     pub(super) async fn challenge(&mut self, text: &'static str) -> Result<String, Flow> {
-        self.codec.reply(&Reply::new(334, "", text));
+        self.codec.reply(&reply::auth_challenge(text));
         match self.next_line(MAX_AUTH_LINE).await {
             Some(Line::Text(l)) if l == b"*" => Err(self.error(reply::auth_cancelled())),
             Some(Line::Text(l)) => {
                 String::from_utf8(l).map_err(|_| self.error(reply::auth_bad_base64()))
             }
-            Some(Line::TooLong) => Err(self.error(Reply::new(
-                500,
-                "5.5.6",
-                "Authentication exchange line is too long",
-            ))),
+            Some(Line::TooLong) => Err(self.error(reply::auth_line_too_long())),
             Some(Line::BareLf) => Err(self.error(reply::bare_lf_in_command())),
             Some(Line::Eof) | None => Err(Flow::Close),
         }

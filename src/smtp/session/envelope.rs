@@ -29,11 +29,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + Sync + 'static> Session<S> {
             return self.reply(reply::non_ascii_address());
         }
         if !from.address.is_empty() && policy::split(&from.address).is_none() {
-            return self.reply(Reply::new(
-                553,
-                "5.1.7",
-                "Sender address must be user@domain or <>",
-            ));
+            return self.reply(reply::sender_not_an_address());
         }
         for (set, name) in [
             (

@@ -408,7 +408,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + Sync + 'static> Session<S> {
             }
             lines.push("HELP".into());
         }
-        self.reply(Reply::multi(250, lines))
+        self.reply(reply::ehlo(lines))
     }
 
     /// RFC 3848 protocol names.
@@ -441,13 +441,9 @@ fn looks_like_http(line: &[u8]) -> bool {
 fn parse_error(e: proto::Error) -> Reply {
     match e {
         proto::Error::UnknownCommand => reply::unknown_command(),
-        proto::Error::SyntaxError { syntax } => {
-            Reply::new(501, "5.5.4", format!("Syntax: {syntax}"))
-        }
-        proto::Error::InvalidSenderAddress => Reply::new(553, "5.1.7", "Invalid sender address"),
-        proto::Error::InvalidRecipientAddress => {
-            Reply::new(553, "5.1.3", "Invalid recipient address")
-        }
+        proto::Error::SyntaxError { syntax } => reply::syntax_hint(syntax),
+        proto::Error::InvalidSenderAddress => reply::bad_sender_address(),
+        proto::Error::InvalidRecipientAddress => reply::bad_recipient_address(),
         proto::Error::InvalidParameter { param } => {
             reply::bad_param(format!("Invalid value for {param}"))
         }
