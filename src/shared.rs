@@ -142,21 +142,24 @@ impl Shared {
         client_key(peer, self.config().smtp.ipv6_client_prefix)
     }
 
-    /// Checks `user`'s password on the pool (SMTP AUTH and POP3). Returns
-    /// (the account exists, the password is right).
-    pub async fn check_password(&self, user: &str, pass: String) -> (bool, bool) {
+    /// Checks `user`'s password on the pool (SMTP AUTH and POP3).
+    pub async fn check_password(&self, user: &str, pass: String) -> Login {
         let store = self.store.clone();
         let name = user.to_string();
         self.verifier
             .run(move || {
                 let hash = store.password_hash(&name).ok().flatten();
-                (
-                    hash.is_some(),
-                    crate::auth::verify_password(hash.as_deref(), &pass),
-                )
+                // Verified even without an account (against a dummy hash),
+                // so the time taken does not tell whether a name exists.
+                let right = crate::auth::verify_password(hash.as_deref(), &pass);
+                match (hash.is_some(), right) {
+                    (_, true) => Login::Accepted,
+                    (true, false) => Login::WrongPassword,
+                    (false, false) => Login::NoSuchAccount,
+                }
             })
             .await
-            .unwrap_or((false, false))
+            .unwrap_or(Login::NoSuchAccount)
     }
 
     /// Counts a failed login (SMTP or POP3) across sessions and logs what
@@ -249,6 +252,16 @@ pub fn client_key(ip: IpAddr, v6_prefix: u8) -> IpAddr {
             .unwrap_or(IpAddr::V6(v6)),
         v4 => v4,
     }
+}
+
+/// What a login attempt came to. A wrong password for an account that
+/// exists counts against the account too; one for no account only against
+/// the client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Login {
+    Accepted,
+    WrongPassword,
+    NoSuchAccount,
 }
 
 /// Why a connection gets no slot.

@@ -13,7 +13,7 @@ use crate::auth;
 use crate::codec::{Codec, Conn, Line};
 use crate::config::{Config, Listen};
 use crate::queue::{Change, MailboxEntry};
-use crate::shared::{phase_reached, Phase, Shared};
+use crate::shared::{phase_reached, Login, Phase, Shared};
 
 /// RFC 2449 §4: a command line is at most 255 octets; AUTH responses may
 /// be longer (RFC 5034 §4).
@@ -349,9 +349,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         if self.refused_as_blocked() {
             return Flow::Go;
         }
-        let (exists, ok) = self.shared.check_password(&user, pass).await;
-        if !ok {
-            return self.login_failed(Some(&user), exists).await;
+        match self.shared.check_password(&user, pass).await {
+            Login::Accepted => {}
+            Login::WrongPassword => return self.login_failed(Some(&user), true).await,
+            Login::NoSuchAccount => return self.login_failed(Some(&user), false).await,
         }
         let key = user.to_ascii_lowercase();
         if !self.shared.lock_maildrop(&key) {

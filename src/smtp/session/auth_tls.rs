@@ -115,14 +115,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + Sync + 'static> Session<S> {
             _ => return self.error(reply::auth_mechanism()),
         };
         let ok_user = match creds {
-            Some((user, pass)) => {
-                let (exists, ok) = self.shared.check_password(&user, pass).await;
-                if ok {
-                    Ok(user)
-                } else {
-                    Err(Some(user).filter(|_| exists))
-                }
-            }
+            Some((user, pass)) => match self.shared.check_password(&user, pass).await {
+                Login::Accepted => Ok(user),
+                Login::WrongPassword => Err(Some(user)),
+                Login::NoSuchAccount => Err(None),
+            },
             None => Err(None),
         };
         match ok_user {

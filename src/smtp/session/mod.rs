@@ -26,7 +26,7 @@ use crate::config::{Config, Listen, ListenMode};
 use crate::queue::{unix_now, Change, NewMessage, NewRecipient, QueueId, Route, TransactionKey};
 
 use crate::codec::{Codec, Conn, Line};
-use crate::shared::{phase_reached, Peer, Phase, Shared};
+use crate::shared::{phase_reached, Login, Peer, Phase, Shared};
 use crate::smtp::data::{Canonical, ContentError, DotReader, Limits};
 use crate::smtp::policy;
 use crate::smtp::reply::{self, Reply};
