@@ -268,7 +268,7 @@ def cmd_analyse(a):
         res["linkup_session_max_s"] = round(max(ok), 2)
     # the bandwidth bound: the octets at RATE (one way), and the same with
     # the link up only (CYCLE - DOWN) of every CYCLE seconds
-    frac = (a.cycle - a.down) / a.cycle
+    frac = (a.cycle - a.down) / a.cycle if a.down > 0 else 1.0
     res["bound_all_s"] = round(msg_bytes / rate, 1)
     res["bound_all_with_cuts_s"] = round(msg_bytes / rate / frac, 1)
     res["bound_small_s"] = round(small_bytes / rate, 1)
@@ -310,7 +310,7 @@ def cmd_table(a):
                                 fmt(med([r["small_latency_max_s"] for r in g if "small_latency_max_s" in r]))))
     line("small: max s, per run", lambda g: runs(g, "small_latency_max_s"))
     line("all 20 small at the sink, s after the first submission, per run", lambda g: runs(g, "small_all_in_s"))
-    line("3 MiB message arrived (s after its submission), per run",
+    line("the large message arrived (s after its submission), per run",
          lambda g: ", ".join(("yes (%.0f s)" % r["big_arrived_s"]) if "big_arrived_s" in r else "no" for r in g))
     line("arrived whole (SHA-256 of the body) / corrupt / duplicates, summed",
          lambda g: "%d / %d / %d" % (sum(r["whole"] for r in g), sum(r["corrupt"] for r in g), sum(r["duplicates"] for r in g)))
@@ -323,7 +323,7 @@ def cmd_table(a):
     line("bytes carried in connections the link cut, median", lambda g: "%d" % med([r["carried_in_cut_conns"] for r in g]))
     line("SMTP sessions through the link (cut by the link), median",
          lambda g: "%s (%s)" % (fmt(med([r["sessions"] for r in g]), "", 0), fmt(med([r["cut_sessions"] for r in g]), "", 0)))
-    line("… of which carried over 64 KiB (attempts at the 3 MiB message), median",
+    line("… of which carried over 64 KiB (attempts at the large message), median",
          lambda g: fmt(med([r["big_sessions"] for r in g]), "", 0))
     line("connections without a byte from the branch (probes), median",
          lambda g: fmt(med([r["probes_or_empty"] for r in g]), "", 0))
@@ -333,8 +333,8 @@ def cmd_table(a):
     line("link-up → next session, median / max s over all link-ups",
          lambda g: (lambda xs: "%s / %s" % (fmt(med(xs), "", 2), fmt(max(xs) if xs else None, "", 2)))(
              [x["first_session_s"] for r in g for x in r["linkups"] if x["first_session_s"] is not None]))
-    line("drain time of all 21 (s), per run", lambda g: runs(g, "drain_s"))
-    line("bandwidth bound, all 21: at 256 kbit/s / with the link up 32 of 40 s",
+    line("drain time of all %d, s after the first submission, per run" % rows[0]["submitted"], lambda g: runs(g, "drain_s"))
+    line("bandwidth bound, all %d: at the link's rate / counting only the time it is up" % rows[0]["submitted"],
          lambda g: "%.0f s / %.0f s" % (g[0]["bound_all_s"], g[0]["bound_all_with_cuts_s"]))
     line("bandwidth bound, the 20 small", lambda g: "%.1f s" % g[0]["bound_small_s"])
     print()

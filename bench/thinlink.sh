@@ -62,7 +62,9 @@
 #
 # Environment (defaults in brackets):
 #   RUNS [1]  BUDGET [360] (s per side)  SIDES ["outpost postfix"]
-#   RATE [256000] (bit/s each way)  RTT_MS [300]  CYCLE [40]  DOWN [8] (s)
+#   RATE [256000] (bit/s each way)  RTT_MS [300]  CYCLE [40]  DOWN [8] (s;
+#            DOWN=0: a link that never goes down, for the drain time against
+#            the bandwidth bound)
 #   BIG [3145728] (octets)  SMALL [20]  SMALL_SIZE [1500] (octets)
 #   LEAD [3] (s from the link's start to the first submission)
 #   OUTPOST [REPO/target/release/outpost; copied into the temp dir at start]
@@ -114,6 +116,8 @@ T=$(mktemp -d /tmp/outpost-thinlink.XXXXXX)
 chmod 755 "$T"                      # postfix must traverse it
 OUTPOST=$T/outpost                  # a private copy: a rebuild mid-run changes nothing
 cp "$OUTPOST_SRC" "$OUTPOST"
+cp "$TOOL" "$RELAY" "$T"/            # the same for the Python helpers
+TOOL=$T/thinlink.py RELAY=$T/thinlink_relay.py
 SINK_PID= HUB_PID= RELAY_PID= BR_PID= DRV_PID= PF=
 
 stop_side() {

@@ -243,6 +243,8 @@ async def main():
     log("up", t=t0)
     print("ready %d" % args.listen, flush=True)
     k = 1
+    if args.down <= 0:              # a link that never goes down
+        await stop.wait()
     while not stop.is_set():
         t_down = t0 + k * args.cycle - args.down
         t_up = t0 + k * args.cycle
