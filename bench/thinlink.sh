@@ -120,11 +120,11 @@ cp "$TOOL" "$RELAY" "$T"/            # the same for the Python helpers
 TOOL=$T/thinlink.py RELAY=$T/thinlink_relay.py
 SINK_PID= HUB_PID= RELAY_PID= BR_PID= DRV_PID= PF=
 
-stop_side() {
+stop_side() {  # the link first: nothing is carried after the budget
     stop_pid "$DRV_PID"; DRV_PID=
+    stop_pid "$RELAY_PID"; RELAY_PID=
     stop_pid "$BR_PID"; BR_PID=
     [ -n "$PF" ] && pf_stop_dir "$PF"; PF=
-    stop_pid "$RELAY_PID"; RELAY_PID=
     stop_pid "$HUB_PID"; HUB_PID=
     stop_pid "$SINK_PID"; SINK_PID=
 }

@@ -27,7 +27,8 @@ RTT ms, that goes down for DOWN seconds every CYCLE seconds:
 It writes one JSON object per line to LOG: {"ev": "start"} (t0 and the
 parameters), "up" / "down" (link state changes), "conn" (a connection
 accepted: id, t), "end" (a connection ended: id, t, bytes up and down,
-how: "cut" | "closed" | "target-refused"), and at SIGTERM/SIGINT a final
+how: "cut" | "closed" | "target-refused" | "stop": still open when the
+relay was stopped), and at SIGTERM/SIGINT a final
 "stop" with the totals. Times are Unix time (time.time()). "up" here means
 client -> target (branch -> hub), "down" target -> client.
 
@@ -276,7 +277,7 @@ async def main():
         k += 1
     server.close()
     for c in list(conns.values()):
-        c.end("closed")
+        c.end("stop")
     log("stop", carried_up=UP.carried, carried_down=DOWN.carried, connections=next_id)
 
 
