@@ -241,7 +241,7 @@ def cmd_analyse(a):
     res["probes_or_empty"] = len(probes)
     res["cut_sessions"] = sum(1 for c in sessions if ends[c["id"]].get("how") == "cut")
     # sessions that carried more than 64 KiB towards the hub: attempts at
-    # the large message (the small ones together are about 34 KB)
+    # the large message (the small ones together are about 31 KB)
     res["big_sessions"] = sum(1 for c in sessions if ends[c["id"]].get("up", 0) > 65536)
     # link-ups while mail waited: something submitted before, not yet at the sink
     ups = [e["t"] for e in relay if e["ev"] == "up" and e["t"] > t_first and e["t"] < t_stop]
