@@ -200,7 +200,7 @@ fn render_show(m: &MessageDetail, transfer: Option<&crate::queue::Transfer>, now
         let _ = writeln!(
             out,
             "dsn:         RET={} ENVID={}",
-            m.dsn_ret.as_deref().unwrap_or("-"),
+            m.dsn_ret.map_or("-", |r| r.as_str()),
             m.dsn_envid.as_deref().unwrap_or("-")
         );
     }
@@ -338,11 +338,11 @@ fn admin(config: &Config, store: Store, what: Admin, sel: &Selection) -> ExitCod
             .collect(),
         Admin::Hold => pending
             .iter()
-            .filter(|(_, _, s, _)| matches!(s, RecipientState::Queued | RecipientState::Deferred))
-            .map(|(id, idx, _, _)| {
+            .filter(|p| matches!(p.state, RecipientState::Queued | RecipientState::Deferred))
+            .map(|p| {
                 change(
-                    id,
-                    *idx,
+                    &p.message_id,
+                    p.idx,
                     RecipientState::Held,
                     "held",
                     Some("held by the administrator"),
@@ -352,13 +352,21 @@ fn admin(config: &Config, store: Store, what: Admin, sel: &Selection) -> ExitCod
         // Hub mail held for its branch is released by ETRN, not here.
         Admin::Release => pending
             .iter()
-            .filter(|(_, _, s, r)| *s == RecipientState::Held && *r != Route::Hold)
-            .map(|(id, idx, _, _)| change(id, *idx, RecipientState::Queued, "released", None))
+            .filter(|p| p.state == RecipientState::Held && p.route != Route::Hold)
+            .map(|p| {
+                change(
+                    &p.message_id,
+                    p.idx,
+                    RecipientState::Queued,
+                    "released",
+                    None,
+                )
+            })
             .collect(),
         Admin::Retry => pending
             .iter()
-            .filter(|(_, _, s, _)| matches!(s, RecipientState::Queued | RecipientState::Deferred))
-            .map(|(id, idx, s, _)| change(id, *idx, *s, "retry", None))
+            .filter(|p| matches!(p.state, RecipientState::Queued | RecipientState::Deferred))
+            .map(|p| change(&p.message_id, p.idx, p.state, "retry", None))
             .collect(),
         Admin::Bounce => {
             let flusher = Flusher::new(

@@ -516,10 +516,7 @@ impl Store {
 
     /// Pending recipients of `ids` (all pending messages when `ids` is empty),
     /// for administrative commands.
-    pub fn pending_recipients(
-        &self,
-        ids: &[String],
-    ) -> Result<Vec<(String, u32, RecipientState, Route)>, StoreError> {
+    pub fn pending_recipients(&self, ids: &[String]) -> Result<Vec<PendingRecipient>, StoreError> {
         self.with(|c| {
             let mut st = c.prepare_cached(
                 "SELECT message_id, idx, state, route FROM recipients
@@ -528,17 +525,17 @@ impl Store {
             let rows = st.query_map([], |r| {
                 let s: String = r.get(2)?;
                 let route: String = r.get(3)?;
-                Ok((
-                    r.get::<_, String>(0)?,
-                    r.get::<_, u32>(1)?,
-                    s.parse().unwrap_or(RecipientState::Queued),
-                    route.parse().unwrap_or(Route::Upstream),
-                ))
+                Ok(PendingRecipient {
+                    message_id: r.get(0)?,
+                    idx: r.get(1)?,
+                    state: s.parse().unwrap_or(RecipientState::Queued),
+                    route: route.parse().unwrap_or(Route::Upstream),
+                })
             })?;
             let mut out = Vec::new();
             for row in rows {
                 let row = row?;
-                if ids.is_empty() || ids.contains(&row.0) {
+                if ids.is_empty() || ids.contains(&row.message_id) {
                     out.push(row);
                 }
             }

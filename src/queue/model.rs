@@ -233,7 +233,7 @@ pub struct DueMessage {
     pub sender: String,
     pub body_type: Option<String>,
     pub smtputf8: bool,
-    pub dsn_ret: Option<String>,
+    pub dsn_ret: Option<DsnRet>,
     pub dsn_envid: Option<String>,
     pub recipients: Vec<DueRecipient>,
 }
@@ -277,7 +277,7 @@ pub struct NewMessage {
     pub protocol: String,
     pub body_type: Option<String>,
     pub smtputf8: bool,
-    pub dsn_ret: Option<String>,
+    pub dsn_ret: Option<DsnRet>,
     pub dsn_envid: Option<String>,
     pub recipients: Vec<NewRecipient>,
     /// The whole message, CRLF line ends, Received header first.
@@ -296,6 +296,58 @@ pub struct NewRecipient {
     pub mailboxes: Vec<String>,
 }
 
+/// RET= of MAIL (RFC 3461): what a failure notice returns of the message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum DsnRet {
+    /// The whole message.
+    Full,
+    /// Its header only.
+    Hdrs,
+}
+
+impl DsnRet {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DsnRet::Full => "FULL",
+            DsnRet::Hdrs => "HDRS",
+        }
+    }
+}
+
+impl fmt::Display for DsnRet {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl rusqlite::types::ToSql for DsnRet {
+    fn to_sql(&self) -> rusqlite::Result<rusqlite::types::ToSqlOutput<'_>> {
+        Ok(self.as_str().into())
+    }
+}
+
+impl rusqlite::types::FromSql for DsnRet {
+    fn column_result(v: rusqlite::types::ValueRef<'_>) -> rusqlite::types::FromSqlResult<Self> {
+        match v.as_str()? {
+            "FULL" => Ok(DsnRet::Full),
+            "HDRS" => Ok(DsnRet::Hdrs),
+            other => Err(rusqlite::types::FromSqlError::Other(
+                format!("RET={other} is neither FULL nor HDRS").into(),
+            )),
+        }
+    }
+}
+
+/// A recipient not yet final, for the queue administration commands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PendingRecipient {
+    pub message_id: String,
+    pub idx: u32,
+    pub state: RecipientState,
+    pub route: Route,
+}
+
 /// Which interrupted (or completed) transaction: the client's TRANSID, its
 /// EHLO name, and who it is (its account, or its address).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -311,7 +363,7 @@ pub struct TransactionKey {
 pub struct Envelope {
     pub body_type: Option<String>,
     pub smtputf8: bool,
-    pub dsn_ret: Option<String>,
+    pub dsn_ret: Option<DsnRet>,
     pub dsn_envid: Option<String>,
     pub recipients: Vec<NewRecipient>,
 }
@@ -383,7 +435,7 @@ pub struct MessageDetail {
     pub auth_user: Option<String>,
     pub body_type: Option<String>,
     pub smtputf8: bool,
-    pub dsn_ret: Option<String>,
+    pub dsn_ret: Option<DsnRet>,
     pub dsn_envid: Option<String>,
     /// The header section as stored; None once the body is gone.
     pub headers: Option<String>,

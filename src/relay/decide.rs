@@ -637,7 +637,7 @@ pub fn notice_message(
         from: &from,
         recipients: &notice.recipients,
         original,
-        return_full: m.dsn_ret.as_deref() == Some("FULL"),
+        return_full: m.dsn_ret == Some(crate::queue::DsnRet::Full),
         now,
     });
     let domain = sender_domain(m);

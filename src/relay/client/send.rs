@@ -43,7 +43,7 @@ pub struct Outgoing {
     pub body: Vec<u8>,
     pub eightbit: bool,
     pub smtputf8: bool,
-    pub dsn_ret: Option<String>,
+    pub dsn_ret: Option<crate::queue::DsnRet>,
     pub dsn_envid: Option<String>,
     /// The transaction id this copy goes with (RFC 1845, without the
     /// angle brackets): the same on every try, so a cut transfer resumes.

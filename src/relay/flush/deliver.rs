@@ -473,7 +473,7 @@ fn outgoing(m: &DueMessage, body: Vec<u8>, hostname: &str) -> Outgoing {
             .collect(),
         eightbit: m.body_type.as_deref() == Some("8BITMIME") || body.iter().any(|&b| b >= 0x80),
         smtputf8: m.smtputf8,
-        dsn_ret: m.dsn_ret.clone(),
+        dsn_ret: m.dsn_ret,
         dsn_envid: m.dsn_envid.clone(),
         transid: Some(decide::transid(m, hostname)),
         body,

@@ -174,7 +174,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + Sync + 'static> Session<S> {
                 envelope: crate::queue::Envelope {
                     body_type: msg.body_type.clone(),
                     smtputf8: msg.smtputf8,
-                    dsn_ret: msg.dsn_ret.clone(),
+                    dsn_ret: msg.dsn_ret,
                     dsn_envid: msg.dsn_envid.clone(),
                     recipients: msg.recipients.clone(),
                 },

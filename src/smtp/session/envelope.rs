@@ -64,9 +64,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + Sync + 'static> Session<S> {
             None
         };
         let dsn_ret = if from.flags & proto::MAIL_RET_FULL != 0 {
-            Some("FULL".to_string())
+            Some(DsnRet::Full)
         } else if from.flags & proto::MAIL_RET_HDRS != 0 {
-            Some("HDRS".to_string())
+            Some(DsnRet::Hdrs)
         } else {
             None
         };

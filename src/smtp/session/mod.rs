@@ -23,7 +23,9 @@ use tracing::{debug, info, warn};
 
 use crate::auth;
 use crate::config::{Config, Listen, ListenMode};
-use crate::queue::{unix_now, Change, NewMessage, NewRecipient, QueueId, Route, TransactionKey};
+use crate::queue::{
+    unix_now, Change, DsnRet, NewMessage, NewRecipient, QueueId, Route, TransactionKey,
+};
 
 use crate::codec::{Codec, Conn, Line};
 use crate::shared::{phase_reached, Login, Peer, Phase, Shared};
@@ -51,7 +53,7 @@ struct Transaction {
     sender: String,
     body_type: Option<String>,
     smtputf8: bool,
-    dsn_ret: Option<String>,
+    dsn_ret: Option<DsnRet>,
     dsn_envid: Option<String>,
     recipients: Vec<NewRecipient>,
     /// Recipients the client gave (alias targets not counted).
