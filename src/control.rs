@@ -166,22 +166,9 @@ pub async fn request_flush(
     opts: &FlushOptions,
     progress: &mut (dyn FnMut(&Event) + Send),
 ) -> std::io::Result<Option<Summary>> {
-    let stream = match UnixStream::connect(path).await {
-        Ok(s) => s,
-        Err(e)
-            if matches!(
-                e.kind(),
-                std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
-            ) =>
-        {
-            return Ok(None)
-        }
-        Err(e) => return Err(e),
+    let Some(r) = send(path, &Request::Flush(opts.clone())).await? else {
+        return Ok(None);
     };
-    let (r, mut w) = stream.into_split();
-    let mut req = serde_json::to_string(&Request::Flush(opts.clone()))?;
-    req.push('\n');
-    w.write_all(req.as_bytes()).await?;
     let mut lines = BufReader::new(r).lines();
     while let Some(line) = lines.next_line().await? {
         let e: Event = serde_json::from_str(&line)
@@ -197,9 +184,12 @@ pub async fn request_flush(
     ))
 }
 
-/// Client side: the daemon's blocked clients and accounts under attack.
-/// `Ok(None)` when no daemon listens.
-pub async fn request_logins(path: &Path) -> std::io::Result<Option<Report>> {
+/// Client side: sends `req` to the daemon, and gives back the half of the
+/// connection its answer comes on. `Ok(None)` when no daemon listens.
+async fn send(
+    path: &Path,
+    req: &Request,
+) -> std::io::Result<Option<tokio::net::unix::OwnedReadHalf>> {
     let stream = match UnixStream::connect(path).await {
         Ok(s) => s,
         Err(e)
@@ -213,9 +203,18 @@ pub async fn request_logins(path: &Path) -> std::io::Result<Option<Report>> {
         Err(e) => return Err(e),
     };
     let (r, mut w) = stream.into_split();
-    let mut req = serde_json::to_string(&Request::Logins)?;
-    req.push('\n');
-    w.write_all(req.as_bytes()).await?;
+    let mut line = serde_json::to_string(req)?;
+    line.push('\n');
+    w.write_all(line.as_bytes()).await?;
+    Ok(Some(r))
+}
+
+/// Client side: the daemon's blocked clients and accounts under attack.
+/// `Ok(None)` when no daemon listens.
+pub async fn request_logins(path: &Path) -> std::io::Result<Option<Report>> {
+    let Some(r) = send(path, &Request::Logins).await? else {
+        return Ok(None);
+    };
     let mut line = String::new();
     let mut limited = BufReader::new(r.take(16 << 20));
     tokio::time::timeout(REQUEST_TIMEOUT, limited.read_line(&mut line))

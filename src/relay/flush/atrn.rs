@@ -39,58 +39,54 @@ impl Flusher {
         progress: &mut (dyn FnMut(&Event) + Send),
     ) -> Summary {
         let mut summary = Summary::untried();
-        let _lock = match FlushLock::acquire(&self.config.store.path).await {
-            Ok(l) => l,
-            Err(e) => {
-                summary.error = Some(e);
-                return summary;
+        let r = match FlushLock::acquire(&self.config.store.path).await {
+            Ok(_lock) => {
+                self.deliver_turned_locked(io, &peer, &domains, progress, &mut summary)
+                    .await
             }
+            Err(e) => Err(e),
         };
-        let store = self.store.clone();
-        let pending = match tokio::task::spawn_blocking(move || store.pending_outbound()).await {
-            Ok(Ok(p)) => p,
-            Ok(Err(e)) => {
-                summary.error = Some(e.to_string());
-                return summary;
-            }
-            Err(e) => {
-                summary.error = Some(e.to_string());
-                return summary;
-            }
-        };
-        let due = decide::held_for(pending, &domains);
-        let dest = Destination {
-            name: format!("ATRN {}", domains.join(",")),
-            server: peer.clone(),
-            upstream: false,
-        };
-        let settings = match self.settings(&dest, &peer) {
-            Ok(s) => s,
-            Err(e) => {
-                summary.error = Some(e.to_string());
-                return summary;
-            }
-        };
-        let session = match Session::turned(io, peer.clone(), &settings).await {
-            Ok(s) => s,
-            Err(e) => {
-                warn!(peer = %peer, error = %e, "ATRN: the branch did not take the turned connection");
-                summary.error = Some(e.to_string());
-                return summary;
-            }
-        };
-        info!(peer = %peer, domains = %domains.join(","), messages = due.len(), "ATRN: delivering held mail over the branch's connection");
-        progress(&Event::Start { due: due.len() });
-        match self
-            .send_over(dest, session, settings, due, progress, &mut summary)
-            .await
-        {
-            Ok(Some(s)) => s.quit().await,
-            Ok(None) => {}
-            Err(e) => summary.error = Some(e.to_string()),
+        if let Err(e) = r {
+            warn!(peer = %peer, error = %e, "ATRN: held mail not delivered");
+            summary.error = Some(e);
         }
         progress(&Event::Done(summary.clone()));
         summary
+    }
+
+    async fn deliver_turned_locked(
+        &self,
+        io: crate::codec::BoxedIo,
+        peer: &str,
+        domains: &[String],
+        progress: &mut (dyn FnMut(&Event) + Send),
+        summary: &mut Summary,
+    ) -> Result<(), String> {
+        let store = self.store.clone();
+        let pending = tokio::task::spawn_blocking(move || store.pending_outbound())
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
+        let due = decide::held_for(pending, domains);
+        let dest = Destination {
+            name: format!("ATRN {}", domains.join(",")),
+            server: peer.to_string(),
+            upstream: false,
+        };
+        let settings = self.settings(&dest, peer).map_err(|e| e.to_string())?;
+        let session = Session::turned(io, peer.to_string(), &settings)
+            .await
+            .map_err(|e| format!("the branch did not take the turned connection: {e}"))?;
+        info!(peer = %peer, domains = %domains.join(","), messages = due.len(), "ATRN: delivering held mail over the branch's connection");
+        progress(&Event::Start { due: due.len() });
+        let open = self
+            .send_over(dest, session, settings, due, progress, summary)
+            .await
+            .map_err(|e| e.to_string())?;
+        if let Some(s) = open {
+            s.quit().await;
+        }
+        Ok(())
     }
 
     /// Branch role, after the outbound flush: ATRN at `upstream.odmr`
