@@ -279,19 +279,12 @@ async fn link_prober(
         let now = queue::unix_now();
         let seen = tokio::task::spawn_blocking(move || {
             let link = store.link(now)?;
-            let counts = store.counts()?;
-            Ok::<_, queue::StoreError>((link, counts))
+            let waits = link.state == LinkState::Down && store.mail_waits()?;
+            Ok::<_, queue::StoreError>((link, waits))
         })
         .await;
         let delay = match seen {
-            Ok(Ok((link, counts)))
-                if link.state == LinkState::Down
-                    && counts.count(queue::RecipientState::Queued)
-                        + counts.count(queue::RecipientState::Deferred)
-                        > 0 =>
-            {
-                relay::decide::probe_delay(interval, now - link.since)
-            }
+            Ok(Ok((link, true))) => relay::decide::probe_delay(interval, now - link.since),
             _ => None,
         };
         // Nothing to probe: look again in a while.

@@ -17,24 +17,22 @@ pub fn run(config: &Config, as_json: bool) -> ExitCode {
     };
     let now = unix_now();
     let local = chrono::Local::now().naive_local();
-    let (link, counts, held, etrn, disk, pending, sent_today) =
-        match store.link(now).and_then(|l| {
-            Ok((
-                l,
-                store.counts()?,
-                store.held_by_domain()?,
-                store.last_etrn()?,
-                store.disk_usage()?,
-                store.pending_outbound()?,
-                store.sent_on(&local.date().to_string())?,
-            ))
-        }) {
-            Ok(x) => x,
-            Err(e) => {
-                eprintln!("outpost: {e}");
-                return ExitCode::from(exit::IOERR);
-            }
-        };
+    let (link, counts, held, etrn, disk, sent_today) = match store.link(now).and_then(|l| {
+        Ok((
+            l,
+            store.counts()?,
+            store.held_by_domain()?,
+            store.last_etrn()?,
+            store.disk_usage()?,
+            store.sent_on(&local.date().to_string())?,
+        ))
+    }) {
+        Ok(x) => x,
+        Err(e) => {
+            eprintln!("outpost: {e}");
+            return ExitCode::from(exit::IOERR);
+        }
+    };
     let oldest_age = counts.oldest.map(|t| (now - t).max(0));
     let logins = daemon_logins(config);
     let transfers = match store.transfers() {
@@ -44,16 +42,31 @@ pub fn run(config: &Config, as_json: bool) -> ExitCode {
             return ExitCode::from(exit::IOERR);
         }
     };
-    // What waits for a window or the budget, as the next flush would see it.
+    // What waits for a window or the budget, as the next flush would see it
+    // (reading the whole queue only when windows or a budget are set).
     let flush = &config.flush;
-    let waiting = decide::select(
-        pending,
-        &Default::default(),
-        now,
-        flush.large_message_size as i64,
-        &decide::gate(flush, local, sent_today),
-    )
-    .waiting;
+    let gated = !flush.windows.is_empty()
+        || !flush.large_message_window.is_empty()
+        || flush.daily_byte_budget > 0;
+    let waiting = if gated {
+        let pending = match store.pending_outbound() {
+            Ok(p) => p,
+            Err(e) => {
+                eprintln!("outpost: {e}");
+                return ExitCode::from(exit::IOERR);
+            }
+        };
+        decide::select(
+            pending,
+            &Default::default(),
+            now,
+            flush.large_message_size as i64,
+            &decide::gate(flush, local, sent_today),
+        )
+        .waiting
+    } else {
+        decide::Waiting::default()
+    };
     let gate_change = decide::next_gate_change(flush, local);
     // The next flush: the schedule's next tick (fixed times, see
     // relay::decide::next_tick), or when deferred mail next comes due,

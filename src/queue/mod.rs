@@ -446,6 +446,18 @@ impl Store {
         })
     }
 
+    /// True when some recipient waits to be sent (queued or deferred): an
+    /// index lookup, cheap enough to ask every few seconds.
+    pub fn mail_waits(&self) -> Result<bool, StoreError> {
+        self.with(|c| {
+            c.query_row(
+                "SELECT EXISTS (SELECT 1 FROM recipients WHERE state IN ('queued', 'deferred'))",
+                [],
+                |r| r.get(0),
+            )
+        })
+    }
+
     /// Octets sent to the upstream on `day` (local, `YYYY-MM-DD`).
     pub fn sent_on(&self, day: &str) -> Result<i64, StoreError> {
         self.with(|c| {
