@@ -36,6 +36,9 @@ use super::decide;
 use crate::config::Config;
 use crate::queue::{unix_now, Change, DueMessage, LinkState, QueueId, Store, StoreError, Writer};
 
+/// Aging changes committed together at most (DSNs carry message bodies).
+const AGING_BATCH: usize = 256;
+
 /// What to flush.
 #[derive(Debug, Clone, Default, serde::Deserialize, Serialize)]
 pub struct FlushOptions {
@@ -256,7 +259,11 @@ impl Flusher {
         };
 
         // Age first: expiry and delay warnings do not need the link.
+        // Their changes are committed a batch at a time, not one commit
+        // per message (a morning of delay warnings is one fsync, not
+        // hundreds).
         let mut aged = Vec::with_capacity(pending.len());
+        let mut aging = Vec::new();
         for mut m in pending {
             let d = decide::age(&m, link.up_clock, now, &self.config);
             if !d.is_empty() {
@@ -273,12 +280,16 @@ impl Flusher {
                         finished.push(r.idx);
                     }
                 }
-                self.writer
-                    .apply(self.with_notice(d, &m, None, now))
-                    .await?;
+                aging.extend(self.with_notice(d, &m, None, now));
+                if aging.len() >= AGING_BATCH {
+                    self.writer.apply(std::mem::take(&mut aging)).await?;
+                }
                 m.recipients.retain(|r| !finished.contains(&r.idx));
             }
             aged.push(m);
+        }
+        if !aging.is_empty() {
+            self.writer.apply(aging).await?;
         }
         // Then what is due now (or everything with --all), in the domains
         // asked, split by where it goes: the upstream, or a hold domain's
