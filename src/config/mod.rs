@@ -422,18 +422,44 @@ mod tests {
         };
         assert_eq!(
             t("[127.0.0.1]:2626").unwrap(),
-            ("127.0.0.1".into(), 2626, true)
+            Server {
+                host: "127.0.0.1".into(),
+                port: 2626,
+                literal: true
+            }
         );
         assert_eq!(
             t("[smtp.hq.example]").unwrap(),
-            ("smtp.hq.example".into(), 25, true)
+            Server {
+                host: "smtp.hq.example".into(),
+                port: 25,
+                literal: true
+            }
         );
         assert_eq!(
             t("hq.example:587").unwrap(),
-            ("hq.example".into(), 587, false)
+            Server {
+                host: "hq.example".into(),
+                port: 587,
+                literal: false
+            }
         );
-        assert_eq!(t("hq.example").unwrap(), ("hq.example".into(), 25, false));
-        assert_eq!(t("[::1]:25").unwrap(), ("::1".into(), 25, true));
+        assert_eq!(
+            t("hq.example").unwrap(),
+            Server {
+                host: "hq.example".into(),
+                port: 25,
+                literal: false
+            }
+        );
+        assert_eq!(
+            t("[::1]:25").unwrap(),
+            Server {
+                host: "::1".into(),
+                port: 25,
+                literal: true
+            }
+        );
         assert!(t("hq.example:smtp").is_err());
         assert!(t("[hq.example").is_err());
     }

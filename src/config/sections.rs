@@ -349,14 +349,23 @@ impl Default for UpstreamConfig {
 
 impl UpstreamConfig {
     /// `server` split as [`parse_server`] does.
-    pub fn target(&self) -> Result<(String, u16, bool), String> {
+    pub fn target(&self) -> Result<Server, String> {
         parse_server(&self.server)
     }
 }
 
-/// Splits a server into (host, port, literal): `[host]:port` is used as
-/// is, `host:port` means an MX lookup first. The port defaults to 25.
-pub fn parse_server(s: &str) -> Result<(String, u16, bool), String> {
+/// Where a server setting (`upstream.server`, a hub route) points.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Server {
+    pub host: String,
+    pub port: u16,
+    /// `[host]`: the host as it is, no MX lookup.
+    pub literal: bool,
+}
+
+/// Reads a server setting: `[host]:port` is used as is, `host:port` means
+/// an MX lookup first. The port defaults to 25.
+pub fn parse_server(s: &str) -> Result<Server, String> {
     let s = s.trim();
     let (host, literal, rest) = if let Some(inner) = s.strip_prefix('[') {
         let (h, rest) = inner
@@ -381,7 +390,11 @@ pub fn parse_server(s: &str) -> Result<(String, u16, bool), String> {
     if host.is_empty() {
         return Err(format!("`{s}`: no host"));
     }
-    Ok((host, port, literal))
+    Ok(Server {
+        host,
+        port,
+        literal,
+    })
 }
 
 /// What to do with a message whose final dot was sent but whose reply never

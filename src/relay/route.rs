@@ -43,7 +43,11 @@ fn resolver(server: Option<SocketAddr>) -> Result<TokioResolver, LinkError> {
 /// The addresses to try for `server` (see [`parse_server`]), best first.
 /// `dns` is a DNS server to ask instead of the system's.
 pub async fn targets(server: &str, dns: Option<SocketAddr>) -> Result<Vec<Target>, LinkError> {
-    let (host, port, literal) = parse_server(server).map_err(LinkError::Dns)?;
+    let crate::config::Server {
+        host,
+        port,
+        literal,
+    } = parse_server(server).map_err(LinkError::Dns)?;
     if let Ok(ip) = host.parse::<IpAddr>() {
         return Ok(vec![Target {
             host,

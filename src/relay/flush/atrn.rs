@@ -102,7 +102,7 @@ impl Flusher {
         let server = match &up.odmr {
             Some(s) => s.clone(),
             None => match crate::config::parse_server(&up.server) {
-                Ok((host, _, _)) => format!("[{host}]:366"),
+                Ok(s) => format!("[{}]:366", s.host),
                 Err(e) => {
                     summary.atrn = Some(format!("upstream.server: {e}"));
                     return Ok(());
