@@ -229,7 +229,7 @@ mod tests {
                     }
                 })
                 .collect(),
-            body: vec![b'x'; body],
+            body: vec![b'x'; body].into(),
         }
     }
 

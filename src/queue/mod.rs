@@ -6,6 +6,7 @@
 //! through one [`Writer`] thread that commits many sessions' messages in one
 //! transaction; reads use their own connections.
 
+mod body;
 mod housekeeping;
 mod model;
 pub mod space;
@@ -17,6 +18,7 @@ use std::time::Duration;
 
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 
+pub use body::{spool_dir, Body, Spool, SPILL_OVER};
 pub use housekeeping::{housekeeping, housekeeping_interval, run_housekeeping, Housekeeping};
 pub use model::*;
 pub use writer::{Applied, Change, RecipientChange, Writer, WriterThread};
@@ -435,7 +437,7 @@ impl Store {
                                 Box::new(e),
                             )
                         })?,
-                        content: r.get(2)?,
+                        content: Body::from(r.get::<_, Vec<u8>>(2)?),
                         size: r.get(3)?,
                         queue_id: r.get(4)?,
                         updated_at: r.get(5)?,

@@ -265,7 +265,8 @@ pub struct HeldDomain {
 }
 
 /// A message accepted by a session, ready to be committed.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
+#[cfg_attr(test, derive(Clone))]
 pub struct NewMessage {
     pub id: QueueId,
     pub received_at: i64,
@@ -280,8 +281,9 @@ pub struct NewMessage {
     pub dsn_ret: Option<DsnRet>,
     pub dsn_envid: Option<String>,
     pub recipients: Vec<NewRecipient>,
-    /// The whole message, CRLF line ends, Received header first.
-    pub body: Vec<u8>,
+    /// The whole message, CRLF line ends, Received header first; a large
+    /// one mostly in a spool file.
+    pub body: super::Body,
 }
 
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -383,13 +385,14 @@ pub struct Transfer {
 }
 
 /// A checkpointed transaction (RFC 1845).
-#[derive(Debug, Clone)]
+#[derive(Debug)]
+#[cfg_attr(test, derive(Clone))]
 pub struct Partial {
     pub key: TransactionKey,
     pub sender: String,
     pub envelope: Envelope,
     /// The message content received so far (empty once complete).
-    pub content: Vec<u8>,
+    pub content: super::Body,
     /// Octets of content: received so far, or the whole message.
     pub size: i64,
     /// The queue id, once the message was committed.

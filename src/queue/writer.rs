@@ -21,7 +21,9 @@ const MAX_BATCH: usize = 512;
 
 /// One change to the store. A request's changes are applied together or
 /// not at all (one savepoint), so e.g. a bounce and its DSN land at once.
-#[derive(Debug, Clone)]
+/// Not Clone outside tests: a message's body may be a spool file.
+#[derive(Debug)]
+#[cfg_attr(test, derive(Clone))]
 pub enum Change {
     /// A new message, from a session or a DSN.
     Insert(Box<NewMessage>),
@@ -356,12 +358,12 @@ fn apply(tx: &rusqlite::Savepoint<'_>, c: &Change, applied: &mut Applied) -> rus
                 p.key.client,
                 p.sender,
                 envelope,
-                p.content,
+                rusqlite::blob::ZeroBlob(p.content.len()),
                 p.size,
                 p.queue_id,
                 p.updated_at
             ])?;
-            Ok(())
+            write_blob(tx, "partials", "content", &p.content)
         }
         Change::Transfer(t) => {
             tx.prepare_cached(
@@ -640,15 +642,9 @@ fn insert(tx: &rusqlite::Savepoint<'_>, m: &NewMessage) -> rusqlite::Result<()> 
         m.dsn_ret,
         m.dsn_envid,
     ])?;
-    // The body goes in through a blob handle: binding it as a parameter
-    // would make SQLite copy it first, and a large message must not be held
-    // twice in memory.
     tx.prepare_cached("INSERT INTO bodies (message_id, data) VALUES (?1, zeroblob(?2))")?
         .execute(params![m.id.as_str(), m.body.len() as i64])?;
-    let rowid = tx.last_insert_rowid();
-    let mut blob = tx.blob_open(rusqlite::MAIN_DB, "bodies", "data", rowid, false)?;
-    blob.write_at(&m.body, 0)?;
-    drop(blob);
+    write_blob(tx, "bodies", "data", &m.body)?;
     tx.prepare_cached(
         "INSERT INTO history (message_id, at, event, detail) VALUES (?1, ?2, 'received', ?3)",
     )?
@@ -687,6 +683,32 @@ fn insert(tx: &rusqlite::Savepoint<'_>, m: &NewMessage) -> rusqlite::Result<()> 
         }
     }
     Ok(())
+}
+
+/// Fills the zeroblob of the row just inserted into `table` with `body`,
+/// block by block through a blob handle: binding it as a parameter would
+/// make SQLite copy it first, and a spooled body is read in blocks, never
+/// held whole in memory.
+fn write_blob(
+    tx: &rusqlite::Savepoint<'_>,
+    table: &str,
+    column: &str,
+    body: &super::Body,
+) -> rusqlite::Result<()> {
+    let rowid = tx.last_insert_rowid();
+    let mut blob = tx.blob_open(rusqlite::MAIN_DB, table, column, rowid, false)?;
+    let mut failed = None;
+    body.copy_to(|at, block| {
+        blob.write_at(block, at as usize).map_err(|e| {
+            failed = Some(e);
+            std::io::Error::other("blob write failed")
+        })
+    })
+    .map_err(|e| {
+        failed
+            .take()
+            .unwrap_or(rusqlite::Error::ToSqlConversionFailure(Box::new(e)))
+    })
 }
 
 /// rusqlite errors are not Clone; rebuild one per waiting session.
@@ -735,7 +757,7 @@ mod tests {
                     mailboxes: Vec::new(),
                 },
             ],
-            body: b"Subject: t\r\n\r\nhello\r\n".to_vec(),
+            body: b"Subject: t\r\n\r\nhello\r\n".to_vec().into(),
         }
     }
 
@@ -812,7 +834,7 @@ mod tests {
         conn.pragma_update(None, "max_page_count", pages + 40)
             .unwrap();
         let mut big = msg(2);
-        big.body = vec![b'x'; 512 * 1024];
+        big.body = vec![b'x'; 512 * 1024].into();
         let msgs = vec![msg(1), big, msg(3), msg(4)];
         let results = super::commit(&mut conn, &path, &batch_of(&msgs));
         assert_eq!(results.len(), msgs.len());

@@ -670,7 +670,7 @@ pub fn notice_message(
                 Vec::new()
             },
         }],
-        body: bytes,
+        body: bytes.into(),
     }
 }
 

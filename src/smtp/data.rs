@@ -69,7 +69,45 @@ pub struct Canonical {
     /// `Received:` fields seen in the header section.
     hops: usize,
     error: Option<ContentError>,
+    /// Content not yet handed on by [`Canonical::take_output`].
     out: Vec<u8>,
+    /// Octets of content handed on so far.
+    handed: usize,
+    /// Octets of content up to the end of the last complete line.
+    line_end: usize,
+}
+
+/// Content collected in memory that can be handed on as it grows (to a
+/// spool file, see `queue::Spool`).
+pub trait Collect {
+    /// Octets held, not yet handed on.
+    fn pending(&self) -> usize;
+    /// Hands on what is held.
+    fn take_output(&mut self) -> Vec<u8>;
+}
+
+impl Collect for Canonical {
+    fn pending(&self) -> usize {
+        self.out.len()
+    }
+
+    /// Nothing once the content is refused.
+    fn take_output(&mut self) -> Vec<u8> {
+        let keep = self.out.capacity();
+        let out = std::mem::replace(&mut self.out, Vec::with_capacity(keep));
+        self.handed += out.len();
+        out
+    }
+}
+
+impl Collect for DotReader {
+    fn pending(&self) -> usize {
+        self.content.pending()
+    }
+
+    fn take_output(&mut self) -> Vec<u8> {
+        self.content.take_output()
+    }
 }
 
 /// Enough of a line for "Received" and some white space before the colon.
@@ -77,12 +115,11 @@ const HEAD: usize = 16;
 
 impl Canonical {
     pub fn new(limits: Limits) -> Canonical {
-        Canonical::with_prefix(limits, Vec::new())
+        Canonical::with_capacity(limits, 0)
     }
 
-    /// Collects after `prefix` (the Received header), so the stored message
-    /// is built in one buffer and never copied. The prefix is not counted.
-    pub fn with_prefix(limits: Limits, prefix: Vec<u8>) -> Canonical {
+    /// Room for `capacity` octets made once, not by doubling.
+    pub fn with_capacity(limits: Limits, capacity: usize) -> Canonical {
         Canonical {
             limits,
             prev_cr: false,
@@ -92,7 +129,9 @@ impl Canonical {
             head: [0; HEAD],
             hops: 0,
             error: None,
-            out: prefix,
+            out: Vec::with_capacity(capacity),
+            handed: 0,
+            line_end: 0,
         }
     }
 
@@ -133,6 +172,9 @@ impl Canonical {
         }
         if self.error.is_none() {
             self.out.push(b);
+            if b == b'\n' {
+                self.line_end = self.handed + self.out.len();
+            }
         }
     }
 
@@ -163,18 +205,23 @@ impl Canonical {
         self.size
     }
 
-    /// The content taken so far (without the prefix), while all of it is
-    /// acceptable: what a checkpoint keeps of an interrupted transfer.
-    pub fn taken(&self) -> Option<&[u8]> {
-        if self.error.is_some() {
-            return None;
-        }
-        self.out.get(self.out.len().checked_sub(self.size)?..)
+    /// Octets of content taken so far while all of it is acceptable (what
+    /// a checkpoint keeps of an interrupted BDAT transfer); None once it
+    /// is refused.
+    pub fn accepted(&self) -> Option<usize> {
+        self.error.is_none().then_some(self.handed + self.out.len())
     }
 
-    /// Ends the content. A message must end with CRLF (or be empty); a BDAT
-    /// message whose last chunk ends in the middle of a line is completed
-    /// with CRLF, as RFC 3030 leaves to the receiver.
+    /// Octets up to the end of the last complete line, while all the
+    /// content is acceptable.
+    pub fn complete_lines(&self) -> Option<usize> {
+        self.error.is_none().then_some(self.line_end)
+    }
+
+    /// Ends the content and returns what was not handed on. A message must
+    /// end with CRLF (or be empty); a BDAT message whose last chunk ends in
+    /// the middle of a line is completed with CRLF, as RFC 3030 leaves to
+    /// the receiver.
     pub fn finish(mut self) -> Result<Vec<u8>, ContentError> {
         if self.prev_cr {
             self.fail(ContentError::BareCr);
@@ -228,13 +275,13 @@ pub struct DotReader {
 
 impl DotReader {
     pub fn new(limits: Limits) -> DotReader {
-        DotReader::with_prefix(limits, Vec::new())
+        DotReader::with_capacity(limits, 0)
     }
 
-    pub fn with_prefix(limits: Limits, prefix: Vec<u8>) -> DotReader {
+    pub fn with_capacity(limits: Limits, capacity: usize) -> DotReader {
         DotReader {
             at: At::LineStart,
-            content: Canonical::with_prefix(limits, prefix),
+            content: Canonical::with_capacity(limits, capacity),
         }
     }
 
@@ -281,16 +328,12 @@ impl DotReader {
         self.content.size()
     }
 
-    /// The unstuffed content of the complete lines taken so far, while all
-    /// of it is acceptable: what a checkpoint keeps of an interrupted DATA
-    /// (a resumed transfer starts at a line, so that dot-stuffing works).
-    pub fn complete_lines(&self) -> Option<&[u8]> {
-        let taken = self.content.taken()?;
-        let end = taken
-            .windows(2)
-            .rposition(|w| w == b"\r\n")
-            .map_or(0, |i| i + 2);
-        Some(&taken[..end])
+    /// Octets of unstuffed content in the complete lines taken so far,
+    /// while all of it is acceptable: what a checkpoint keeps of an
+    /// interrupted DATA (a resumed transfer starts at a line, so that
+    /// dot-stuffing works).
+    pub fn complete_lines(&self) -> Option<usize> {
+        self.content.complete_lines()
     }
 
     /// The unstuffed content; call after `feed` returned `Some`.
@@ -497,5 +540,36 @@ mod tests {
         let mut c = Canonical::new(Limits::with_size(100));
         c.extend(b"a\r");
         assert_eq!(c.finish().unwrap_err(), ContentError::BareCr);
+    }
+
+    #[test]
+    fn content_handed_on_in_pieces_is_the_whole_content() {
+        let text = b"Subject: x\r\n\r\n..dot\r\nline two\r\nhalf".to_vec();
+        let mut r = DotReader::new(Limits::with_size(1 << 20));
+        let mut out = Vec::new();
+        for piece in text.chunks(5) {
+            assert_eq!(r.feed(piece), None);
+            out.extend(r.take_output());
+        }
+        // Whole lines: up to the CRLF after "line two", dot unstuffed.
+        assert_eq!(
+            r.complete_lines(),
+            Some(b"Subject: x\r\n\r\n.dot\r\nline two\r\n".len())
+        );
+        assert_eq!(r.feed(b"\r\n.\r\n"), Some(5));
+        out.extend(r.finish().unwrap());
+        assert_eq!(out, b"Subject: x\r\n\r\n.dot\r\nline two\r\nhalf\r\n");
+    }
+
+    #[test]
+    fn nothing_is_handed_on_once_refused() {
+        let mut c = Canonical::new(Limits::with_size(100));
+        c.extend(b"ok\r\n");
+        assert_eq!(c.take_output(), b"ok\r\n");
+        assert_eq!(c.accepted(), Some(4));
+        c.extend(b"bare\nlf");
+        assert!(c.take_output().is_empty());
+        assert_eq!((c.accepted(), c.complete_lines()), (None, None));
+        assert_eq!(c.finish(), Err(ContentError::BareLf));
     }
 }

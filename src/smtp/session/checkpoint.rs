@@ -49,7 +49,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + Sync + 'static> Session<S> {
             size_hint: found.size.max(0) as usize,
             bdat: None,
             checkpoint: Some(key.clone()),
-            resumed: found.content,
+            resumed: match found.content.into_vec() {
+                Ok(v) => v,
+                Err(e) => {
+                    warn!(peer = %self.peer, transid = %key.transid, error = %e, "CHECKPOINT: the kept content could not be read; starting afresh");
+                    return None;
+                }
+            },
             completed: found.queue_id,
             received: None,
         });
@@ -59,6 +65,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + Sync + 'static> Session<S> {
     /// The end of a session: a transaction marked with TRANSID whose
     /// content was cut off is kept, for its client to resume.
     pub(super) async fn checkpoint_interrupted(&mut self) {
+        // Cut off between BDAT chunks: what came so far is kept.
+        if let Some(tx) = self.tx.as_mut().filter(|t| t.checkpoint.is_some()) {
+            if let Some(up) = tx.bdat.take().filter(|_| tx.received.is_none()) {
+                up.keep_for_checkpoint(self);
+            }
+        }
         let Some(tx) = self.tx.take() else {
             return;
         };

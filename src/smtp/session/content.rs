@@ -2,6 +2,8 @@
 //! its envelope before the reply.
 
 use super::*;
+use crate::queue::{Body, Spool, SPILL_OVER};
+use crate::smtp::data::Collect;
 
 impl<S: AsyncRead + AsyncWrite + Unpin + Send + Sync + 'static> Session<S> {
     /// What message content may be: `relay.max_message_size`,
@@ -32,32 +34,37 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + Sync + 'static> Session<S> {
             return self.error(reply::bdat_in_progress());
         }
         let id = QueueId::generate();
-        let mut reader = DotReader::with_prefix(self.content_limits(), self.message_buffer(&id));
+        let mut reader = DotReader::with_capacity(self.content_limits(), self.buffer_size());
+        let mut spool = self.spool();
         // A resumed transaction goes on after the content it kept (whole
         // lines, so dot-stuffing goes on where it left off).
-        if let Some(tx) = &self.tx {
-            if !tx.resumed.is_empty() {
-                let _ = reader.feed(&crate::dotstuff::dot_stuff(&tx.resumed)[..]);
-            }
+        let resumed = self.take_resumed();
+        for block in crate::dotstuff::dot_stuff(&resumed).chunks(SPILL_OVER) {
+            let _ = reader.feed(block);
+            spill(&mut reader, &mut spool).await;
         }
+        drop(resumed);
         self.codec.reply(&reply::start_data());
         loop {
             let input = self.codec.buffered();
-            if let Some(n) = reader.feed(input) {
-                self.codec.consume(n);
+            let end = reader.feed(input);
+            let n = end.unwrap_or(input.len());
+            self.codec.consume(n);
+            spill(&mut reader, &mut spool).await;
+            if end.is_some() {
                 break;
             }
-            let n = input.len();
-            self.codec.consume(n);
             if !self.fill_data().await {
-                if let Some(tx) = self.tx.as_mut().filter(|t| t.checkpoint.is_some()) {
-                    tx.received = reader.complete_lines().map(<[u8]>::to_vec);
+                if self.tx.as_ref().is_some_and(|t| t.checkpoint.is_some()) {
+                    let keep = reader.complete_lines();
+                    let tail = reader.take_output();
+                    self.keep_for_checkpoint(keep, tail, spool);
                 }
                 return Flow::Close;
             }
         }
         let size = reader.size();
-        self.finish_message(id, reader.finish(), size).await
+        self.finish_message(id, reader.finish(), spool, size).await
     }
 
     pub(super) async fn bdat(&mut self, chunk: usize, last: bool) -> Flow {
@@ -66,49 +73,92 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + Sync + 'static> Session<S> {
         let mut sink = match (&refused, self.tx.as_mut().and_then(|t| t.bdat.take())) {
             (None, Some(open)) => Some(open),
             (None, None) => {
-                let id = QueueId::generate();
-                let mut c = Canonical::with_prefix(self.content_limits(), self.message_buffer(&id));
-                if let Some(tx) = &self.tx {
-                    c.extend(&tx.resumed);
+                let mut up = Chunked {
+                    id: QueueId::generate(),
+                    content: Canonical::with_capacity(self.content_limits(), self.buffer_size()),
+                    spool: self.spool(),
+                };
+                let resumed = self.take_resumed();
+                for block in resumed.chunks(SPILL_OVER) {
+                    up.content.extend(block);
+                    spill(&mut up.content, &mut up.spool).await;
                 }
-                Some((id.clone(), c))
+                Some(up)
             }
             (Some(_), _) => None,
         };
         let mut left = chunk;
         while left > 0 {
             if self.codec.buffered().is_empty() && !self.fill_data().await {
-                if let (Some(tx), Some((_, c))) = (
-                    self.tx.as_mut().filter(|t| t.checkpoint.is_some()),
-                    sink.as_ref(),
-                ) {
-                    tx.received = c.taken().map(<[u8]>::to_vec);
+                if let Some(up) = sink {
+                    if self.tx.as_ref().is_some_and(|t| t.checkpoint.is_some()) {
+                        up.keep_for_checkpoint(self);
+                    }
                 }
                 return Flow::Close;
             }
             let input = self.codec.buffered();
             let take = input.len().min(left);
-            if let Some((_, c)) = sink.as_mut() {
-                c.extend(&input[..take]);
+            if let Some(up) = sink.as_mut() {
+                up.content.extend(&input[..take]);
             }
             self.codec.consume(take);
             left -= take;
+            if let Some(up) = sink.as_mut() {
+                spill(&mut up.content, &mut up.spool).await;
+            }
         }
         if let Some(r) = refused {
             return self.error(r);
         }
-        let (id, content) = sink.expect("set when not refused");
+        let up = sink.expect("set when not refused");
         if !last {
             let tx = self.tx.as_mut().expect("content_allowed checked");
-            if tx.checkpoint.is_some() {
-                // Between chunks the link may break too.
-                tx.received = content.taken().map(<[u8]>::to_vec);
-            }
-            tx.bdat = Some((id, content));
+            tx.bdat = Some(up);
             return self.reply(reply::bdat_ok(chunk));
         }
-        let size = content.size();
-        self.finish_message(id, content.finish(), size).await
+        let size = up.content.size();
+        self.finish_message(up.id, up.content.finish(), up.spool, size)
+            .await
+    }
+
+    /// Where content past [`SPILL_OVER`] goes while it arrives.
+    fn spool(&self) -> Spool {
+        Spool::new(crate::queue::spool_dir(&self.config.store.path))
+    }
+
+    /// Room made at once for the content: what SIZE= declared, up to what
+    /// is held in memory before it is spooled.
+    fn buffer_size(&self) -> usize {
+        self.tx
+            .as_ref()
+            .map_or(0, |t| t.size_hint.min(SPILL_OVER).saturating_add(2))
+    }
+
+    /// The content an earlier connection left, to go on after.
+    fn take_resumed(&mut self) -> Vec<u8> {
+        self.tx
+            .as_mut()
+            .map(|t| std::mem::take(&mut t.resumed))
+            .unwrap_or_default()
+    }
+
+    /// The link broke in the content: what came of it (`keep` octets, in
+    /// `spool` and then `tail`) is kept for a checkpoint when the session
+    /// ends. Nothing when the content was refused anyway.
+    pub(super) fn keep_for_checkpoint(&mut self, keep: Option<usize>, tail: Vec<u8>, spool: Spool) {
+        let Some(keep) = keep else { return };
+        let body = spool.finish(tail).and_then(|mut b| {
+            b.truncate(keep as u64)?;
+            Ok(b)
+        });
+        match (body, self.tx.as_mut()) {
+            (Ok(b), Some(tx)) => tx.received = Some(b),
+            (Err(e), _) => {
+                warn!(peer = %self.peer, error = %e, "CHECKPOINT: the content received could not be kept")
+            }
+            (Ok(_), None) => {}
+        }
     }
 
     /// Ends the transaction: commits the message, or says why not.
@@ -116,8 +166,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + Sync + 'static> Session<S> {
         &mut self,
         id: QueueId,
         content: Result<Vec<u8>, ContentError>,
+        spool: Spool,
         size: usize,
     ) -> Flow {
+        let head = self.received_header(&id);
         let tx = self.tx.take().expect("a transaction is open");
         let checkpoint = tx.checkpoint.clone();
         if let Some(queued) = &tx.completed {
@@ -126,8 +178,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + Sync + 'static> Session<S> {
             info!(peer = %self.peer, queue_id = %queued, "CHECKPOINT: already queued, not stored twice");
             return self.reply(reply::already_queued(queued));
         }
-        let body = match content {
-            Ok(body) => body,
+        let body = match content.map(|tail| spool.finish(tail)) {
+            Ok(Ok(body)) => body.with_head(head),
+            Ok(Err(e)) => {
+                let r = if e.kind() == std::io::ErrorKind::StorageFull {
+                    reply::store_full()
+                } else {
+                    reply::store_failed()
+                };
+                tracing::error!(peer = %self.peer, queue_id = %id, error = %e, "could not spool the message in the store's directory");
+                return self.reply(r);
+            }
             Err(e) => {
                 let r = match e {
                     ContentError::BareLf => reply::bare_lf(),
@@ -178,7 +239,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + Sync + 'static> Session<S> {
                     dsn_envid: msg.dsn_envid.clone(),
                     recipients: msg.recipients.clone(),
                 },
-                content: Vec::new(),
+                content: Body::default(),
                 size: size as i64,
                 queue_id: Some(id.to_string()),
                 updated_at: unix_now(),
@@ -208,16 +269,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + Sync + 'static> Session<S> {
 
     /// The trace header this gateway adds (RFC 5321 §4.4). Names the TLS
     /// version and cipher and the account, never a password.
-    /// The buffer a message is collected in: the Received header first, and
-    /// room for the size the client declared.
-    pub(super) fn message_buffer(&self, id: &QueueId) -> Vec<u8> {
-        let mut buf = self.received_header(id);
-        if let Some(tx) = &self.tx {
-            buf.reserve(tx.size_hint.saturating_add(2));
-        }
-        buf
-    }
-
     pub(super) fn received_header(&self, id: &QueueId) -> Vec<u8> {
         let config = &self.config;
         let mut h = match (&self.peer, self.peer.ip()) {
@@ -254,5 +305,33 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + Sync + 'static> Session<S> {
         }
         h.push_str(&format!(";\r\n\t{}\r\n", chrono::Local::now().to_rfc2822()));
         h.into_bytes()
+    }
+}
+
+/// BDAT content between chunks.
+#[derive(Debug)]
+pub(super) struct Chunked {
+    id: QueueId,
+    content: Canonical,
+    spool: Spool,
+}
+
+impl Chunked {
+    /// Cut off between or in chunks: all that came is kept (BDAT content
+    /// need not end at a line).
+    pub(super) fn keep_for_checkpoint<S>(mut self, session: &mut Session<S>)
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + Sync + 'static,
+    {
+        let keep = self.content.accepted();
+        let tail = self.content.take_output();
+        session.keep_for_checkpoint(keep, tail, self.spool);
+    }
+}
+
+/// Moves what `content` holds to `spool` once it is [`SPILL_OVER`] or more.
+async fn spill(content: &mut impl Collect, spool: &mut Spool) {
+    if content.pending() >= SPILL_OVER {
+        spool.write(content.take_output()).await;
     }
 }

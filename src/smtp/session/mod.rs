@@ -61,7 +61,7 @@ struct Transaction {
     /// SIZE= from MAIL: room for the message is made once, not by doubling.
     size_hint: usize,
     /// Set by the first BDAT chunk.
-    bdat: Option<(QueueId, Canonical)>,
+    bdat: Option<content::Chunked>,
     /// CHECKPOINT (RFC 1845): the transaction's TRANSID key.
     checkpoint: Option<TransactionKey>,
     /// Content received over an earlier connection, resumed after it.
@@ -70,7 +70,7 @@ struct Transaction {
     completed: Option<String>,
     /// What came of the content before this link broke: checkpointed when
     /// the session ends.
-    received: Option<Vec<u8>>,
+    received: Option<crate::queue::Body>,
 }
 
 impl Transaction {
