@@ -113,36 +113,8 @@ rss_kb() { awk -v k="$2" '$1==k":"{print $2}' "/proc/$1/status"; }
 pf_setup() {  # private instance on a free loopback port; peers.md section 3
     PF=$T/pf
     PF_PORT=$(free_port)
-    mkdir -p "$PF/conf"; mkdir -m 755 "$PF/spool"; chmod 755 "$PF"
-    cat >"$PF/conf/main.cf" <<EOF
-# Benchmark-only private Postfix instance written by outpost bench/accept.sh. Loopback only.
-compatibility_level = 3.6
-queue_directory = $PF/spool
-data_directory = $PF/data
-maillog_file_prefixes = /tmp
-maillog_file = $PF/maillog
-inet_interfaces = loopback-only
-inet_protocols = ipv4
-myhostname = pf.bench.example
-mydomain = bench.example
-myorigin = \$myhostname
-mydestination =
-mynetworks = 127.0.0.0/8
-relayhost = [127.0.0.1]:9
-defer_transports = smtp
-smtp_dns_support_level = disabled
-smtpd_peername_lookup = no
-smtpd_relay_restrictions = permit_mynetworks, reject_unauth_destination
-alias_maps =
-alias_database =
-local_recipient_maps =
-biff = no
-append_dot_mydomain = no
-EOF
-    write_master_cf "$PF/conf/master.cf" "127.0.0.1:$PF_PORT"
-    postfix -c "$PF/conf" start >/dev/null 2>&1 || { tail -5 "$PF/maillog" >&2 || true; die "postfix did not start"; }
+    pf_queue_only "$PF" "$PF_PORT"
     wait_port "$PF_PORT" || die "postfix not listening on 127.0.0.1:$PF_PORT"
-    PF_VERSION=$(postconf -c "$PF/conf" -h mail_version)
     log "postfix $PF_VERSION up, master pid $(pf_master), 127.0.0.1:$PF_PORT"
 }
 pf_count() { pf_queue_files "$PF"; }

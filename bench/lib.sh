@@ -125,3 +125,41 @@ level = "warn"
 ${2:-}
 EOT
 }
+
+# pf_queue_only DIR PORT [EXTRA_MAIN_CF]: a private Postfix instance in DIR
+# (conf/, spool/) whose smtpd listens on 127.0.0.1:PORT only and which
+# queues everything and delivers nothing (defer_transports = smtp);
+# peers.md section 3. Started; PF_VERSION set.
+pf_queue_only() {
+    local dir=$1 port=$2
+    mkdir -p "$dir/conf"; mkdir -m 755 "$dir/spool"; chmod 755 "$dir"
+    cat >"$dir/conf/main.cf" <<EOT
+# Benchmark-only private Postfix instance written by outpost's bench/. Loopback only.
+compatibility_level = 3.6
+queue_directory = $dir/spool
+data_directory = $dir/data
+maillog_file_prefixes = /tmp
+maillog_file = $dir/maillog
+inet_interfaces = loopback-only
+inet_protocols = ipv4
+myhostname = pf.bench.example
+mydomain = bench.example
+myorigin = \$myhostname
+mydestination =
+mynetworks = 127.0.0.0/8
+relayhost = [127.0.0.1]:9
+defer_transports = smtp
+smtp_dns_support_level = disabled
+smtpd_peername_lookup = no
+smtpd_relay_restrictions = permit_mynetworks, reject_unauth_destination
+alias_maps =
+alias_database =
+local_recipient_maps =
+biff = no
+append_dot_mydomain = no
+${3:-}
+EOT
+    write_master_cf "$dir/conf/master.cf" "127.0.0.1:$port"
+    postfix -c "$dir/conf" start >/dev/null 2>&1 || { tail -5 "$dir/maillog" >&2 || true; die "postfix did not start"; }
+    PF_VERSION=$(postconf -c "$dir/conf" -h mail_version)
+}
