@@ -52,7 +52,7 @@ fn a_branch_takes_its_held_mail_over_its_own_connection() {
     std::fs::write(&secret, "secret7\n").unwrap();
     let pop = free_port();
     let branch = Gateway::start(&format!(
-        "[[listen]]\naddress = \"127.0.0.1:{pop}\"\nmode = \"pop3\"\n[upstream]\nserver = \"[127.0.0.1]:{}\"\ntls = \"opportunistic\"\nusername = \"branch7\"\n\
+        "[[listen]]\naddress = \"127.0.0.1:{pop}\"\nmode = \"pop3\"\n[upstream]\nserver = \"[127.0.0.1]:{}\"\ntls = \"opportunistic\"\nallow_plaintext_auth = true\nusername = \"branch7\"\n\
          password_file = \"{}\"\nodmr = \"[127.0.0.1]:{odmr}\"\n\
          [flush]\natrn = [\"branch.example\"]\nprobe_interval = \"0s\"\n",
         hub.relay,

@@ -80,7 +80,7 @@ fn a_wrong_password_names_the_keys_to_fix() {
     let secret = hub.path("branch7.secret");
     std::fs::write(&secret, "wrong\n").unwrap();
     let g = Gateway::start(&format!(
-        "[upstream]\nserver = \"[127.0.0.1]:{}\"\ntls = \"opportunistic\"\nusername = \"branch7\"\npassword_file = \"{}\"\n",
+        "[upstream]\nserver = \"[127.0.0.1]:{}\"\ntls = \"opportunistic\"\nallow_plaintext_auth = true\nusername = \"branch7\"\npassword_file = \"{}\"\n",
         hub.relay,
         secret.display()
     ));

@@ -236,3 +236,49 @@ fn a_repeated_etrn_while_delivery_runs_starts_no_second_one() {
         "one delivery, one connection"
     );
 }
+
+/// `hub.routes` entries may require a verified certificate from the branch:
+/// an untrusted one gets nothing; with its CA and name it gets its mail.
+#[test]
+fn a_hub_route_can_require_a_verified_certificate() {
+    // The branch's gateway has a self-signed certificate (gw.test, localhost).
+    let branch = Gateway::start("");
+    branch.add_user("alice", "pw");
+    let route = |extra: &str| {
+        format!(
+            "[local]\ndomains = [\"hub.example\"]\n[hub]\nhold_domains = [\"branch.example\"]\n[hub.routes]\n\"branch.example\" = {{ server = \"[127.0.0.1]:{}\", tls = \"required\"{extra} }}\n",
+            branch.relay
+        )
+    };
+    let mut hub = Gateway::start(&route(""));
+    send(
+        hub.relay,
+        "friend@far.example",
+        &["alice@branch.example"],
+        b"Subject: held\r\n\r\nx\r\n",
+    );
+    let out = hub.cli(&["flush", "--domain", "branch.example"]);
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        text.contains("not signed by a trusted CA"),
+        "{text}\n{}",
+        hub.log()
+    );
+    assert!(store(&branch).mailbox("alice").unwrap().is_empty());
+    assert_eq!(hub.queue().len(), 1, "still held for the branch");
+
+    hub.stop();
+    let config = std::fs::read_to_string(&hub.config_path).unwrap();
+    let with_ca = route(&format!(
+        ", ca_file = \"{}\", tls_name = \"localhost\"",
+        branch.path("cert.pem").display()
+    ));
+    std::fs::write(&hub.config_path, config.replace(&route(""), &with_ca)).unwrap();
+    let out = hub.cli(&["flush", "--domain", "branch.example"]);
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    assert_eq!(store(&branch).mailbox("alice").unwrap().len(), 1, "{text}");
+    let id = &store(&branch).mailbox("alice").unwrap()[0].uid;
+    let body = String::from_utf8_lossy(&store(&branch).body(id).unwrap().unwrap()).to_string();
+    assert!(body.contains("with ESMTPS"), "delivered over TLS: {body}");
+}

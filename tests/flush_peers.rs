@@ -576,6 +576,48 @@ fn mx_lookup_through_dnsmasq_delivers_and_null_mx_is_link_down() {
     assert_eq!(r["attempts"], 0, "a link that is down burns no attempt");
 }
 
+/// DNS is not authenticated, so with an MX lookup the upstream's
+/// certificate must carry the configured name (`upstream.tls_name`, else the
+/// host in `server`), never the MX name DNS handed out.
+#[test]
+fn with_mx_the_certificate_is_checked_against_the_configured_name() {
+    // The relay's self-signed certificate names gw.test and localhost.
+    let hub = Gateway::start("");
+    let dns = Dnsmasq::start(&[
+        "--mx-host=hq.test,gw.test,10",
+        "--host-record=gw.test,127.0.0.1",
+    ]);
+    let mut branch = Gateway::start(&format!(
+        "[upstream]\nserver = \"hq.test:{}\"\ntls = \"required\"\nca_file = \"{}\"\nresolver = \"127.0.0.1:{}\"\n",
+        hub.relay,
+        hub.path("cert.pem").display(),
+        dns.port
+    ));
+    send(&branch, "s@sender.example", &["x@far.example"], BODY);
+    let (code, v) = flush(&branch);
+    assert_eq!(code, 75, "{v:#}\n{}", branch.log());
+    let err = v["summary"]["error"].as_str().unwrap_or("");
+    assert!(
+        err.contains("does not name the upstream") && err.contains("upstream.tls_name"),
+        "{v:#}"
+    );
+    assert!(hub.queue().is_empty(), "nothing went to a name from DNS");
+
+    // The administrator names the relay's certificate: delivered.
+    branch.stop();
+    let config = std::fs::read_to_string(&branch.config_path).unwrap();
+    std::fs::write(
+        &branch.config_path,
+        format!("{config}tls_name = \"gw.test\"\n"),
+    )
+    .unwrap();
+    let out = branch.cli(&["flush", "--json"]);
+    let v = json_out(&out);
+    assert_eq!(out.status.code(), Some(0), "{v:#}");
+    summary_is(&v, "delivered", 1);
+    assert_eq!(hub.queue().len(), 1);
+}
+
 // ---------------------------------------------------------------------------
 // 3. Postfix as the upstream relay
 

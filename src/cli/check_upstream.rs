@@ -65,11 +65,7 @@ async fn check(config: &Config) -> u8 {
     println!(
         "upstream {} (tls = {}, {})",
         up.server,
-        match up.tls {
-            crate::config::UpstreamTls::Required => "required",
-            crate::config::UpstreamTls::Opportunistic => "opportunistic",
-            crate::config::UpstreamTls::None => "none",
-        },
+        up.tls.as_str(),
         up.username
             .as_deref()
             .map(|u| format!("account {u}"))
@@ -93,7 +89,10 @@ async fn check(config: &Config) -> u8 {
     );
     let mut last = exit::TEMPFAIL;
     for t in &targets {
-        let settings = match flush::upstream_settings(config, &t.host) {
+        // As a flush does: the certificate must name the configured host
+        // (or upstream.tls_name), not the name DNS led to.
+        let configured = up.target().map(|s| s.host).unwrap_or_default();
+        let settings = match flush::upstream_settings(config, &configured) {
             Ok(s) => s,
             Err(e) => {
                 let (fix, code) = advice(&e);

@@ -211,15 +211,27 @@ impl Config {
                 "retry.max_age must not be longer than retry.max_age_absolute".into(),
             ));
         }
-        for (d, server) in &self.hub.routes {
+        if self.upstream.username.is_some()
+            && self.upstream.tls != UpstreamTls::Required
+            && !self.upstream.allow_plaintext_auth
+        {
+            return Err((
+                "username",
+                format!(
+                    "upstream.username is set with upstream.tls = \"{}\": the password could cross the link in clear or to an impostor; set upstream.tls = \"required\" (with upstream.ca_file for a private CA), or upstream.allow_plaintext_auth = true for an upstream on a network you trust",
+                    self.upstream.tls.as_str()
+                ),
+            ));
+        }
+        for (d, route) in &self.hub.routes {
             if !self.is_hold_domain(d) {
                 return Err((
                     "routes",
                     format!("{d} has a route but is not in hub.hold_domains"),
                 ));
             }
-            if let Err(e) = parse_server(server) {
-                return Err(("routes", e));
+            if let Err(e) = parse_server(&route.server) {
+                return Err(("routes", format!("{d}: {e}")));
             }
         }
         for e in &self.flush.etrn {
@@ -409,6 +421,54 @@ mod tests {
             missing.is_empty(),
             "keys missing from docs/CONFIG.md: {missing:?}"
         );
+    }
+
+    #[test]
+    fn an_upstream_password_needs_verified_tls_or_a_stated_exception() {
+        let base = "[upstream]\nusername = \"b7\"\npassword_file = \"p\"\n";
+        assert!(parse(base).is_ok(), "tls = \"required\" is the default");
+        for tls in ["opportunistic", "none"] {
+            let e = parse(&format!("{base}tls = \"{tls}\"\n")).unwrap_err();
+            assert_eq!(e.line, Some(2), "{e}");
+            let text = e.to_string();
+            assert!(
+                text.contains(&format!("upstream.tls = \"{tls}\""))
+                    && text.contains("allow_plaintext_auth"),
+                "{text}"
+            );
+            assert!(parse(&format!(
+                "{base}tls = \"{tls}\"\nallow_plaintext_auth = true\n"
+            ))
+            .is_ok());
+        }
+        // Without an account there is nothing to protect.
+        assert!(parse("[upstream]\ntls = \"none\"\n").is_ok());
+    }
+
+    #[test]
+    fn hub_routes_are_servers_or_tables_with_a_tls_policy() {
+        let c = parse(
+            "[hub]\nhold_domains = [\"a.example\", \"b.example\"]\n[hub.routes]\n\"a.example\" = \"[10.0.0.7]:25\"\n\"b.example\" = { server = \"[10.0.0.8]:25\", tls = \"required\", ca_file = \"/etc/outpost/b.pem\", tls_name = \"gw.b.example\" }\n",
+        )
+        .unwrap();
+        let a = c.hub.destination("A.example");
+        assert_eq!(a.server, "[10.0.0.7]:25");
+        assert_eq!(a.tls, UpstreamTls::Opportunistic);
+        let b = c.hub.destination("b.example");
+        assert_eq!(b.tls, UpstreamTls::Required);
+        assert_eq!(b.tls_name.as_deref(), Some("gw.b.example"));
+        assert_eq!(b.ca_file.as_deref(), Some(Path::new("/etc/outpost/b.pem")));
+        let other = c.hub.destination("c.example");
+        assert_eq!(
+            (other.server.as_str(), other.tls),
+            ("c.example", UpstreamTls::Opportunistic)
+        );
+        // A mistyped key in a route is named.
+        let e = parse(
+            "[hub]\nhold_domains = [\"a.example\"]\n[hub.routes]\n\"a.example\" = { server = \"[10.0.0.7]:25\", tsl = \"required\" }\n",
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("tsl"), "{e}");
     }
 
     #[test]

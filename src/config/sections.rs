@@ -281,6 +281,17 @@ pub enum UpstreamTls {
     None,
 }
 
+impl UpstreamTls {
+    /// As written in the configuration.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UpstreamTls::Required => "required",
+            UpstreamTls::Opportunistic => "opportunistic",
+            UpstreamTls::None => "none",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct UpstreamConfig {
@@ -293,6 +304,10 @@ pub struct UpstreamConfig {
     pub username: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub password_file: Option<PathBuf>,
+    /// Lets `username` go with `tls` other than "required", where the
+    /// password may cross the link in clear (an upstream on a trusted
+    /// network only).
+    pub allow_plaintext_auth: bool,
     /// Parallel connections to the upstream during a flush.
     pub connections: u32,
     /// The name the upstream's certificate must carry; defaults to the host
@@ -334,6 +349,7 @@ impl Default for UpstreamConfig {
             ca_file: None,
             username: None,
             password_file: None,
+            allow_plaintext_auth: false,
             connections: 1,
             tls_name: None,
             resolver: None,
@@ -522,9 +538,10 @@ pub struct HubConfig {
     pub hold_domains: Vec<String>,
     /// Clients here (or authenticated ones) may send ETRN.
     pub etrn_networks: Vec<IpNet>,
-    /// Where a hold domain's mail goes: `"branch.example" = "[gw.branch.example]:25"`;
+    /// Where a hold domain's mail goes: `"branch.example" = "[gw.branch.example]:25"`,
+    /// or a table with the TLS policy: `{ server = "...", tls = "required" }`;
     /// a domain not listed goes to its MX.
-    pub routes: BTreeMap<String, String>,
+    pub routes: BTreeMap<String, HubRoute>,
     /// Held mail that no branch took in this long is returned to its
     /// sender; `retry.max_age_absolute` when unset.
     #[serde(
@@ -569,13 +586,80 @@ impl HubConfig {
             .unwrap_or_default()
     }
 
-    /// Where `domain`'s held mail goes: the route, or the domain (MX).
-    pub fn destination(&self, domain: &str) -> String {
+    /// Where `domain`'s held mail goes: the route, or the domain (MX) with
+    /// TLS when offered.
+    pub fn destination(&self, domain: &str) -> HubRoute {
         self.routes
             .iter()
             .find(|(k, _)| k.eq_ignore_ascii_case(domain))
             .map(|(_, v)| v.clone())
-            .unwrap_or_else(|| domain.to_string())
+            .unwrap_or_else(|| HubRoute::to(domain.to_string()))
+    }
+}
+
+/// One entry of `hub.routes`: a server (`"[gw.branch.example]:25"`), or a
+/// table that also says how the branch's certificate is checked.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct HubRoute {
+    /// As `upstream.server`: `[host]:port`, or `host:port` for its MX.
+    pub server: String,
+    /// `opportunistic` unless set: a branch's gateway often has a
+    /// self-signed certificate. `required` checks it against the system's
+    /// roots or `ca_file` and the name (`tls_name`, else the host in
+    /// `server`; never a name from DNS).
+    pub tls: UpstreamTls,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_name: Option<String>,
+}
+
+impl HubRoute {
+    /// A route to `server` with the default TLS policy.
+    pub fn to(server: String) -> HubRoute {
+        HubRoute {
+            server,
+            tls: UpstreamTls::Opportunistic,
+            ca_file: None,
+            tls_name: None,
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for HubRoute {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<HubRoute, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Table {
+            server: String,
+            #[serde(default = "opportunistic")]
+            tls: UpstreamTls,
+            ca_file: Option<PathBuf>,
+            tls_name: Option<String>,
+        }
+        fn opportunistic() -> UpstreamTls {
+            UpstreamTls::Opportunistic
+        }
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = HubRoute;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a server (\"[host]:port\") or a table { server = \"...\", tls = \"required\" }")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<HubRoute, E> {
+                Ok(HubRoute::to(v.to_string()))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<HubRoute, A::Error> {
+                let t = Table::deserialize(serde::de::value::MapAccessDeserializer::new(map))?;
+                Ok(HubRoute {
+                    server: t.server,
+                    tls: t.tls,
+                    ca_file: t.ca_file,
+                    tls_name: t.tls_name,
+                })
+            }
+        }
+        d.deserialize_any(V)
     }
 }
 

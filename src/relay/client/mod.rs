@@ -424,17 +424,28 @@ impl Session {
 }
 
 fn describe_tls_error(e: &std::io::Error) -> String {
+    use rustls::CertificateError as C;
     let inner = e
         .get_ref()
         .map(|i| i.to_string())
         .unwrap_or_else(|| e.to_string());
-    if inner.contains("UnknownIssuer") {
-        format!("{inner}: the certificate is not signed by a trusted CA (set upstream.ca_file to the CA that signed it)")
-    } else if inner.contains("NotValidForName") {
-        format!("{inner}: the certificate does not name the upstream (set upstream.tls_name to a name it carries)")
-    } else if inner.contains("Expired") {
-        format!("{inner}: the certificate has expired")
-    } else {
-        inner
+    let cert = e
+        .get_ref()
+        .and_then(|i| i.downcast_ref::<rustls::Error>())
+        .and_then(|r| match r {
+            rustls::Error::InvalidCertificate(c) => Some(c),
+            _ => None,
+        });
+    match cert {
+        Some(C::UnknownIssuer) => format!(
+            "{inner}: the certificate is not signed by a trusted CA (set upstream.ca_file, or the ca_file of the hub.routes entry, to the CA that signed it)"
+        ),
+        Some(C::NotValidForName | C::NotValidForNameContext { .. }) => format!(
+            "{inner}: the certificate does not name the upstream as configured (set upstream.tls_name, or the tls_name of the hub.routes entry, to a name it carries)"
+        ),
+        Some(C::Expired | C::ExpiredContext { .. }) => {
+            format!("{inner}: the certificate has expired")
+        }
+        _ => inner,
     }
 }

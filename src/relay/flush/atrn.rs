@@ -72,6 +72,7 @@ impl Flusher {
             name: format!("ATRN {}", domains.join(",")),
             server: peer.to_string(),
             upstream: false,
+            route: None,
         };
         let settings = self.settings(&dest, peer).map_err(|e| e.to_string())?;
         let session = Session::turned(io, peer.to_string(), &settings)
@@ -113,6 +114,7 @@ impl Flusher {
             name: "odmr".into(),
             server,
             upstream: true,
+            route: None,
         };
         let (mut s, _) = match self.connect(&dest).await {
             Ok(s) => s,

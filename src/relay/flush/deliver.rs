@@ -181,9 +181,12 @@ impl Flusher {
         dest: &Destination,
     ) -> Result<(Session, ClientSettings), LinkError> {
         let targets = route::targets(&dest.server, self.config.upstream.resolver).await?;
+        // Certificates are checked against the configured name, never
+        // against one that came from DNS (an MX record is not
+        // authenticated).
+        let settings = self.settings(dest, &dest.configured_host()?)?;
         let mut last = None;
         for t in &targets {
-            let settings = self.settings(dest, &t.host)?;
             match Session::open(t.addr, &settings).await {
                 Ok(s) => return Ok((s, settings)),
                 Err(e) => {
@@ -202,15 +205,19 @@ impl Flusher {
     ) -> Result<ClientSettings, LinkError> {
         let up = &self.config.upstream;
         if !dest.upstream {
-            // A branch of this hub: encrypt when offered, no account.
+            // A branch of this hub: no account; TLS as its route says
+            // (when offered, unverified, unless the route requires it).
+            let route = dest
+                .route
+                .clone()
+                .unwrap_or_else(|| crate::config::HubRoute::to(dest.server.clone()));
+            let verify = route.tls == UpstreamTls::Required;
             return Ok(ClientSettings {
                 helo: self.config.hostname.clone(),
-                tls: TlsPolicy::Opportunistic,
-                tls_config: crate::tls::client_config(false, None).map_err(|e| LinkError::Tls {
-                    addr: dest.server.clone(),
-                    error: e.to_string(),
-                })?,
-                tls_name: host.to_string(),
+                tls: tls_policy(route.tls),
+                tls_config: crate::tls::client_config(verify, route.ca_file.as_deref())
+                    .map_err(|e| LinkError::Config(format!("hub.routes, {}: {e}", dest.name)))?,
+                tls_name: route.tls_name.unwrap_or_else(|| host.to_string()),
                 auth: None,
                 timeouts: client::Timeouts {
                     connect: up.connect_timeout,
@@ -480,8 +487,17 @@ fn outgoing(m: &DueMessage, body: Vec<u8>, hostname: &str) -> Outgoing {
     }
 }
 
-/// How to talk to the upstream at `host` (an address `upstream.server` led
-/// to): EHLO name, TLS policy and trust, account, timeouts. Fails when the
+fn tls_policy(t: UpstreamTls) -> TlsPolicy {
+    match t {
+        UpstreamTls::Required => TlsPolicy::Required,
+        UpstreamTls::Opportunistic => TlsPolicy::Opportunistic,
+        UpstreamTls::None => TlsPolicy::None,
+    }
+}
+
+/// How to talk to the upstream named `host` in the configuration: EHLO
+/// name, TLS policy and trust (the certificate must carry
+/// `upstream.tls_name`, else `host`), account, timeouts. Fails when the
 /// configuration cannot be used as it is (the password file, the CA file).
 pub fn upstream_settings(config: &Config, host: &str) -> Result<ClientSettings, LinkError> {
     let up = &config.upstream;
@@ -499,11 +515,7 @@ pub fn upstream_settings(config: &Config, host: &str) -> Result<ClientSettings, 
     };
     Ok(ClientSettings {
         helo: config.hostname.clone(),
-        tls: match up.tls {
-            UpstreamTls::Required => TlsPolicy::Required,
-            UpstreamTls::Opportunistic => TlsPolicy::Opportunistic,
-            UpstreamTls::None => TlsPolicy::None,
-        },
+        tls: tls_policy(up.tls),
         tls_config,
         tls_name: up.tls_name.clone().unwrap_or_else(|| host.to_string()),
         auth,

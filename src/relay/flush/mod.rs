@@ -581,6 +581,9 @@ struct Destination {
     /// The upstream relay: link state, its TLS policy and account, and
     /// `upstream.connections` apply.
     upstream: bool,
+    /// A branch of this hub: how its certificate is checked
+    /// (`hub.routes`). None for the upstream.
+    route: Option<crate::config::HubRoute>,
 }
 
 impl Destination {
@@ -589,14 +592,25 @@ impl Destination {
             name: "upstream".into(),
             server: config.upstream.server.clone(),
             upstream: true,
+            route: None,
         }
     }
 
     fn hold(config: &Config, domain: &str) -> Destination {
+        let route = config.hub.destination(domain);
         Destination {
             name: domain.to_string(),
-            server: config.hub.destination(domain),
+            server: route.server.clone(),
             upstream: false,
+            route: Some(route),
         }
+    }
+
+    /// The host named in the configuration (not one DNS led to): the
+    /// name a certificate is checked against unless a `tls_name` is set.
+    fn configured_host(&self) -> Result<String, LinkError> {
+        crate::config::parse_server(&self.server)
+            .map(|s| s.host)
+            .map_err(LinkError::Config)
     }
 }
