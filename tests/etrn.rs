@@ -282,3 +282,37 @@ fn a_hub_route_can_require_a_verified_certificate() {
     let body = String::from_utf8_lossy(&store(&branch).body(id).unwrap().unwrap()).to_string();
     assert!(body.contains("with ESMTPS"), "delivered over TLS: {body}");
 }
+
+/// A client trusted only by its login releases the domains `[hub.odmr]`
+/// gives its account, not any held domain or a tree of subdomains; a client
+/// in `hub.etrn_networks` still may release any held domain.
+#[test]
+fn etrn_after_auth_releases_only_the_accounts_domains() {
+    let hub = Gateway::start(
+        "[local]\ndomains = [\"hub.example\"]\n[hub]\nhold_domains = [\"branch.example\", \"other.example\"]\netrn_networks = [\"127.0.0.2/32\"]\n[hub.odmr]\nbranch7 = [\"branch.example\"]\n",
+    );
+    hub.add_user("branch7", "secret7");
+    let mut c = Client::connect(hub.relay);
+    c.cmd("EHLO branch7.test");
+    let r = c.cmd("ETRN branch.example");
+    assert!(r.starts_with("459"), "no login, not in etrn_networks: {r}");
+    let r = c.cmd(&format!(
+        "AUTH PLAIN {}",
+        outpost::auth::encode_b64(b"\0branch7\0secret7")
+    ));
+    assert!(r.starts_with("235"), "{r}");
+    for other in ["other.example", "@branch.example", "sub.branch.example"] {
+        let r = c.cmd(&format!("ETRN {other}"));
+        assert!(
+            r.starts_with("459") && r.contains("hub.odmr"),
+            "ETRN {other}: {r}"
+        );
+    }
+    let r = c.cmd("ETRN branch.example");
+    assert!(r.starts_with("25"), "its own domain: {r}");
+    let mut trusted = Client::connect_from(hub.relay, Some("127.0.0.2"));
+    trusted.cmd("EHLO relay.test");
+    let r = trusted.cmd("ETRN other.example");
+    assert!(r.starts_with("25"), "by network: {r}");
+    assert!(hub.log().contains("not one of the account's domains"));
+}

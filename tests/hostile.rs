@@ -101,3 +101,57 @@ fn queue_show_prints_escapes_instead_of_obeying_them() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("ENVID=a\\x1b]0;pwned\\x07\\x1b[2J"), "{text}");
 }
+
+/// No backscatter: mail from a stranger (a client that may not relay, not
+/// logged in) may name anyone as its sender, so a bounce of it returns the
+/// headers only, even when it asked RET=FULL. A client of the office still
+/// gets its whole message back.
+#[test]
+fn a_bounce_of_a_strangers_held_mail_carries_no_body() {
+    let (port, seen) = fake::start(Script::default());
+    let mut g = Gateway::start(&format!(
+        "{}[relay]\nnetworks = [\"127.0.0.2/32\"]\n[hub]\nhold_domains = [\"other.example\"]\nmax_hold = \"1h\"\n",
+        upstream(port)
+    ));
+    for (i, (local, from)) in [
+        (None, "victim@far.example"),
+        (Some("127.0.0.2"), "colleague@office.example"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mut c = Client::connect_from(g.relay, local);
+        c.cmd("EHLO client.test");
+        let r = c.cmd(&format!("MAIL FROM:<{from}> RET=FULL"));
+        assert!(r.starts_with("250"), "{r}");
+        let r = c.cmd("RCPT TO:<x@other.example>");
+        assert!(r.starts_with("250"), "{r}");
+        assert!(c.cmd("DATA").starts_with("354"));
+        let r = c.cmd(&format!("Subject: held {i}\r\n\r\nSECRET-BODY-{i}\r\n."));
+        assert!(queued_id(&r).is_some(), "{r}");
+    }
+    g.stop();
+    wait_for("both notices sent", Duration::from_secs(30), || {
+        g.flush_later("+2h");
+        seen.bodies().len() >= 2
+    });
+    let notices: Vec<String> = seen
+        .bodies()
+        .iter()
+        .map(|b| String::from_utf8_lossy(b).to_string())
+        .collect();
+    let to = |who: &str| {
+        notices
+            .iter()
+            .find(|n| n.contains(who))
+            .unwrap_or_else(|| panic!("no notice to {who}: {notices:#?}"))
+    };
+    let stranger = to("victim@far.example");
+    assert!(
+        stranger.contains("Subject: held 0"),
+        "headers returned: {stranger}"
+    );
+    assert!(!stranger.contains("SECRET-BODY-0"), "{stranger}");
+    let colleague = to("colleague@office.example");
+    assert!(colleague.contains("SECRET-BODY-1"), "{colleague}");
+}

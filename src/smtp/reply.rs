@@ -223,6 +223,14 @@ pub fn atrn_turning(messages: i64, domains: &str) -> Reply {
         format!("OK, turning the connection around for {messages} held messages ({domains})"),
     )
 }
+pub fn etrn_not_for_account(name: &str, account: &str) -> Reply {
+    Reply::new(
+        459,
+        "4.7.1",
+        format!("Node {name} not allowed: account {account} may release only its own domains ([hub.odmr])"),
+    )
+}
+
 pub fn etrn_not_allowed(name: &str) -> Reply {
     Reply::new(
         459,

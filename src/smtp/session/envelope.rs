@@ -63,7 +63,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + Sync + 'static> Session<S> {
         } else {
             None
         };
-        let dsn_ret = if from.flags & proto::MAIL_RET_FULL != 0 {
+        let dsn_ret = if from.flags & proto::MAIL_RET_FULL != 0 && !self.may_relay() {
+            // Mail from a stranger (for our own, held or aliased addresses)
+            // may carry a forged sender: a bounce of it returns the
+            // headers only, so that outpost never sends a stranger's body
+            // to whoever they named (backscatter).
+            Some(DsnRet::Hdrs)
+        } else if from.flags & proto::MAIL_RET_FULL != 0 {
             Some(DsnRet::Full)
         } else if from.flags & proto::MAIL_RET_HDRS != 0 {
             Some(DsnRet::Hdrs)

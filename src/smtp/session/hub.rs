@@ -18,6 +18,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + Sync + 'static> Session<S> {
             }
     }
 
+    /// The account whose domains bound what ETRN may release: set when the
+    /// client is trusted by its login, not by `hub.etrn_networks`.
+    fn etrn_account(&self) -> Option<&str> {
+        let by_network = match self.peer.ip() {
+            Some(ip) => self.config.hub.may_etrn(ip),
+            None => true,
+        };
+        self.auth_user.as_deref().filter(|_| !by_network)
+    }
+
     /// ETRN (RFC 1985): start delivering a hold domain's mail to its branch.
     pub(super) async fn etrn(&mut self, name: String) -> Flow {
         if !self.etrn_offered() {
@@ -35,6 +45,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + Sync + 'static> Session<S> {
         }
         if name.starts_with('#') {
             return self.reply(reply::etrn_no_queues(&name));
+        }
+        if let Some(user) = self.etrn_account() {
+            // A client trusted by its account only (not by its network)
+            // releases its own branch's domains, named one by one: those
+            // `[hub.odmr]` gives the account, never another branch's or a
+            // whole tree of subdomains.
+            let mine = self.config.hub.odmr_domains(user);
+            if name.starts_with('@') || !mine.iter().any(|d| d.eq_ignore_ascii_case(&name)) {
+                info!(peer = %self.peer, account = %user, name = %name, "ETRN refused: not one of the account's domains in [hub.odmr]");
+                return self.reply(reply::etrn_not_for_account(&name, user));
+            }
         }
         let config = &self.config;
         let held_here = config.hub.hold_domains.iter().any(|h| {
