@@ -7,11 +7,14 @@ Opens SESSIONS SMTP connections to 127.0.0.1:PORT and starts one message of
 SIZE_MIB MiB on each (DATA, text lines of 78 octets). Every connection sends
 the first half, then all wait until each has sent its half: at that point
 SESSIONS half-received messages are in flight, and the resident memory of
-ROOT_PID and all its descendants is read from /proc (the sum of VmRSS). Then
+ROOT_PID and all its descendants is read from /proc: the sum of their Pss
+(proportional set size: a page shared by n processes counts 1/n in each,
+so Postfix's many processes are not charged their shared libraries many
+times over). Then
 each sends the rest and the end of data. Memory is also sampled every 50 ms
 throughout; the peak of those samples is reported.
 
-Prints one line of key=value pairs: rss_half_kb, rss_peak_kb, accepted
+Prints one line of key=value pairs: pss_half_kb, pss_peak_kb, accepted
 (messages answered 250 after the end of data), elapsed_s. Exits 1 unless
 every message was accepted.
 """
@@ -23,8 +26,8 @@ import time
 LINE = b"x" * 76 + b"\r\n"
 
 
-def tree_rss_kb(root):
-    """VmRSS of root and its live descendants, in KiB."""
+def tree_pss_kb(root):
+    """Pss of root and its live descendants, in KiB."""
     children = {}
     for d in os.listdir("/proc"):
         if not d.isdigit():
@@ -41,9 +44,9 @@ def tree_rss_kb(root):
         pid = todo.pop()
         todo.extend(children.get(pid, []))
         try:
-            with open(f"/proc/{pid}/status") as f:
+            with open(f"/proc/{pid}/smaps_rollup") as f:
                 for line in f:
-                    if line.startswith("VmRSS:"):
+                    if line.startswith("Pss:"):
                         total += int(line.split()[1])
         except OSError:
             pass
@@ -107,7 +110,7 @@ async def main():
     async def sample():
         nonlocal peak
         while not stop:
-            peak = max(peak, tree_rss_kb(root))
+            peak = max(peak, tree_pss_kb(root))
             await asyncio.sleep(0.05)
 
     sampler = asyncio.create_task(sample())
@@ -116,14 +119,14 @@ async def main():
     for _ in range(sessions):
         await half_sent.acquire()
     await asyncio.sleep(0.5)  # let the server take in what is on its sockets
-    rss_half = tree_rss_kb(root)
+    pss_half = tree_pss_kb(root)
     go.set()
     results = await asyncio.gather(*tasks, return_exceptions=True)
     elapsed = time.monotonic() - t0
     stop = True
     await sampler
     accepted = sum(1 for r in results if r is True)
-    print(f"rss_half_kb={rss_half} rss_peak_kb={peak} accepted={accepted} elapsed_s={elapsed:.1f}")
+    print(f"pss_half_kb={pss_half} pss_peak_kb={peak} accepted={accepted} elapsed_s={elapsed:.1f}")
     errors = [r for r in results if isinstance(r, BaseException)]
     if errors:
         print(f"first error: {errors[0]!r}", file=sys.stderr)

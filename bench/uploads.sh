@@ -10,9 +10,10 @@
 #     a free 127.0.0.1 port; Postfix: a private queue-only instance, smtpd on
 #     a free 127.0.0.1 port, nothing on port 25);
 #   - runs bench/uploads.py: SESSIONS connections each start one SIZE_MIB
-#     message over DATA, all stop half-way, the resident memory of the
-#     server's whole process tree is read (outpost: one process; Postfix:
-#     master, smtpd and cleanup processes), then all finish;
+#     message over DATA, all stop half-way, the memory of the server's
+#     whole process tree is read (the sum of Pss, so shared pages count
+#     once; outpost: one process; Postfix: master, smtpd and cleanup
+#     processes), then all finish;
 #   - checks every message was accepted and is in the queue;
 #   - prints a markdown table of medians: RSS half-way, peak RSS, time.
 #
@@ -61,11 +62,11 @@ wait_port() {
     return 1
 }
 
-printf 'server\tround\trss_half_kb\trss_peak_kb\telapsed_s\n' >"$T/results.tsv"
+printf 'server\tround\tpss_half_kb\tpss_peak_kb\telapsed_s\n' >"$T/results.tsv"
 record() {  # server round "key=value ..."
     local half peak el
-    half=$(sed -n 's/.*rss_half_kb=\([0-9]*\).*/\1/p' <<<"$3")
-    peak=$(sed -n 's/.*rss_peak_kb=\([0-9]*\).*/\1/p' <<<"$3")
+    half=$(sed -n 's/.*pss_half_kb=\([0-9]*\).*/\1/p' <<<"$3")
+    peak=$(sed -n 's/.*pss_peak_kb=\([0-9]*\).*/\1/p' <<<"$3")
     el=$(sed -n 's/.*elapsed_s=\([0-9.]*\).*/\1/p' <<<"$3")
     printf '%s\t%s\t%s\t%s\t%s\n' "$1" "$2" "$half" "$peak" "$el" >>"$T/results.tsv"
     log "$1 round $2: $3"
@@ -112,10 +113,10 @@ done
 import csv, statistics, sys
 rows = list(csv.DictReader(open(sys.argv[1]), delimiter="\t"))
 print(f"\n{sys.argv[2]} messages of {sys.argv[3]} MiB in flight at once (medians of {len(rows)//2} runs)\n")
-print("| server | RSS half-way | peak RSS | time |")
+print("| server | memory half-way (Pss) | peak | time |")
 print("|---|---|---|---|")
 for server in dict.fromkeys(r["server"] for r in rows):
     rs = [r for r in rows if r["server"] == server]
     med = lambda k: statistics.median(float(r[k]) for r in rs)
-    print(f"| {server} | {med('rss_half_kb')/1024:.1f} MiB | {med('rss_peak_kb')/1024:.1f} MiB | {med('elapsed_s'):.1f} s |")
+    print(f"| {server} | {med('pss_half_kb')/1024:.1f} MiB | {med('pss_peak_kb')/1024:.1f} MiB | {med('elapsed_s'):.1f} s |")
 EOF
