@@ -158,7 +158,10 @@ pub fn build(req: &DsnRequest<'_>) -> Vec<u8> {
     let mut out = Vec::with_capacity(original.len() + 4096);
     MessageBuilder::new()
         .from(Address::new_address(Some("Mail Delivery System"), req.from))
-        .to(Address::new_address(None::<&str>, req.to))
+        // Written here, not by mail-builder, which quotes a local part
+        // only when it holds a quote: `odd> x@y` would end the address
+        // early.
+        .header("To", Raw::new(format!("<{}>", address_text(req.to))))
         .subject(Text::new(subject))
         .date(Date::new(req.now))
         .message_id(MessageId::new(message_id))
@@ -250,8 +253,15 @@ fn field(out: &mut String, name: &str, value: &str) {
 }
 
 /// `rfc822; addr`, or RFC 6533 `utf-8; ` with escapes for a non-ASCII one.
+/// An address as it may stand in a header field: a local part that needs
+/// quoting is quoted (RFC 5321 §4.1.2), so that what a client sent can
+/// never read as more than one address or as another field.
+fn address_text(addr: &str) -> String {
+    crate::address::smtp_path(addr).unwrap_or_else(|| one_line(addr))
+}
+
 fn typed_address(addr: &str) -> String {
-    let addr = one_line(addr);
+    let addr = address_text(addr);
     if addr.is_ascii() {
         format!("rfc822; {addr}")
     } else {
@@ -1268,5 +1278,28 @@ print('ok', kind)
                 String::from_utf8_lossy(&msg)
             );
         }
+    }
+
+    #[test]
+    fn addresses_that_need_quoting_are_quoted_in_the_report() {
+        let recipients = [DsnRecipient {
+            address: "a> NOTIFY=NEVER@hq.example".into(),
+            ..recipient("x@hq.example", "5.1.1", "550 5.1.1 no such user")
+        }];
+        let mut req = request(DsnKind::Failure, &recipients, ORIGINAL, false);
+        // Stored as parsed: the local part without its quotes.
+        req.to = "odd> RET=FULL ENVID=x@outside.example";
+        let p = parse(&build(&req));
+        assert!(
+            p.headers
+                .contains("To: <\"odd> RET=FULL ENVID=x\"@outside.example>\r\n"),
+            "{}",
+            p.headers
+        );
+        let status = String::from_utf8_lossy(&p.parts[1].1).to_string();
+        assert!(
+            status.contains("Final-Recipient: rfc822; \"a> NOTIFY=NEVER\"@hq.example\r\n"),
+            "{status}"
+        );
     }
 }
