@@ -573,3 +573,85 @@ fn a_short_queue_is_shared_by_every_connection() {
         hub.log()
     );
 }
+
+/// Forwards to `to`; on its first connection it stops taking the client's
+/// octets after `after` of them, without closing (a link gone silent
+/// mid-message): its receive buffer is small, so the rest stays in the
+/// client's send queue, unacknowledged. Later connections pass whole.
+fn stalling_proxy(to: u16, after: usize) -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    socket2::SockRef::from(&l)
+        .set_recv_buffer_size(4096)
+        .unwrap();
+    let port = l.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for (n, client) in l.incoming().flatten().enumerate() {
+            let server = TcpStream::connect(("127.0.0.1", to)).unwrap();
+            let (mut c2, mut s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut s2, &mut c2);
+            });
+            let limit = if n == 0 { after } else { usize::MAX };
+            let (mut c, mut s) = (client, server);
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                let mut sent = 0;
+                while sent < limit {
+                    let n = match c.read(&mut buf[..(limit - sent).min(4096)]) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => n,
+                    };
+                    if s.write_all(&buf[..n]).is_err() {
+                        return;
+                    }
+                    sent += n;
+                }
+                // Silent: nothing more is read, nothing is closed, until
+                // the client gives up.
+                let mut one = [0u8; 1];
+                let _ = c.set_read_timeout(None);
+                let _ = std::io::Read::read(&mut s, &mut one);
+            });
+        }
+    });
+    port
+}
+
+/// A message whose end never reached the upstream (it is still in our
+/// send queue when the link goes silent) was not taken: it stays due, no
+/// attempt and not "delivery uncertain", even with retry.uncertain =
+/// "hold". It used to be held for the administrator after the first cut of
+/// a slow link. Over BDAT (an outpost upstream) and DATA (a plain one).
+#[test]
+fn a_message_whose_end_never_left_is_not_uncertain() {
+    let hub = Gateway::start("[smtp]\ncheckpoint_keep = \"0s\"\n");
+    let (plain, seen) = common::fake::start(common::fake::Script::default());
+    for (name, up) in [("BDAT", hub.relay), ("DATA", plain)] {
+        let proxy = stalling_proxy(up, 50_000);
+        let branch = Gateway::start(&format!(
+            "{}data_timeout = \"2s\"\nfinal_timeout = \"2s\"\ncommand_timeout = \"5s\"\n[retry]\nuncertain = \"hold\"\n",
+            upstream(proxy, "none")
+        ));
+        let mut body = format!("Subject: big over {name}\r\n\r\n").into_bytes();
+        while body.len() < 2 << 20 {
+            body.extend_from_slice(b"a line of a message big enough to fill every buffer\r\n");
+        }
+        let id = send(&branch, "s@client.test", &["x@far.example"], &body);
+        let out = branch.cli(&["flush", "--json"]);
+        let v = json_out(&out);
+        assert_eq!(v["summary"]["delivered"], 0, "{name}: {v:#}");
+        let q = branch.queue();
+        let r = &q[0]["recipients"][0];
+        assert_eq!(r["state"], "queued", "{name}: {q:#?}");
+        assert!(
+            !r["last_reply"].as_str().unwrap_or("").contains("uncertain"),
+            "{name}: {q:#?}"
+        );
+        assert!(branch.body(&id).ends_with(&body), "{name}");
+        let out = branch.cli(&["flush", "--json", "--all"]);
+        let v = json_out(&out);
+        assert_eq!(v["summary"]["delivered"], 1, "{name}: {v:#}");
+    }
+    assert_eq!(hub.queue().len(), 1, "delivered once over BDAT");
+    assert_eq!(seen.bodies().len(), 1, "delivered once over DATA");
+}

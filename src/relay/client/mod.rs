@@ -105,6 +105,15 @@ enum Stream {
 }
 
 impl Stream {
+    /// The TCP socket under the stream, where there is one of ours.
+    fn tcp(&self) -> Option<&TcpStream> {
+        match self {
+            Stream::Plain(s) => Some(s),
+            Stream::Tls(s) => Some(s.get_ref().0),
+            Stream::Turned(_) | Stream::Gone => None,
+        }
+    }
+
     fn io(&mut self) -> std::io::Result<&mut dyn Io> {
         match self {
             Stream::Plain(s) => Ok(s),
@@ -124,6 +133,8 @@ pub struct Session {
     pub tls: Option<String>,
     timeouts: Timeouts,
     progress: Arc<Progress>,
+    /// Octets handed to the connection so far (before any TLS).
+    written: u64,
 }
 
 /// How far the message on its way has got, for the big messages sent
@@ -236,6 +247,7 @@ impl Session {
             tls: None,
             timeouts: s.timeouts.clone(),
             progress: Arc::default(),
+            written: 0,
         };
         let greeting = sess.read_reply("greeting").await?;
         if greeting.class() != 2 {

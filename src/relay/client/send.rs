@@ -364,17 +364,25 @@ impl Session {
         const WINDOW_BYTES: usize = 8 << 20;
         let mut sent = 0;
         let mut done = 0;
-        // Handed to the kernel whole, and awaiting replies.
-        let mut written: Vec<bool> = vec![false; msgs.len()];
-        // On a lost connection: a message written whole may have been
-        // taken (RFC 1047), one not written whole cannot have been.
-        let lost = |report: &mut Report<'_>, written: &[bool], from: usize, e: &LinkError| {
+        // Written and awaiting replies: where each message ends in the
+        // octets written ([`Session::written`]).
+        let mut written: Vec<Option<u64>> = vec![None; msgs.len()];
+        // On a lost connection: a message whose end reached the upstream
+        // may have been taken (RFC 1047); one whose end did not cannot
+        // have been, and stays due.
+        let lost = |sess: &Session,
+                    report: &mut Report<'_>,
+                    written: &[Option<u64>],
+                    from: usize,
+                    e: &LinkError| {
             for (i, w) in written.iter().enumerate().skip(from) {
-                if *w {
-                    (report.outcome)(
-                        i,
-                        vec![Outcome::Uncertain(e.to_string()); msgs[i].recipients.len()],
-                    );
+                if let Some(end) = *w {
+                    if !sess.never_reached(end) {
+                        (report.outcome)(
+                            i,
+                            vec![Outcome::Uncertain(e.to_string()); msgs[i].recipients.len()],
+                        );
+                    }
                 }
             }
         };
@@ -385,9 +393,10 @@ impl Session {
             let mut buf = Vec::new();
             let mut in_buf = Vec::new();
             let in_flight: usize = (done..sent)
-                .filter(|&i| written[i])
+                .filter(|&i| written[i].is_some())
                 .map(|i| msgs[i].body.len())
                 .sum();
+            let base = self.written();
             while sent < msgs.len()
                 && !report.stopping()
                 && sent - done < WINDOW
@@ -400,22 +409,22 @@ impl Session {
                 } else {
                     buf.extend_from_slice(&self.envelope(m, true));
                     buf.extend_from_slice(&m.body);
-                    in_buf.push(sent);
+                    in_buf.push((sent, base + buf.len() as u64));
                 }
                 sent += 1;
             }
             if !buf.is_empty() {
-                if let Err(e) = self.write(&buf, "sending messages").await {
-                    lost(report, &written, done, &e);
-                    return Err(e);
+                for &(i, end) in &in_buf {
+                    written[i] = Some(end);
                 }
-                for i in in_buf {
-                    written[i] = true;
+                if let Err(e) = self.write(&buf, "sending messages").await {
+                    lost(self, report, &written, done, &e);
+                    return Err(e);
                 }
             }
             // Read the replies of the oldest messages in flight.
             while done < sent {
-                if !written[done] {
+                if written[done].is_none() {
                     done += 1;
                     continue;
                 }
@@ -432,15 +441,15 @@ impl Session {
                 let (mail, rcpt, last) = match replies.await {
                     Ok(r) => r,
                     Err(e) => {
-                        lost(report, &written, done, &e);
+                        lost(self, report, &written, done, &e);
                         return Err(e);
                     }
                 };
-                written[done] = false;
+                written[done] = None;
                 if let Some(e) = self.closing(&mail, &rcpt, &last) {
                     // 421: the upstream is going away; this message was not
                     // refused, and what follows it was never looked at.
-                    lost(report, &written, done + 1, &e);
+                    lost(self, report, &written, done + 1, &e);
                     return Err(e);
                 }
                 (report.outcome)(done, outcomes(&mail, &rcpt, Some(&last)));
@@ -563,6 +572,8 @@ impl Session {
             }
             let mut buf = crate::dotstuff::dot_stuff(&m.body);
             buf.extend_from_slice(b".\r\n");
+            // Where the dot ends in the octets written.
+            let end = self.written() + buf.len() as u64;
             // Behind the dot: the next message's envelope (RFC 2920 §3.1).
             let mut next = None;
             if pipelining && !report.stopping() {
@@ -579,11 +590,14 @@ impl Session {
                 }
             }
             if let Err(e) = self.write(&buf, "sending a message").await {
-                // The dot may or may not have gone out.
-                (report.outcome)(
-                    idx,
-                    vec![Outcome::Uncertain(e.to_string()); m.recipients.len()],
-                );
+                // Uncertain if the dot may have reached the upstream; else
+                // the message stays due.
+                if !self.never_reached(end) {
+                    (report.outcome)(
+                        idx,
+                        vec![Outcome::Uncertain(e.to_string()); m.recipients.len()],
+                    );
+                }
                 return Err(e);
             }
             match self.read_final_reply().await {
@@ -596,10 +610,12 @@ impl Session {
                 }
                 Ok(last) => (report.outcome)(idx, outcomes(&mail, &rcpt, Some(&last))),
                 Err(e) => {
-                    (report.outcome)(
-                        idx,
-                        vec![Outcome::Uncertain(e.to_string()); m.recipients.len()],
-                    );
+                    if !self.never_reached(end) {
+                        (report.outcome)(
+                            idx,
+                            vec![Outcome::Uncertain(e.to_string()); m.recipients.len()],
+                        );
+                    }
                     return Err(e);
                 }
             }

@@ -21,6 +21,39 @@ const MAX_REPLY_BYTES: usize = 64 << 10;
 pub const BLOCK: usize = 64 << 10;
 
 impl Session {
+    /// Octets handed to the connection so far: where a message ends, for
+    /// [`Session::never_reached`].
+    pub(super) fn written(&self) -> u64 {
+        self.written
+    }
+
+    /// After the connection failed: true when the upstream cannot have
+    /// received the octet at `end` (a count of octets written, from
+    /// [`Session::written`]), because it was never handed to the
+    /// connection, or because the upstream's TCP has not acknowledged it
+    /// (it is still in our send queue). Then a message ending there was not
+    /// taken: its loss is a link failure before the end of the data, not
+    /// RFC 1047's uncertain window. False when that cannot be told (a
+    /// connection reset empties the send queue; a turned connection has no
+    /// socket of ours): the message stays uncertain.
+    pub(super) fn never_reached(&self, end: u64) -> bool {
+        if end > self.written {
+            return true;
+        }
+        let Some(queued) = self.stream.tcp().and_then(send_queue) else {
+            return false;
+        };
+        let after = self.written - end;
+        // What was written after `end`, and for TLS the record overhead
+        // over it (at most 32 octets a record of up to 16 KiB, and the
+        // record holding `end`).
+        let margin = match self.stream {
+            super::Stream::Tls(_) => 32 * (after / 16384 + 2),
+            _ => 0,
+        };
+        queued > after + margin
+    }
+
     pub(super) async fn command(
         &mut self,
         line: &str,
@@ -66,6 +99,7 @@ impl Session {
                 return Err(failed(std::io::ErrorKind::WriteZero.into()));
             }
             done += n;
+            self.written += n as u64;
             if self.progress.message.load(Ordering::Relaxed) != 0 {
                 self.progress.sent.fetch_add(n as u64, Ordering::Relaxed);
             }
@@ -184,4 +218,62 @@ pub(super) fn split_reply_line(line: &str) -> Option<(u16, char, &str)> {
     let sep = line[3..].chars().next().unwrap_or(' ');
     let text = line.get(4..).unwrap_or("");
     Some((code, sep, text))
+}
+
+/// Octets in `socket`'s send queue not yet acknowledged by the peer (what
+/// `ioctl(SIOCOUTQ)` tells), read from `/proc/net/tcp{,6}` by the socket's
+/// inode: no unsafe code, and Linux is where outpost runs. None when it
+/// cannot be found.
+fn send_queue(socket: &tokio::net::TcpStream) -> Option<u64> {
+    use std::os::fd::AsFd;
+    let inode = rustix::fs::fstat(socket.as_fd()).ok()?.st_ino.to_string();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let Ok(text) = std::fs::read_to_string(table) else {
+            continue;
+        };
+        if let Some(q) = text.lines().skip(1).find_map(|l| tx_queue(l, &inode)) {
+            return Some(q);
+        }
+    }
+    None
+}
+
+/// The tx_queue of one `/proc/net/tcp` line when it is socket `inode`'s:
+/// `sl local rem st tx_queue:rx_queue tr:when retrnsmt uid timeout inode`.
+fn tx_queue(line: &str, inode: &str) -> Option<u64> {
+    let f: Vec<&str> = line.split_whitespace().collect();
+    if f.get(9) != Some(&inode) {
+        return None;
+    }
+    let (tx, _) = f.get(4)?.split_once(':')?;
+    u64::from_str_radix(tx, 16).ok()
+}
+
+#[cfg(test)]
+mod send_queue_tests {
+    use super::*;
+
+    #[test]
+    fn a_proc_net_tcp_line_is_read_by_inode() {
+        let line = "   3: 0100007F:9C4A 0100007F:0019 01 0001A2B0:00000000 01:00000014 00000000     0        0 48213 1 0000000000000000 20 4 30 10 -1";
+        assert_eq!(tx_queue(line, "48213"), Some(0x1A2B0));
+        assert_eq!(tx_queue(line, "4821"), None);
+    }
+
+    /// A peer that takes nothing: what we wrote stays in our send queue,
+    /// and the count says so.
+    #[tokio::test]
+    async fn unread_data_is_counted_in_the_send_queue() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let s2 = socket2::SockRef::from(&l);
+        s2.set_recv_buffer_size(4096).unwrap();
+        let addr = l.local_addr().unwrap();
+        let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (_peer, _) = l.accept().unwrap();
+        assert_eq!(send_queue(&c), Some(0));
+        let block = vec![b'x'; 256 << 10];
+        let _ = tokio::time::timeout(Duration::from_millis(500), c.write_all(&block)).await;
+        let queued = send_queue(&c).unwrap();
+        assert!(queued > 64 << 10, "{queued}");
+    }
 }
