@@ -640,6 +640,8 @@ fn a_message_whose_end_never_left_is_not_uncertain() {
         let out = branch.cli(&["flush", "--json"]);
         let v = json_out(&out);
         assert_eq!(v["summary"]["delivered"], 0, "{name}: {v:#}");
+        assert_eq!(v["summary"]["uncertain"], 0, "{name}: {v:#}");
+        assert_eq!(v["summary"]["untouched"], 1, "{name}: {v:#}");
         let q = branch.queue();
         let r = &q[0]["recipients"][0];
         assert_eq!(r["state"], "queued", "{name}: {q:#?}");

@@ -22,6 +22,17 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// Three different free ports (the kernel may hand out a port again once
+/// it is released).
+fn three_ports() -> (u16, u16, u16) {
+    loop {
+        let p = (free_port(), free_port(), free_port());
+        if p.0 != p.1 && p.1 != p.2 && p.0 != p.2 {
+            return p;
+        }
+    }
+}
+
 /// Waits for `cond` with a deadline; panics with `what` when it never holds.
 pub fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
@@ -60,11 +71,12 @@ impl Gateway {
     /// `store` added to the `[store]` section.
     pub fn configure_in(dir: tempfile::TempDir, store: &str, extra: &str) -> Gateway {
         let config_path = dir.path().join("outpost.toml");
+        let (relay, submission, submissions) = three_ports();
         let g = Gateway {
             dir,
-            relay: free_port(),
-            submission: free_port(),
-            submissions: free_port(),
+            relay,
+            submission,
+            submissions,
             config_path,
             store: store.to_string(),
             extra: extra.to_string(),
@@ -146,7 +158,7 @@ socket = "{d}/submit.sock"
     }
 
     fn new_ports(&mut self) {
-        (self.relay, self.submission, self.submissions) = (free_port(), free_port(), free_port());
+        (self.relay, self.submission, self.submissions) = three_ports();
         self.write_config();
     }
 

@@ -377,12 +377,7 @@ impl Session {
                     e: &LinkError| {
             for (i, w) in written.iter().enumerate().skip(from) {
                 if let Some(end) = *w {
-                    if !sess.never_reached(end) {
-                        (report.outcome)(
-                            i,
-                            vec![Outcome::Uncertain(e.to_string()); msgs[i].recipients.len()],
-                        );
-                    }
+                    (report.outcome)(i, vec![sess.lost_at(end, e); msgs[i].recipients.len()]);
                 }
             }
         };
@@ -460,6 +455,17 @@ impl Session {
             }
         }
         Ok(())
+    }
+
+    /// What became of a message ending at `end` (in the octets written)
+    /// when the connection failed with `e`: uncertain if its end may have
+    /// reached the upstream (RFC 1047), else untouched and still due.
+    fn lost_at(&self, end: u64, e: &LinkError) -> Outcome {
+        if self.never_reached(end) {
+            Outcome::Untouched
+        } else {
+            Outcome::Uncertain(e.to_string())
+        }
     }
 
     /// A 421 anywhere in a transaction's replies: the server is closing.
@@ -592,12 +598,7 @@ impl Session {
             if let Err(e) = self.write(&buf, "sending a message").await {
                 // Uncertain if the dot may have reached the upstream; else
                 // the message stays due.
-                if !self.never_reached(end) {
-                    (report.outcome)(
-                        idx,
-                        vec![Outcome::Uncertain(e.to_string()); m.recipients.len()],
-                    );
-                }
+                (report.outcome)(idx, vec![self.lost_at(end, &e); m.recipients.len()]);
                 return Err(e);
             }
             match self.read_final_reply().await {
@@ -610,12 +611,7 @@ impl Session {
                 }
                 Ok(last) => (report.outcome)(idx, outcomes(&mail, &rcpt, Some(&last))),
                 Err(e) => {
-                    if !self.never_reached(end) {
-                        (report.outcome)(
-                            idx,
-                            vec![Outcome::Uncertain(e.to_string()); m.recipients.len()],
-                        );
-                    }
+                    (report.outcome)(idx, vec![self.lost_at(end, &e); m.recipients.len()]);
                     return Err(e);
                 }
             }
