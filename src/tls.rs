@@ -74,9 +74,14 @@ fn make_self_signed(cert: &Path, key: &Path, hostname: &str) -> Result<(), TlsEr
     let names = vec![hostname.to_string(), "localhost".to_string()];
     let ck =
         rcgen::generate_simple_self_signed(names).map_err(|e| TlsError::Generate(e.to_string()))?;
+    // The directory (by default `<store dir>/tls`) only outpost may enter.
     for p in [cert, key] {
         if let Some(dir) = p.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir)
+            use std::os::unix::fs::DirBuilderExt;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
                 .map_err(|e| TlsError::Generate(format!("{}: {e}", dir.display())))?;
         }
     }
@@ -171,7 +176,9 @@ mod tests {
         assert!(matches!(p, Provenance::MadeSelfSigned));
         use std::os::unix::fs::PermissionsExt;
         let mode = std::fs::metadata(&cfg.key).unwrap().permissions().mode();
-        assert_eq!(mode & 0o077, 0);
+        assert_eq!(mode & 0o777, 0o600);
+        let dir = std::fs::metadata(dir.path().join("tls")).unwrap();
+        assert_eq!(dir.permissions().mode() & 0o777, 0o700);
         let (_, p) = server_config(&cfg, "gw.example").unwrap();
         assert!(matches!(p, Provenance::Loaded));
     }

@@ -177,7 +177,10 @@ struct TestUser(String);
 
 impl TestUser {
     fn create() -> TestUser {
-        let name = format!("opt{}", std::process::id());
+        // One per test: tests run at once in one process.
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let name = format!("opt{}x{n}", std::process::id());
         let ok = Command::new("useradd")
             .args(["--no-create-home", "--shell", "/usr/sbin/nologin", &name])
             .status()
@@ -257,4 +260,58 @@ fn an_unprivileged_user_submits_through_the_socket() {
         "{t}"
     );
     assert_eq!(g.queue().len(), 1);
+}
+
+/// A configuration this user may not read: sendmail tries the default
+/// submission socket, and when nothing answers there either, says both
+/// (exit 78) and what to do.
+#[test]
+fn an_unreadable_configuration_falls_back_to_the_default_socket() {
+    let default_socket = Path::new("/run/outpost/submit.sock");
+    if default_socket.exists() {
+        // A real outpost on this machine would take the message.
+        eprintln!(
+            "{} exists: this test needs it absent",
+            default_socket.display()
+        );
+        return;
+    }
+    let g = Gateway::configure("");
+    let user = TestUser::create();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(g.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(&g.config_path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let bin = g.path("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let (sendmail, _) = links(&g);
+    let out = run(
+        &sendmail,
+        &g,
+        &["x@far.example"],
+        b"Subject: x\n\nx\n",
+        Some(&user.0),
+    );
+    let t = text(&out);
+    assert_eq!(out.status.code(), Some(78), "{t}");
+    assert!(
+        t.contains("cannot read the configuration file")
+            && t.contains("Permission denied")
+            && t.contains("/run/outpost/submit.sock")
+            && t.contains("chmod 644"),
+        "{t}"
+    );
+    // Root reads it and is told about the daemon, not the configuration.
+    let out = run(
+        &sendmail,
+        &g,
+        &["x@far.example"],
+        b"Subject: x\n\nx\n",
+        None,
+    );
+    assert!(
+        !text(&out).contains("cannot read the configuration"),
+        "{}",
+        text(&out)
+    );
 }

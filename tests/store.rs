@@ -78,3 +78,74 @@ fn the_daemon_purges_finished_mail_and_keeps_the_rest() {
     // The housekeeping task ends with the daemon.
     assert_eq!(g.stop(), Some(0), "{}", g.log());
 }
+
+/// The daemon keeps the store and a self-signed key to itself: a state
+/// directory it makes is 0700, the database and its WAL 0600, and with
+/// `tls.self_signed` and no paths the certificate goes under the store's
+/// directory (which the hardened unit may write; /etc it may not).
+#[test]
+fn the_store_and_the_self_signed_key_are_the_daemons_alone() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::process::{Command, Stdio};
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let d = dir.path().display();
+    let port = common::free_port();
+    let config = dir.path().join("outpost.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "hostname = \"gw.test\"\n[store]\npath = \"{d}/state/queue.sqlite\"\n\
+             [[listen]]\naddress = \"127.0.0.1:{port}\"\nmode = \"relay\"\n\
+             [tls]\nself_signed = true\n\
+             [control]\nsocket = \"{d}/control.sock\"\n[submit]\nsocket = \"{d}/submit.sock\"\n"
+        ),
+    )
+    .unwrap();
+    let checked = Command::new(common::BIN)
+        .args(["check-config", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    let effective = String::from_utf8_lossy(&checked.stdout);
+    assert!(
+        effective.contains(&format!("certificate = \"{d}/state/tls/cert.pem\""))
+            && effective.contains(&format!("key = \"{d}/state/tls/key.pem\"")),
+        "{effective}"
+    );
+    let log = std::fs::File::create(dir.path().join("log")).unwrap();
+    struct Daemon(std::process::Child);
+    impl Drop for Daemon {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _daemon = Daemon(
+        Command::new(common::BIN)
+            .args(["serve", "--config"])
+            .arg(&config)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    );
+    let read_log = || std::fs::read_to_string(dir.path().join("log")).unwrap_or_default();
+    common::wait_for("outpost ready", Duration::from_secs(20), || {
+        read_log().contains("outpost ready")
+    });
+    let mode = |p: &str| {
+        std::fs::metadata(dir.path().join(p))
+            .unwrap_or_else(|e| panic!("{p}: {e}\n{}", read_log()))
+            .permissions()
+            .mode()
+            & 0o777
+    };
+    assert_eq!(mode("state"), 0o700);
+    assert_eq!(mode("state/queue.sqlite"), 0o600);
+    assert_eq!(mode("state/queue.sqlite-wal"), 0o600);
+    assert_eq!(mode("state/tls"), 0o700);
+    assert_eq!(mode("state/tls/key.pem"), 0o600);
+    assert!(dir.path().join("state/tls/cert.pem").exists());
+    assert!(read_log().contains("made a self-signed certificate"));
+}

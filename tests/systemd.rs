@@ -70,10 +70,61 @@ fn the_service_is_hardened() {
         "SystemCallFilter=@system-service",
         "WatchdogSec=",
         "ExecReload=/bin/kill -HUP $MAINPID",
+        "StateDirectoryMode=0700",
+        "UMask=0077",
+        "MemoryMax=",
+        "TasksMax=",
     ] {
         assert!(
             service.lines().any(|l| l.starts_with(line)),
             "outpost.service lacks {line}"
         );
     }
+}
+
+/// The resource limits are set, with values systemd takes, and leave room
+/// above the measured figures (docs/SECURITY.md, "Hardening").
+#[test]
+fn memory_and_tasks_are_bounded_with_headroom() {
+    let service = &units()[0].1;
+    let value = |key: &str| -> String {
+        service
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .unwrap_or_else(|| panic!("outpost.service lacks {key}"))
+            .trim()
+            .to_string()
+    };
+    let memory = value("MemoryMax=");
+    let mib: u64 = match memory.strip_suffix('M') {
+        Some(n) => n.parse().unwrap(),
+        None => match memory.strip_suffix('G') {
+            Some(n) => n.parse::<u64>().unwrap() * 1024,
+            None => panic!("MemoryMax={memory}: write it in M or G"),
+        },
+    };
+    // Idle 12 MiB + argon2 pool 51 MiB + 40 uploads of 8 MiB (25 MiB,
+    // spooled) + a flush sending a 25 MiB message (twice) and a window of
+    // small ones, with room for a second connection.
+    assert!(
+        mib >= 12 + 51 + 25 + 2 * (2 * 25 + 8),
+        "MemoryMax={memory} leaves no headroom"
+    );
+    let tasks: u64 = value("TasksMax=").parse().unwrap();
+    // Workers, one blocking thread per session (smtp.max_connections 200),
+    // the verify pool, the writer.
+    assert!(
+        tasks > 200 + 16,
+        "TasksMax={tasks} is below the sessions' threads"
+    );
+    // And systemd takes both: a bad value is a complaint from verify.
+    let mut u = units();
+    u[0].1 = u[0]
+        .1
+        .replace(&format!("TasksMax={tasks}"), "TasksMax=lots");
+    let complaints = verify(&u);
+    assert!(
+        complaints.contains("'lots'"),
+        "verify did not notice a bad TasksMax: {complaints}"
+    );
 }

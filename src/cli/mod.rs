@@ -252,8 +252,23 @@ pub fn sendmail_main(config_path: &std::path::Path, raw: &[String]) -> ExitCode 
         .config
         .clone()
         .unwrap_or_else(|| config_path.to_path_buf());
-    let config = match Config::load(&path) {
-        Ok(c) => c,
+    let (config, unread) = match Config::load(&path) {
+        Ok(c) => (c, None),
+        // Submitting needs only the socket: when this user may not read
+        // the file (a configuration kept private), try the default socket
+        // and say why only if that fails too.
+        Err(e)
+            if e.unreadable
+                && matches!(args.mode, sendmail::Mode::Deliver | sendmail::Mode::Smtp) =>
+        {
+            match Config::defaults() {
+                Ok(c) => (c, Some(e.to_string())),
+                Err(_) => {
+                    eprintln!("sendmail: {e}");
+                    return ExitCode::from(exit::CONFIG);
+                }
+            }
+        }
         Err(e) => {
             eprintln!("sendmail: {e}");
             return ExitCode::from(exit::CONFIG);
@@ -270,7 +285,7 @@ pub fn sendmail_main(config_path: &std::path::Path, raw: &[String]) -> ExitCode 
         sendmail::Mode::Flush => {
             flush::run(config, crate::relay::flush::FlushOptions::default(), false)
         }
-        _ => sendmail::run(&config, &args),
+        _ => sendmail::run(&config, &args, unread.as_deref()),
     }
 }
 
@@ -303,6 +318,11 @@ fn write_man_pages(dir: &std::path::Path) -> std::io::Result<usize> {
 fn check_config(cli: &Cli) -> ExitCode {
     match load_config(cli) {
         Ok(c) => {
+            // Warnings, not errors: the configuration is usable, and a
+            // person decides (the exit status stays 0 for ExecStartPre).
+            for w in c.secret_warnings() {
+                eprintln!("outpost: warning: {w}");
+            }
             println!("# {}: ok. Effective configuration:", cli.config.display());
             print!("{}", c.to_toml());
             ExitCode::from(exit::OK)

@@ -456,7 +456,10 @@ fn local_server(config: &Config) -> Result<(Arc<Shared>, crate::queue::WriterThr
     Ok((Arc::new(shared), thread))
 }
 
-pub fn run(config: &Config, args: &Args) -> ExitCode {
+/// Submits as `args` say. `unread`: why the configuration could not be
+/// read, when `config` is the defaults instead; then only the default
+/// submission socket is tried, and a failure names both causes.
+pub fn run(config: &Config, args: &Args, unread: Option<&str>) -> ExitCode {
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -468,8 +471,8 @@ pub fn run(config: &Config, args: &Args) -> ExitCode {
         }
     };
     match args.mode {
-        Mode::Smtp => rt.block_on(smtp_on_stdio(config)),
-        Mode::Deliver => rt.block_on(deliver(config, args)),
+        Mode::Smtp => rt.block_on(smtp_on_stdio(config, unread)),
+        Mode::Deliver => rt.block_on(deliver(config, args, unread)),
         Mode::NewAliases => {
             println!(
                 "outpost: aliases live in [local.aliases] of the configuration; nothing to rebuild"
@@ -480,7 +483,21 @@ pub fn run(config: &Config, args: &Args) -> ExitCode {
     }
 }
 
-async fn deliver(config: &Config, args: &Args) -> ExitCode {
+/// The failure when the configuration could not be read and the default
+/// submission socket did not answer either.
+fn unread_failure(config: &Config, unread: &str, e: &std::io::Error) -> Failure {
+    failed(
+        exit::CONFIG,
+        format!(
+            "{unread}\nsendmail: without it, tried the default submission socket {}: {e}\n\
+             sendmail: the configuration holds no secrets: make it readable by every user \
+             (chmod 644), or start outpost if it is not running (systemctl start outpost)",
+            config.submit.socket.display()
+        ),
+    )
+}
+
+async fn deliver(config: &Config, args: &Args, unread: Option<&str>) -> ExitCode {
     let mut input = Vec::new();
     if let Err(e) = std::io::stdin().read_to_end(&mut input) {
         eprintln!("sendmail: reading the message from standard input: {e}");
@@ -512,6 +529,7 @@ async fn deliver(config: &Config, args: &Args) -> ExitCode {
     }
     let result = match tokio::net::UnixStream::connect(&config.submit.socket).await {
         Ok(stream) => submit(stream, &sender, &recipients, &message).await,
+        Err(e) if unread.is_some() => Err(unread_failure(config, unread.unwrap_or(""), &e)),
         Err(_) => match local_server(config) {
             Ok((shared, thread)) => {
                 let (ours, theirs) = tokio::io::duplex(64 * 1024);
@@ -550,7 +568,7 @@ async fn deliver(config: &Config, args: &Args) -> ExitCode {
 }
 
 /// `-bs`: an SMTP session on stdin and stdout, with the daemon or in-process.
-async fn smtp_on_stdio(config: &Config) -> ExitCode {
+async fn smtp_on_stdio(config: &Config, unread: Option<&str>) -> ExitCode {
     let stdio = tokio::io::join(tokio::io::stdin(), tokio::io::stdout());
     match tokio::net::UnixStream::connect(&config.submit.socket).await {
         Ok(stream) => {
@@ -566,6 +584,11 @@ async fn smtp_on_stdio(config: &Config) -> ExitCode {
             let _ = out.flush().await;
             up.abort();
             ExitCode::from(exit::OK)
+        }
+        Err(e) if unread.is_some() => {
+            let f = unread_failure(config, unread.unwrap_or(""), &e);
+            eprintln!("sendmail: {}", f.message);
+            ExitCode::from(f.code)
         }
         Err(_) => match local_server(config) {
             Ok((shared, thread)) => {

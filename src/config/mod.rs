@@ -58,6 +58,9 @@ pub struct Config {
 #[derive(Debug)]
 pub struct ConfigError {
     pub path: PathBuf,
+    /// The file could not be read at all (missing, no permission), as
+    /// opposed to read and found wrong.
+    pub unreadable: bool,
     pub line: Option<usize>,
     pub line_text: Option<String>,
     pub message: String,
@@ -88,6 +91,7 @@ impl Config {
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
             path: path.to_path_buf(),
+            unreadable: true,
             line: None,
             line_text: None,
             message: format!(
@@ -97,12 +101,18 @@ impl Config {
         Config::parse(&text, path)
     }
 
+    /// Every value at its default, as an empty file gives them.
+    pub fn defaults() -> Result<Config, ConfigError> {
+        Config::parse("", Path::new("(defaults)"))
+    }
+
     /// Parses `text`; `path` is used in error messages only.
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
-        let config: Config = toml::from_str(text).map_err(|e| {
+        let mut config: Config = toml::from_str(text).map_err(|e| {
             let line = e.span().map(|span| line_of(text, span.start));
             ConfigError {
                 path: path.to_path_buf(),
+                unreadable: false,
                 line,
                 line_text: line
                     .and_then(|l| text.lines().nth(l - 1))
@@ -110,10 +120,12 @@ impl Config {
                 message: e.message().trim().to_string(),
             }
         })?;
-        config.validate().map_err(|(key, message)| {
+        let checked = config.fill_defaults().and_then(|()| config.validate());
+        checked.map_err(|(key, message)| {
             let line = find_key_line(text, key);
             ConfigError {
                 path: path.to_path_buf(),
+                unreadable: false,
                 line,
                 line_text: line
                     .and_then(|l| text.lines().nth(l - 1))
@@ -122,6 +134,97 @@ impl Config {
             }
         })?;
         Ok(config)
+    }
+
+    /// Defaults that depend on other values: the self-signed certificate
+    /// and its key go under the store's directory (`<dir>/tls/`), which the
+    /// daemon may write (under systemd's `ProtectSystem=strict`, /etc is
+    /// read-only to it). Returns the key to blame.
+    fn fill_defaults(&mut self) -> Result<(), (&'static str, String)> {
+        let store_dir = self
+            .store
+            .path
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_default();
+        if let Some(t) = &mut self.tls {
+            for (key, path, file) in [
+                ("tls.certificate", &mut t.certificate, "cert.pem"),
+                ("tls.key", &mut t.key, "key.pem"),
+            ] {
+                if !path.as_os_str().is_empty() {
+                    continue;
+                }
+                if !t.self_signed {
+                    return Err((
+                        key,
+                        format!(
+                            "missing: name the PEM file in {key}, or set tls.self_signed = true \
+                             to have a certificate made under the store's directory ({})",
+                            store_dir.join("tls").display()
+                        ),
+                    ));
+                }
+                *path = store_dir.join("tls").join(file);
+            }
+        }
+        Ok(())
+    }
+
+    /// The files the configuration names that hold secrets, with their
+    /// keys. The configuration itself holds none, so it may be readable by
+    /// every local user (sendmail reads it to find `submit.socket`).
+    pub fn secret_files(&self) -> Vec<(&'static str, &Path)> {
+        let mut files = Vec::new();
+        if let Some(p) = &self.upstream.password_file {
+            files.push(("upstream.password_file", p.as_path()));
+        }
+        if let Some(t) = &self.tls {
+            files.push(("tls.key", t.key.as_path()));
+        }
+        files
+    }
+
+    /// What is wrong with the secret files as this user sees them: one
+    /// readable by every user, or one that cannot be read. A self-signed
+    /// key not made yet is not a problem.
+    pub fn secret_warnings(&self) -> Vec<String> {
+        use std::os::unix::fs::PermissionsExt;
+        let mut out = Vec::new();
+        for (key, path) in self.secret_files() {
+            let meta = match std::fs::metadata(path) {
+                Ok(m) => m,
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::NotFound
+                        && key == "tls.key"
+                        && self.tls.as_ref().is_some_and(|t| t.self_signed) =>
+                {
+                    continue
+                }
+                Err(e) => {
+                    out.push(format!(
+                        "{key} {}: {e} (the daemon's user, outpost, must be able to read it)",
+                        path.display()
+                    ));
+                    continue;
+                }
+            };
+            let mode = meta.permissions().mode() & 0o7777;
+            if mode & 0o004 != 0 {
+                out.push(format!(
+                    "{key} {} is readable by every user (mode {mode:04o}): \
+                     chown root:outpost it and chmod 640 it",
+                    path.display()
+                ));
+            } else if let Err(e) = std::fs::File::open(path) {
+                out.push(format!(
+                    "{key} {}: cannot be read by this user: {e} (the daemon's user, outpost, \
+                     must be able to: chown root:outpost it and chmod 640 it)",
+                    path.display()
+                ));
+            }
+        }
+        out
     }
 
     /// Checks that concern more than one value. Returns the key to blame.
@@ -522,6 +625,75 @@ mod tests {
         );
         assert!(t("hq.example:smtp").is_err());
         assert!(t("[hq.example").is_err());
+    }
+
+    #[test]
+    fn a_self_signed_certificate_goes_under_the_store_directory() {
+        let c = parse("[store]\npath = \"/var/lib/op/queue.sqlite\"\n[tls]\nself_signed = true\n")
+            .unwrap_or_else(|e| panic!("{e}"));
+        let t = c.tls.as_ref().unwrap();
+        assert_eq!(t.certificate, Path::new("/var/lib/op/tls/cert.pem"));
+        assert_eq!(t.key, Path::new("/var/lib/op/tls/key.pem"));
+        // Paths given are kept; check-config prints the effective ones.
+        let c = parse("[tls]\nself_signed = true\ncertificate = \"/etc/c.pem\"\n").unwrap();
+        assert_eq!(c.tls.as_ref().unwrap().certificate, Path::new("/etc/c.pem"));
+        assert_eq!(
+            c.tls.as_ref().unwrap().key,
+            Path::new("/var/lib/outpost/tls/key.pem")
+        );
+        assert!(c.to_toml().contains("/var/lib/outpost/tls/key.pem"));
+        // Without self_signed the files must be named.
+        let e = parse("[tls]\nkey = \"/etc/k.pem\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("tls.certificate") && e.contains("self_signed = true"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn secret_files_readable_by_every_user_are_named() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let secret = dir.path().join("upstream.secret");
+        std::fs::write(&secret, "pw\n").unwrap();
+        std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let text = format!(
+            "[upstream]\nusername = \"u\"\npassword_file = \"{}\"\n\
+             [tls]\nself_signed = true\nkey = \"{}\"\ncertificate = \"{}\"\n",
+            secret.display(),
+            dir.path().join("tls/key.pem").display(),
+            dir.path().join("tls/cert.pem").display()
+        );
+        let c = parse(&text).unwrap();
+        let w = c.secret_warnings();
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(
+            w[0].contains("upstream.password_file")
+                && w[0].contains("readable by every user (mode 0644)")
+                && w[0].contains("chmod 640"),
+            "{w:?}"
+        );
+        // A self-signed key not made yet is fine; a private secret is too.
+        std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o640)).unwrap();
+        assert!(c.secret_warnings().is_empty(), "{:?}", c.secret_warnings());
+        // A key that is readable by everyone is named as well.
+        std::fs::create_dir(dir.path().join("tls")).unwrap();
+        std::fs::write(dir.path().join("tls/key.pem"), "k").unwrap();
+        std::fs::set_permissions(
+            dir.path().join("tls/key.pem"),
+            std::fs::Permissions::from_mode(0o604),
+        )
+        .unwrap();
+        let w = c.secret_warnings();
+        assert!(w.len() == 1 && w[0].contains("tls.key"), "{w:?}");
+        // A missing password file is named too.
+        std::fs::remove_file(&secret).unwrap();
+        assert!(c
+            .secret_warnings()
+            .iter()
+            .any(|w| w.contains("upstream.password_file") && w.contains("outpost")));
     }
 
     #[test]

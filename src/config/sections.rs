@@ -100,7 +100,12 @@ impl fmt::Display for ListenMode {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct TlsConfig {
+    /// Required unless `self_signed`; then `<store dir>/tls/cert.pem` when
+    /// not given (filled in by [`super::Config::parse`]).
+    #[serde(default)]
     pub certificate: PathBuf,
+    /// Required unless `self_signed`; then `<store dir>/tls/key.pem`.
+    #[serde(default)]
     pub key: PathBuf,
     /// Make a self-signed certificate on first start when the files are missing.
     #[serde(default)]

@@ -92,8 +92,76 @@ pub(crate) fn sql_err(path: &Path) -> impl Fn(rusqlite::Error) -> StoreError + '
     }
 }
 
+/// Creates `path` empty with mode 0600 when it does not exist, so that
+/// nobody but its owner ever reads it (SQLite gives the `-wal` and `-shm`
+/// files the database's mode). Run as root in a directory someone else owns
+/// (`outpost user add` before the daemon's first start), the file goes to
+/// that directory's owner, or the daemon could not open it. An existing
+/// file of ours that others may read (made by an older outpost, through
+/// the umask) is made private, with its `-wal` and `-shm`. Returns whether
+/// it made the file.
+pub(crate) fn private_file(path: &Path) -> std::io::Result<bool> {
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+    {
+        Ok(_) => {
+            if rustix::process::geteuid().is_root() {
+                let dir = path
+                    .parent()
+                    .filter(|d| !d.as_os_str().is_empty())
+                    .unwrap_or(Path::new("."));
+                let owner = std::fs::metadata(dir)?;
+                if owner.uid() != 0 {
+                    std::os::unix::fs::chown(path, Some(owner.uid()), Some(owner.gid()))?;
+                }
+            }
+            Ok(true)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            let meta = std::fs::metadata(path)?;
+            let mode = meta.permissions().mode();
+            if meta.uid() == rustix::process::geteuid().as_raw() && mode & 0o077 != 0 {
+                for suffix in ["", "-wal", "-shm"] {
+                    let mut p = path.as_os_str().to_owned();
+                    p.push(suffix);
+                    match std::fs::set_permissions(
+                        &p,
+                        std::fs::Permissions::from_mode(mode & 0o700),
+                    ) {
+                        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+                        _ => {}
+                    }
+                }
+            }
+            Ok(false)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Creates the directory `dir` (and its parents) with mode 0700 when missing.
+pub(crate) fn private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+}
+
 /// Opens a connection with the settings every connection needs.
 pub(crate) fn connect(path: &Path) -> Result<Connection, StoreError> {
+    private_file(path).map_err(|e| {
+        let hint = if e.kind() == std::io::ErrorKind::PermissionDenied {
+            " (the store belongs to the user the daemon runs as: run this as root or as that user)"
+        } else {
+            ""
+        };
+        StoreError::Failed(format!("{}: {e}{hint}", path.display()))
+    })?;
     let conn = Connection::open_with_flags(
         path,
         OpenFlags::SQLITE_OPEN_READ_WRITE
@@ -184,7 +252,7 @@ impl Store {
     /// missing, and brings the schema up to date.
     pub fn open(path: &Path) -> Result<Store, StoreError> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|source| StoreError::Io {
+            private_dir(dir).map_err(|source| StoreError::Io {
                 path: dir.to_path_buf(),
                 source,
             })?;
@@ -816,4 +884,67 @@ pub fn unix_now() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn mode(p: &Path) -> u32 {
+        std::fs::metadata(p).unwrap().permissions().mode() & 0o777
+    }
+
+    #[test]
+    fn the_store_is_readable_by_its_owner_only() {
+        let dir = tempfile::tempdir().unwrap();
+        // Whatever the umask says.
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let path = dir.path().join("state/queue.sqlite");
+        let store = Store::open(&path).unwrap();
+        store.add_user("alice", "a password").unwrap();
+        assert_eq!(mode(&dir.path().join("state")), 0o700);
+        for f in ["queue.sqlite", "queue.sqlite-wal", "queue.sqlite-shm"] {
+            assert_eq!(mode(&dir.path().join("state").join(f)), 0o600, "{f}");
+        }
+        drop(store);
+        // A store an older outpost made through a looser umask is made
+        // private when it is next opened, with its WAL.
+        for f in ["queue.sqlite", "queue.sqlite-wal"] {
+            let p = dir.path().join("state").join(f);
+            if p.exists() {
+                std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o640)).unwrap();
+            }
+        }
+        let store = Store::open(&path).unwrap();
+        assert!(store.user_exists("alice").unwrap());
+        assert_eq!(mode(&path), 0o600);
+        let wal = dir.path().join("state/queue.sqlite-wal");
+        if wal.exists() {
+            assert_eq!(mode(&wal), 0o600);
+        }
+    }
+
+    #[test]
+    fn a_store_root_makes_goes_to_the_owner_of_its_directory() {
+        use std::os::unix::fs::MetadataExt;
+        if !rustix::process::geteuid().is_root() {
+            eprintln!("only root makes files for another user: nothing to check");
+            return;
+        }
+        // `outpost user add` as root before the daemon (user outpost, here
+        // nobody's uid) ever started: the daemon must be able to open it.
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        private_dir(&state).unwrap();
+        std::os::unix::fs::chown(&state, Some(65534), Some(65534)).unwrap();
+        let path = state.join("queue.sqlite");
+        let store = Store::open(&path).unwrap();
+        store.add_user("alice", "a password").unwrap();
+        for f in ["queue.sqlite", "queue.sqlite-wal", "queue.sqlite-shm"] {
+            let meta = std::fs::metadata(state.join(f)).unwrap();
+            assert_eq!((meta.uid(), meta.gid()), (65534, 65534), "{f}");
+            assert_eq!(meta.mode() & 0o777, 0o600, "{f}");
+        }
+    }
 }

@@ -533,7 +533,7 @@ fn read_secret(path: &Path) -> Result<String, String> {
     let meta = std::fs::metadata(path)
         .map_err(|e| format!("upstream.password_file {}: {e}", path.display()))?;
     if meta.permissions().mode() & 0o004 != 0 {
-        warn!(file = %path.display(), "upstream.password_file is readable by every user: chmod 640 it");
+        warn!(file = %path.display(), "upstream.password_file is readable by every user: chown root:outpost it and chmod 640 it");
     }
     let s = std::fs::read_to_string(path)
         .map_err(|e| format!("upstream.password_file {}: {e}", path.display()))?;

@@ -28,12 +28,11 @@ impl FlushLock {
     ) -> Result<FlushLock, String> {
         let path = Self::path(store);
         let err = |e: std::io::Error| format!("flush lock {}: {e}", path.display());
-        let f = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .map_err(err)?;
+        // Made like the store (0600, the directory's owner when root makes
+        // it); flock needs no write access, so a lock file another user
+        // made (root, with an older outpost) does not stop the daemon.
+        crate::queue::private_file(&path).map_err(err)?;
+        let f = std::fs::File::open(&path).map_err(err)?;
         match f.try_lock() {
             Ok(()) => return Ok(FlushLock(f)),
             Err(std::fs::TryLockError::WouldBlock) => waiting(&path),
@@ -47,6 +46,21 @@ impl FlushLock {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_lock_file_is_private_and_may_be_someone_elses() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let store = dir.path().join("q.sqlite");
+        drop(FlushLock::acquire_blocking(&store, |_| {}).unwrap());
+        let path = FlushLock::path(&store);
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        // One this process may only read (as the daemon finds a lock file
+        // root made with an older outpost) still locks.
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o444)).unwrap();
+        drop(FlushLock::acquire_blocking(&store, |_| {}).unwrap());
+    }
 
     #[tokio::test]
     async fn flush_lock_is_exclusive() {
