@@ -158,8 +158,18 @@ socket = "{d}/submit.sock"
     }
 
     fn new_ports(&mut self) {
+        let old = [self.relay, self.submission, self.submissions];
         (self.relay, self.submission, self.submissions) = three_ports();
-        self.write_config();
+        // The file as it is now (a test may have added to it), with the
+        // listeners moved.
+        let mut config = std::fs::read_to_string(&self.config_path).unwrap();
+        for (from, to) in old
+            .iter()
+            .zip([self.relay, self.submission, self.submissions])
+        {
+            config = config.replace(&format!("127.0.0.1:{from}\""), &format!("127.0.0.1:{to}\""));
+        }
+        std::fs::write(&self.config_path, config).unwrap();
     }
 
     fn try_spawn(&mut self, env: &[(&str, &str)]) -> Result<(), String> {
