@@ -20,6 +20,7 @@ pub mod control;
 pub mod dotstuff;
 pub mod guard;
 pub mod logwriter;
+pub mod metrics;
 pub mod pop3;
 pub mod queue;
 pub mod relay;
