@@ -318,11 +318,7 @@ impl Flusher {
                 done = async { tokio::join!(send, record) } => done,
                 never = watch => match never {},
             };
-            self.metrics.resumed(
-                progress
-                    .resumed_total
-                    .swap(0, std::sync::atomic::Ordering::Relaxed),
-            );
+            self.count_resumed(&progress);
             match sent {
                 Ok(s) => session = Some(s),
                 Err(e) => {

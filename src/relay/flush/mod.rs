@@ -182,6 +182,12 @@ impl Flusher {
         self
     }
 
+    /// Counts the octets the upstream had kept (CHECKPOINT) on a session.
+    fn count_resumed(&self, p: &client::Progress) {
+        let kept = p.resumed_total.swap(0, Ordering::Relaxed);
+        self.metrics.resumed(kept);
+    }
+
     /// Counts the recipients of one attempt by outcome.
     fn count_attempts(&self, c: &decide::Counts) {
         for (outcome, n) in crate::metrics::OUTCOMES.into_iter().zip([
