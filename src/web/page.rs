@@ -280,7 +280,7 @@ fn queue_table(h: &mut String, queue: &[crate::queue::MessageSummary], total: i6
                 };
                 let _ = write!(
                     h,
-                    "<td rowspan=\"{n}\" class=\"id\">{}</td><td rowspan=\"{n}\">{}</td><td rowspan=\"{n}\">{}</td><td rowspan=\"{n}\">{sender}</td>",
+                    "<td rowspan=\"{n}\" class=\"id\">{}</td><td rowspan=\"{n}\" class=\"num\">{}</td><td rowspan=\"{n}\" class=\"num\">{}</td><td rowspan=\"{n}\">{sender}</td>",
                     esc(&m.id),
                     age(now - m.received_at),
                     mib(m.size.max(0) as u64),
@@ -405,16 +405,15 @@ pub fn chart(
         lx = LEFT - 6.0,
         ty = BAND_Y + BAND_H - 4.0,
     );
+    // Runs of one state are one rectangle.
+    let mut runs: Vec<(i64, i64, LinkState)> = Vec::new();
     let mut band = |from: i64, to: i64, s: LinkState| {
-        if to > from && to > start {
-            let (x0, x1) = (x(from), x(to));
-            let _ = writeln!(
-                svg,
-                r##"<rect class="link {s}" x="{x0:.1}" y="{BAND_Y}" width="{w:.1}" height="{BAND_H}" fill="{c}"><title>link {s}</title></rect>"##,
-                s = s.as_str(),
-                w = (x1 - x0).max(0.5),
-                c = link_color(s),
-            );
+        if to <= from || to <= start {
+            return;
+        }
+        match runs.last_mut() {
+            Some(last) if last.2 == s && last.1 >= from => last.1 = last.1.max(to),
+            _ => runs.push((from, to, s)),
         }
     };
     for pair in points.windows(2) {
@@ -423,26 +422,42 @@ pub fn chart(
         band(a.0, end.min(link_since.max(a.0)), a.2);
     }
     band(link_since.max(start), now, link_now);
+    for (from, to, s) in runs {
+        let (x0, x1) = (x(from), x(to));
+        let _ = writeln!(
+            svg,
+            r##"<rect class="link {s}" x="{x0:.1}" y="{BAND_Y}" width="{w:.1}" height="{BAND_H}" fill="{c}"><title>link {s}</title></rect>"##,
+            s = s.as_str(),
+            w = (x1 - x0).max(0.5),
+            c = link_color(s),
+        );
+    }
     // The depth: a step line, broken at gaps.
     let mut path = String::new();
     let mut pen_down = false;
+    let mut last_v = None;
     for (i, p) in points.iter().enumerate() {
         let (t, v) = (p.0, p.1);
         if !pen_down {
             let _ = write!(path, "M{:.1},{:.1} ", x(t), y(v));
             pen_down = true;
-        } else {
+        } else if last_v != Some(v) {
             let _ = write!(path, "V{:.1} ", y(v));
         }
+        last_v = Some(v);
         match points.get(i + 1) {
             Some(next) if next.0 - t > GAP => {
                 let _ = write!(path, "H{:.1} ", x(t + 60));
                 pen_down = false;
             }
+            // The level goes on: one H for the whole run.
+            Some(next) if next.1 == v => {}
             Some(next) => {
                 let _ = write!(path, "H{:.1} ", x(next.0));
             }
-            None => {}
+            None => {
+                let _ = write!(path, "H{:.1} ", x(t));
+            }
         }
     }
     let _ = writeln!(
@@ -501,6 +516,7 @@ table.queue{width:100%;font-size:13px}
 table.queue th,table.queue td{border-bottom:1px solid #e5e5e5;padding:.3em .5em;text-align:left;vertical-align:top}
 table.queue th{background:#f3f3f3}
 td.id{font-family:ui-monospace,monospace}
+td.num{white-space:nowrap}
 td.reply{font-family:ui-monospace,monospace;font-size:12px;color:#444;word-break:break-word}
 .state{font-weight:600}
 .state.up{color:#2e7d32}.state.down{color:#c62828}.state.closed,.state.unknown{color:#757575}
