@@ -152,4 +152,61 @@ mod tests {
         drop(writer);
         thread.join();
     }
+
+    fn msg(received_at: i64, domains: &[&str]) -> NewMessage {
+        NewMessage {
+            id: QueueId::generate(),
+            received_at,
+            sender: "s@x.example".into(),
+            client_addr: "127.0.0.1".into(),
+            client_helo: "h".into(),
+            auth_user: None,
+            protocol: "ESMTP".into(),
+            body_type: None,
+            smtputf8: false,
+            dsn_ret: None,
+            dsn_envid: None,
+            recipients: domains
+                .iter()
+                .enumerate()
+                .map(|(i, d)| NewRecipient {
+                    address: format!("u{i}@{d}"),
+                    domain: d.to_string(),
+                    route: Route::Upstream,
+                    dsn_notify: None,
+                    dsn_orcpt: None,
+                    mailboxes: Vec::new(),
+                })
+                .collect(),
+            body: b"Subject: x\r\n\r\nx\r\n".to_vec(),
+        }
+    }
+
+    #[tokio::test]
+    async fn domains_are_cut_to_the_largest_and_the_oldest_come_first() {
+        let (_dir, store, path) = store();
+        let (writer, thread) = Writer::start(&path).unwrap();
+        let newest = msg(300, &["b.example", "c.example"]);
+        let oldest = msg(100, &["a.example", "a.example", "b.example"]);
+        let middle = msg(200, &["a.example", "d.example"]);
+        for m in [newest, oldest.clone(), middle] {
+            writer.insert(m).await.unwrap();
+        }
+        assert_eq!(
+            store.pending_by_domain(2).unwrap(),
+            vec![
+                ("a.example".to_string(), 3),
+                ("b.example".to_string(), 2),
+                ("other".to_string(), 2)
+            ]
+        );
+        assert_eq!(store.pending_by_domain(10).unwrap().len(), 4);
+        let (first, total) = store.oldest_pending(1).unwrap();
+        assert_eq!(total, 3);
+        assert_eq!(first.len(), 1);
+        assert_eq!(first[0].id, oldest.id.to_string());
+        assert_eq!(first[0].recipients.len(), 3);
+        drop(writer);
+        thread.join();
+    }
 }
