@@ -177,10 +177,14 @@ fn counters_and_gauges_follow_accepted_refused_and_flushed_mail() {
     c.send(b"Subject: bare\n\nbody\r\n.\r\n");
     let r = c.reply();
     assert!(r.starts_with("550 5.5.2"), "{r}");
+    // A failed login (AUTH is offered without TLS on loopback).
+    let r = c.cmd("AUTH PLAIN AG5vYm9keQB3cm9uZw==");
+    assert!(r.starts_with("535"), "{r}");
     c.cmd("QUIT");
 
     let m = scrape(port);
     assert_eq!(value(&m, "outpost_messages_accepted_total"), 2.0);
+    assert_eq!(value(&m, "outpost_auth_failures_total"), 1.0);
     assert_eq!(
         value(
             &m,
