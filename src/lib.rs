@@ -20,6 +20,7 @@ pub mod control;
 pub mod dotstuff;
 pub mod guard;
 pub mod logwriter;
+pub mod metrics;
 pub mod pop3;
 pub mod queue;
 pub mod relay;
@@ -27,6 +28,7 @@ pub mod server;
 pub mod shared;
 pub mod smtp;
 pub mod tls;
+pub mod web;
 pub mod window;
 
 use std::future::Future;
@@ -103,6 +105,18 @@ pub async fn serve(
     if listeners.is_empty() {
         warn!("no [[listen]] entries: nothing will be accepted");
     }
+    // GET /metrics and the status page, when asked for (bound now, so a
+    // port in use stops the start like the mail listeners do).
+    let web_listener = match &config.metrics {
+        Some(m) => Some(TcpListener::bind(m.address).await.with_context(|| {
+            format!(
+                "cannot listen on {} (metrics.address): choose a free port, or remove [metrics]",
+                m.address
+            )
+        })?),
+        None => None,
+    };
+    let metrics = metrics::Metrics::default();
     // The flusher in use; a reload publishes a new one. At shutdown the
     // flush in progress finishes its transactions in flight and starts none.
     let stopping = Arc::new(AtomicBool::new(false));
@@ -111,7 +125,8 @@ pub async fn serve(
     let (flusher_tx, flusher_rx) = watch::channel(
         Flusher::new(config.clone(), store.clone(), writer.clone())
             .stopping_on(stopping.clone())
-            .serving_turned(turned_tx.clone()),
+            .serving_turned(turned_tx.clone())
+            .counting_into(metrics.clone()),
     );
     let control = control::bind(&config.control.socket)
         .with_context(|| format!("control.socket {}", config.control.socket.display()))?;
@@ -159,8 +174,16 @@ pub async fn serve(
     ));
     let shared = Arc::new(
         Shared::new(config.clone(), store.clone(), writer.clone(), tls, triggers)
-            .with_logins(logins),
+            .with_logins(logins)
+            .with_metrics(metrics.clone()),
     );
+    let web = web_listener.map(|listener| {
+        info!(address = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "serving /metrics and the status page");
+        (
+            tokio::spawn(web::serve(listener, shared.clone(), stop_rx.clone())),
+            tokio::spawn(web::run_sampler(writer.clone(), stop_rx.clone())),
+        )
+    });
     // Sessions on turned connections see the daemon's stop like others.
     let (turned_phase_tx, turned_phase_rx) = watch::channel(shared::Phase::Running);
     let atrn_branch = tokio::spawn(atrn_branch(
@@ -191,6 +214,11 @@ pub async fn serve(
                     ("store.path", new.store.path != first.store.path),
                     ("control.socket", new.control.socket != first.control.socket),
                     (
+                        "metrics.address",
+                        new.metrics.as_ref().map(|m| m.address)
+                            != first.metrics.as_ref().map(|m| m.address),
+                    ),
+                    (
                         "submit",
                         new.submit.socket != first.submit.socket
                             || new.submit.mode != first.submit.mode,
@@ -209,7 +237,8 @@ pub async fn serve(
                 let _ = flusher_tx.send(
                     Flusher::new(new.clone(), store.clone(), writer.clone())
                         .stopping_on(stopping.clone())
-                        .serving_turned(turned_tx.clone()),
+                        .serving_turned(turned_tx.clone())
+                        .counting_into(metrics.clone()),
                 );
                 // The server logs "configuration reloaded" once its
                 // listeners follow.
@@ -239,6 +268,10 @@ pub async fn serve(
     let _ = runner.await;
     let _ = prober.await;
     let _ = housekeeping.await;
+    if let Some((server, sampler)) = web {
+        let _ = server.await;
+        let _ = sampler.await;
+    }
     let _ = turned_phase_tx.send(shared::Phase::Stopped);
     let _ = atrn_hub.await;
     let _ = atrn_branch.await;

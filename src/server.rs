@@ -203,6 +203,9 @@ async fn accept_loop(
         let _ = stream.set_nodelay(true);
         match shared.admit(peer.ip()) {
             Ok(slot) => {
+                shared
+                    .metrics
+                    .session(listen.address.to_string(), listen.mode.to_string());
                 let alive = alive.clone();
                 let (shared, listen, phase) = (shared.clone(), listen.clone(), phase.clone());
                 // Every line a session logs carries its peer and listener.
@@ -225,6 +228,10 @@ async fn accept_loop(
                 );
             }
             Err(why) => {
+                shared.metrics.session_refused(match why {
+                    Refused::Busy => "busy",
+                    Refused::TooManyFromClient => "per_client",
+                });
                 let r = match why {
                     Refused::Busy => reply::too_many_connections(),
                     Refused::TooManyFromClient => reply::too_many_from_you(),
@@ -259,9 +266,11 @@ async fn accept_local(
         };
         let uid = stream.peer_cred().map(|c| c.uid()).unwrap_or(u32::MAX);
         let Some(permit) = shared.local_slot() else {
+            shared.metrics.session_refused("busy");
             tokio::spawn(refuse(stream, reply::too_many_connections()));
             continue;
         };
+        shared.metrics.session("local".into(), "local".into());
         let alive = alive.clone();
         let (shared, phase) = (shared.clone(), phase.clone());
         let span = tracing::info_span!("session", peer = %Peer::Local { uid }, mode = "local");

@@ -82,6 +82,8 @@ pub struct Shared {
     pub logins: Arc<crate::guard::LoginGuard>,
     /// Where password checks run (`auth.verify_threads`).
     pub verifier: crate::auth::VerifyPool,
+    /// Event counters for `GET /metrics` (`[metrics]`).
+    pub metrics: crate::metrics::Metrics,
 }
 
 /// How sessions hand work to the daemon's flush runner.
@@ -123,6 +125,7 @@ impl Shared {
             maildrops: Mutex::new(std::collections::HashSet::new()),
             logins: Arc::default(),
             verifier: crate::auth::VerifyPool::new(config.auth.verify_threads),
+            metrics: Default::default(),
             config: std::sync::RwLock::new(config),
             store,
             writer,
@@ -133,6 +136,12 @@ impl Shared {
     /// Shares `logins` (the daemon shows it on the control socket).
     pub fn with_logins(mut self, logins: Arc<crate::guard::LoginGuard>) -> Shared {
         self.logins = logins;
+        self
+    }
+
+    /// Counts into `metrics` (the daemon serves them on `[metrics]`).
+    pub fn with_metrics(mut self, metrics: crate::metrics::Metrics) -> Shared {
+        self.metrics = metrics;
         self
     }
 
@@ -165,6 +174,7 @@ impl Shared {
     /// Counts a failed login (SMTP or POP3) across sessions and logs what
     /// it led to. `account` only when it exists.
     pub fn login_failed(&self, config: &Config, client: IpAddr, account: Option<&str>, peer: &str) {
+        self.metrics.auth_failed();
         let v = self.logins.failed(
             client,
             config.smtp.ipv6_client_prefix,

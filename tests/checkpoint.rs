@@ -136,9 +136,25 @@ fn body_of(size: usize) -> Vec<u8> {
 }
 
 fn branch_to(port: u16) -> Gateway {
+    branch_with(port, "")
+}
+
+fn branch_with(port: u16, extra: &str) -> Gateway {
     Gateway::start(&format!(
-        "[upstream]\nserver = \"[127.0.0.1]:{port}\"\ntls = \"none\"\n[flush]\nprobe_interval = \"0s\"\n"
+        "[upstream]\nserver = \"[127.0.0.1]:{port}\"\ntls = \"none\"\n[flush]\nprobe_interval = \"0s\"\n{extra}"
     ))
+}
+
+/// One sample of the branch's `GET /metrics` (0 when absent).
+fn metric(port: u16, series: &str) -> f64 {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or(0.0)
 }
 
 fn send(g: &Gateway, body: &[u8]) -> String {
@@ -163,7 +179,8 @@ fn partial(hub: &Gateway, id: &str) -> Option<outpost::queue::Partial> {
 fn cut_and_resume(how: Break) -> (usize, Vec<usize>) {
     let hub = Gateway::start("");
     let (port, counts) = proxy(hub.relay, how);
-    let branch = branch_to(port);
+    let web = common::free_port();
+    let branch = branch_with(port, &format!("[metrics]\naddress = \"127.0.0.1:{web}\"\n"));
     let id = send(&branch, &big_body());
     let stored = branch.body(&id);
 
@@ -187,6 +204,22 @@ fn cut_and_resume(how: Break) -> (usize, Vec<usize>) {
     );
     let p = partial(&hub, &id).expect("the checkpoint is remembered");
     assert!(p.content.is_empty() && p.queue_id.is_some(), "{p:?}");
+    // What the hub had kept is counted as resumed, not as sent again.
+    let resumed = metric(web, "outpost_checkpoint_resumed_bytes_total") as i64;
+    match kept {
+        Some((size, _)) if size > 0 => assert!(
+            resumed >= size && resumed <= stored.len() as i64,
+            "resumed {resumed}, kept {size}"
+        ),
+        _ => assert_eq!(resumed, 0, "nothing was kept"),
+    }
+    assert_eq!(
+        metric(
+            web,
+            "outpost_delivery_attempts_total{outcome=\"delivered\"}"
+        ),
+        1.0
+    );
     let counts = counts.lock().unwrap().clone();
     (
         kept.map(|k| k.0 as usize).unwrap_or(0) + usize::from(kept.is_some_and(|k| k.1)),

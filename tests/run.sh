@@ -18,6 +18,8 @@ command -v faketime >/dev/null || need+=(faketime)
 command -v systemd-analyze >/dev/null || need+=(systemd)
 # tests/package.sh installs the package into a clean Debian root.
 command -v debootstrap >/dev/null || need+=(debootstrap)
+# The status page is checked in a real browser (tests/status_page.rs).
+command -v chromium >/dev/null || need+=(chromium)
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing: ${need[*]}"
   export DEBIAN_FRONTEND=noninteractive

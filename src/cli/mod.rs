@@ -5,7 +5,7 @@ mod flush;
 mod mailbox;
 mod queue;
 pub mod sendmail;
-mod status;
+pub mod status;
 mod user;
 
 use std::path::PathBuf;

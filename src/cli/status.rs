@@ -7,81 +7,104 @@ use serde_json::json;
 use super::queue::terminal_safe;
 use super::{exit, open_store};
 use crate::config::Config;
-use crate::queue::{unix_now, RecipientState};
+use crate::queue::{
+    unix_now, DiskUsage, HeldDomain, LinkStatus, QueueCounts, RecipientState, Store, StoreError,
+    Transfer,
+};
 use crate::relay::decide;
 
-pub fn run(config: &Config, as_json: bool) -> ExitCode {
-    let store = match open_store(config) {
-        Ok(s) => s,
-        Err(code) => return code,
-    };
-    let now = unix_now();
-    let local = chrono::Local::now().naive_local();
-    let (link, counts, held, etrn, disk, sent_today) = match store.link(now).and_then(|l| {
-        Ok((
-            l,
-            store.counts()?,
-            store.held_by_domain()?,
-            store.last_etrn()?,
-            store.disk_usage()?,
-            store.sent_on(&local.date().to_string())?,
-        ))
-    }) {
-        Ok(x) => x,
-        Err(e) => {
-            eprintln!("outpost: {e}");
-            return ExitCode::from(exit::IOERR);
-        }
-    };
-    let oldest_age = counts.oldest.map(|t| (now - t).max(0));
-    let logins = daemon_logins(config);
-    let transfers = match store.transfers() {
-        Ok(t) => t,
-        Err(e) => {
-            eprintln!("outpost: {e}");
-            return ExitCode::from(exit::IOERR);
-        }
-    };
-    // What waits for a window or the budget, as the next flush would see it
-    // (reading the whole queue only when windows or a budget are set).
-    let flush = &config.flush;
-    let gated = !flush.windows.is_empty()
-        || !flush.large_message_window.is_empty()
-        || flush.daily_byte_budget > 0;
-    let waiting = if gated {
-        let pending = match store.pending_outbound() {
-            Ok(p) => p,
-            Err(e) => {
-                eprintln!("outpost: {e}");
-                return ExitCode::from(exit::IOERR);
-            }
+/// Everything `outpost status` shows, read at one moment; the status page
+/// (`GET /` on `[metrics]`) shows the same.
+pub struct Status {
+    pub now: i64,
+    pub link: LinkStatus,
+    pub counts: QueueCounts,
+    pub held: Vec<HeldDomain>,
+    /// The last ETRN we sent: when, and what the upstream said.
+    pub etrn: (Option<i64>, Option<String>),
+    pub disk: DiskUsage,
+    pub sent_today: i64,
+    pub oldest_age: Option<i64>,
+    pub transfers: Vec<Transfer>,
+    /// What waits for a window or the budget.
+    pub waiting: decide::Waiting,
+    pub gate_change: Option<chrono::NaiveDateTime>,
+    pub next_flush: Option<i64>,
+    /// Blocked clients and accounts under attack, from the daemon (None
+    /// when none answers).
+    pub logins: Option<crate::guard::Report>,
+}
+
+impl Status {
+    /// Reads the store (and takes `logins` as the daemon reported them).
+    pub fn gather(
+        config: &Config,
+        store: &Store,
+        logins: Option<crate::guard::Report>,
+    ) -> Result<Status, StoreError> {
+        let now = unix_now();
+        let local = chrono::Local::now().naive_local();
+        let link = store.link(now)?;
+        let counts = store.counts()?;
+        let held = store.held_by_domain()?;
+        let etrn = store.last_etrn()?;
+        let disk = store.disk_usage()?;
+        let sent_today = store.sent_on(&local.date().to_string())?;
+        let oldest_age = counts.oldest.map(|t| (now - t).max(0));
+        let transfers = store.transfers()?;
+        // What waits for a window or the budget, as the next flush would
+        // see it (reading the whole queue only when windows or a budget
+        // are set).
+        let flush = &config.flush;
+        let gated = !flush.windows.is_empty()
+            || !flush.large_message_window.is_empty()
+            || flush.daily_byte_budget > 0;
+        let waiting = if gated {
+            decide::select(
+                store.pending_outbound()?,
+                &Default::default(),
+                now,
+                flush.large_message_size as i64,
+                &decide::gate(flush, local, sent_today),
+            )
+            .waiting
+        } else {
+            decide::Waiting::default()
         };
-        decide::select(
-            pending,
-            &Default::default(),
+        let gate_change = decide::next_gate_change(flush, local);
+        // The next flush: the schedule's next tick (fixed times, see
+        // relay::decide::next_tick), or when deferred mail next comes due,
+        // whichever is later.
+        let next_timer = flush
+            .interval
+            .map(|i| decide::next_tick(i, now * 1000).div_euclid(1000));
+        let next_flush = match (next_timer, counts.next_due) {
+            (Some(t), Some(d)) => Some(t.max(d)),
+            (Some(t), None) => Some(t),
+            _ => None,
+        };
+        Ok(Status {
             now,
-            flush.large_message_size as i64,
-            &decide::gate(flush, local, sent_today),
-        )
-        .waiting
-    } else {
-        decide::Waiting::default()
-    };
-    let gate_change = decide::next_gate_change(flush, local);
-    // The next flush: the schedule's next tick (fixed times, see
-    // relay::decide::next_tick), or when deferred mail next comes due,
-    // whichever is later.
-    let next_timer = config
-        .flush
-        .interval
-        .map(|i| crate::relay::decide::next_tick(i, now * 1000).div_euclid(1000));
-    let next_flush = match (next_timer, counts.next_due) {
-        (Some(t), Some(d)) => Some(t.max(d)),
-        (Some(t), None) => Some(t),
-        _ => None,
-    };
-    if as_json {
-        let v = json!({
+            link,
+            counts,
+            held,
+            etrn,
+            disk,
+            sent_today,
+            oldest_age,
+            transfers,
+            waiting,
+            gate_change,
+            next_flush,
+            logins,
+        })
+    }
+
+    /// `outpost status --json`.
+    pub fn to_json(&self, config: &Config, store_path: &std::path::Path) -> serde_json::Value {
+        let (link, counts, now) = (&self.link, &self.counts, self.now);
+        let (waiting, flush) = (&self.waiting, &config.flush);
+        json!({
             "link": {
                 "state": link.state.as_str(),
                 "since": rfc3339(link.since),
@@ -90,21 +113,21 @@ pub fn run(config: &Config, as_json: bool) -> ExitCode {
             "last_flush": link.last_flush_at.map(|at| json!({ "at": rfc3339(at), "result": link.last_flush_result })),
             "counts": { "queued": counts.count(RecipientState::Queued), "deferred": counts.count(RecipientState::Deferred), "held": counts.count(RecipientState::Held) },
             "uncertain": counts.uncertain,
-            "oldest_age_seconds": oldest_age,
-            "next_flush": next_flush.map(rfc3339),
+            "oldest_age_seconds": self.oldest_age,
+            "next_flush": self.next_flush.map(rfc3339),
             "next_due": counts.next_due.map(rfc3339),
-            "last_etrn": etrn.0.map(|at| json!({ "at": rfc3339(at), "result": etrn.1 })),
+            "last_etrn": self.etrn.0.map(|at| json!({ "at": rfc3339(at), "result": self.etrn.1 })),
             "waiting": {
                 "window": waiting.window,
                 "large_window": waiting.large_window,
                 "budget": waiting.budget,
-                "next_change": gate_change.map(|t| t.format("%Y-%m-%dT%H:%M").to_string()),
+                "next_change": self.gate_change.map(|t| t.format("%Y-%m-%dT%H:%M").to_string()),
             },
             "budget": (flush.daily_byte_budget > 0).then(|| json!({
                 "limit": flush.daily_byte_budget,
-                "sent_today": sent_today,
+                "sent_today": self.sent_today,
             })),
-            "transfers": transfers.iter().map(|t| {
+            "transfers": self.transfers.iter().map(|t| {
                 let v = TransferView::of(t, now);
                 json!({
                     "id": t.message_id,
@@ -118,23 +141,55 @@ pub fn run(config: &Config, as_json: bool) -> ExitCode {
                     "updated_at": rfc3339(t.updated_at),
                 })
             }).collect::<Vec<_>>(),
-            "held": held.iter().map(|h| json!({
+            "held": self.held.iter().map(|h| json!({
                 "domain": h.domain,
                 "messages": h.messages,
                 "last_asked": h.last_asked.map(rfc3339),
             })).collect::<Vec<_>>(),
             "store": {
-                "path": store.path().display().to_string(),
-                "size_bytes": disk.size_bytes,
-                "wal_bytes": disk.wal_bytes,
-                "free_bytes": disk.free_bytes,
+                "path": store_path.display().to_string(),
+                "size_bytes": self.disk.size_bytes,
+                "wal_bytes": self.disk.wal_bytes,
+                "free_bytes": self.disk.free_bytes,
             },
             // null when no daemon runs (the state is the daemon's).
-            "logins": logins,
-        });
-        println!("{v}");
+            "logins": self.logins,
+        })
+    }
+}
+
+pub fn run(config: &Config, as_json: bool) -> ExitCode {
+    let store = match open_store(config) {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
+    let status = match Status::gather(config, &store, daemon_logins(config)) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("outpost: {e}");
+            return ExitCode::from(exit::IOERR);
+        }
+    };
+    if as_json {
+        println!("{}", status.to_json(config, store.path()));
         return ExitCode::from(exit::OK);
     }
+    let Status {
+        now,
+        link,
+        counts,
+        held,
+        etrn,
+        disk,
+        sent_today,
+        oldest_age,
+        transfers,
+        waiting,
+        gate_change,
+        next_flush,
+        logins,
+    } = status;
+    let flush = &config.flush;
     println!(
         "link:        {} since {} ({} ago)",
         link.state,
@@ -294,7 +349,7 @@ impl TransferView {
 }
 
 /// One line about a big message on its way, or cut on its way.
-pub(super) fn transfer_line(t: &crate::queue::Transfer, now: i64) -> String {
+pub fn transfer_line(t: &crate::queue::Transfer, now: i64) -> String {
     let v = TransferView::of(t, now);
     let pct = if t.size > 0 { t.sent * 100 / t.size } else { 0 };
     let done = format!("{} of {} ({pct} %)", octets(t.sent), octets(t.size));
@@ -328,7 +383,7 @@ fn octets(n: i64) -> String {
     }
 }
 
-pub(super) fn rfc3339(t: i64) -> String {
+pub fn rfc3339(t: i64) -> String {
     chrono::DateTime::from_timestamp(t, 0)
         .map(|d| d.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
         .unwrap_or_default()
@@ -350,7 +405,7 @@ fn bytes(n: u64) -> String {
     }
 }
 
-pub(super) fn age(secs: i64) -> String {
+pub fn age(secs: i64) -> String {
     let s = secs.max(0);
     let (d, h, m) = (s / 86400, s % 86400 / 3600, s % 3600 / 60);
     if d > 0 {

@@ -48,6 +48,9 @@ pub struct Config {
     pub hub: HubConfig,
     #[serde(default)]
     pub control: ControlConfig,
+    /// Prometheus metrics and the status page; off when absent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<MetricsConfig>,
     #[serde(default)]
     pub submit: SubmitConfig,
     #[serde(default)]
@@ -504,7 +507,8 @@ mod tests {
              [upstream]\nca_file = \"f\"\ntls_name = \"n\"\nusername = \"u\"\npassword_file = \"p\"\n\
              resolver = \"127.0.0.1:53\"\ndsn_sender = \"s@x\"\n\
              [flush]\ninterval = \"1m\"\n[local]\npostmaster = \"a\"\nquota = 1\n\
-             [submit]\ngroup = \"mail\"\n",
+             [submit]\ngroup = \"mail\"\n\
+             [metrics]\naddress = \"127.0.0.1:9465\"\n",
         )
         .unwrap_or_else(|e| panic!("{e}"));
         let value: toml::Value = toml::from_str(&c.to_toml()).unwrap();

@@ -682,6 +682,14 @@ impl Default for ControlConfig {
     }
 }
 
+/// `GET /metrics` (Prometheus) and `GET /` (the status page), read-only,
+/// on one HTTP listener. Read at start.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    pub address: SocketAddr,
+}
+
 /// The local submission socket that `outpost sendmail` (and `sendmail`,
 /// for programs) uses: SMTP from this machine, so an unprivileged user can
 /// send without access to the store.

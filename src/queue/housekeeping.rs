@@ -169,6 +169,11 @@ pub async fn run_housekeeping(
         if let Err(e) = writer.apply(vec![Change::PurgePartials { before }]).await {
             warn!("purging old checkpoints failed: {e}");
         }
+        // The status page draws the last 24 hours; 48 are kept.
+        let before = super::unix_now() - super::SAMPLES_KEPT;
+        if let Err(e) = writer.apply(vec![Change::PurgeSamples { before }]).await {
+            warn!("purging old samples failed: {e}");
+        }
         tokio::select! {
             _ = stopped(&mut stop) => return,
             _ = tokio::time::sleep(every) => {}

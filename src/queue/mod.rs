@@ -9,6 +9,7 @@
 mod body;
 mod housekeeping;
 mod model;
+mod observe;
 pub mod space;
 mod writer;
 
@@ -21,6 +22,7 @@ use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 pub use body::{spool_dir, Body, Spool, SPILL_OVER};
 pub use housekeeping::{housekeeping, housekeeping_interval, run_housekeeping, Housekeeping};
 pub use model::*;
+pub use observe::{Sample, SAMPLES_KEPT};
 pub use writer::{Applied, Change, RecipientChange, Writer, WriterThread};
 
 /// Schema migrations, in order. Each is applied once; never edit a shipped one.
@@ -42,6 +44,10 @@ const MIGRATIONS: &[(&str, &str)] = &[
     (
         "0006_checkpoint",
         include_str!("../../schema/0006_checkpoint.sql"),
+    ),
+    (
+        "0007_samples",
+        include_str!("../../schema/0007_samples.sql"),
     ),
 ];
 

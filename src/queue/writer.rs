@@ -46,6 +46,11 @@ pub enum Change {
     TransferDone { message_id: String },
     /// Checkpoints older than `before` are dropped (smtp.checkpoint_keep).
     PurgePartials { before: i64 },
+    /// The queue's depth by state and the link's state, recorded at `at`
+    /// (the status page's picture of the last day).
+    Sample { at: i64 },
+    /// Samples older than `before` are dropped.
+    PurgeSamples { before: i64 },
     /// `bytes` more octets went to the upstream on `day` (local date).
     Sent { day: String, bytes: i64 },
     /// A delay warning went out for this recipient.
@@ -389,6 +394,23 @@ fn apply(tx: &rusqlite::Savepoint<'_>, c: &Change, applied: &mut Applied) -> rus
         }
         Change::PurgePartials { before } => {
             tx.prepare_cached("DELETE FROM partials WHERE updated_at < ?1")?
+                .execute([before])?;
+            Ok(())
+        }
+        Change::Sample { at } => {
+            tx.prepare_cached(
+                "INSERT OR REPLACE INTO samples (at, queued, deferred, held, link)
+                 SELECT ?1,
+                        (SELECT count(*) FROM recipients WHERE state = 'queued'),
+                        (SELECT count(*) FROM recipients WHERE state = 'deferred'),
+                        (SELECT count(*) FROM recipients WHERE state = 'held'),
+                        (SELECT state FROM link WHERE id = 1)",
+            )?
+            .execute([at])?;
+            Ok(())
+        }
+        Change::PurgeSamples { before } => {
+            tx.prepare_cached("DELETE FROM samples WHERE at < ?1")?
                 .execute([before])?;
             Ok(())
         }

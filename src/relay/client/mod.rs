@@ -148,6 +148,8 @@ pub struct Progress {
     pub size: std::sync::atomic::AtomicU64,
     pub resumed_at: std::sync::atomic::AtomicU64,
     pub sent: std::sync::atomic::AtomicU64,
+    /// Octets the upstream had kept, summed over every resumed message.
+    pub resumed_total: std::sync::atomic::AtomicU64,
     /// When the content began to go (Unix seconds).
     pub started_at: std::sync::atomic::AtomicI64,
 }

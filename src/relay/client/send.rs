@@ -287,6 +287,9 @@ impl Session {
         let progress = &self.progress;
         progress.size.store(m.body.len() as u64, Ordering::Relaxed);
         progress.resumed_at.store(offset as u64, Ordering::Relaxed);
+        progress
+            .resumed_total
+            .fetch_add(offset as u64, Ordering::Relaxed);
         progress.sent.store(offset as u64, Ordering::Relaxed);
         progress
             .started_at

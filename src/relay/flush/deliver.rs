@@ -325,6 +325,7 @@ impl Flusher {
                 done = async { tokio::join!(send, record) } => done,
                 never = watch => match never {},
             };
+            self.count_resumed(&progress);
             match sent {
                 Ok(s) => session = Some(s),
                 Err(e) => {
@@ -393,6 +394,7 @@ impl Flusher {
                 let (m, out) = &sent[i];
                 octets += m.size;
                 let a = decide::attempt(m, &o, peer, now, &self.config, &mut rand::rng());
+                self.count_attempts(&a.counts);
                 for r in &a.results {
                     info!(queue_id = %m.id, rcpt = %r.address, upstream = %peer, outcome = %r.outcome,
                           reply = r.reply.as_deref().unwrap_or(""), "delivery attempt");
@@ -410,6 +412,7 @@ impl Flusher {
                 });
             }
             if upstream && octets > 0 {
+                self.metrics.sent_upstream(octets);
                 changes.push(Change::Sent {
                     day: chrono::Local::now().date_naive().to_string(),
                     bytes: octets,

@@ -137,6 +137,16 @@ impl Summary {
     pub fn link_down(&self) -> bool {
         self.link == LinkState::Down || (self.link == LinkState::Closed && self.waiting.total() > 0)
     }
+
+    /// The flush's result in one word, for `outpost_flushes_total`.
+    pub fn result(&self) -> &'static str {
+        match self.link {
+            LinkState::Down => "link_down",
+            LinkState::Closed => "closed",
+            _ if self.error.is_some() => "error",
+            _ => "ok",
+        }
+    }
 }
 
 /// Runs flushes; cheap to clone.
@@ -150,6 +160,8 @@ pub struct Flusher {
     /// Branch role: where a connection the hub turned around (ATRN) goes,
     /// to be served as an SMTP server. None without a daemon.
     turned: Option<mpsc::UnboundedSender<TurnedBack>>,
+    /// Flushes, attempts and octets, for `GET /metrics`.
+    pub metrics: crate::metrics::Metrics,
 }
 
 impl Flusher {
@@ -160,6 +172,31 @@ impl Flusher {
             writer,
             stop: Arc::default(),
             turned: None,
+            metrics: Default::default(),
+        }
+    }
+
+    /// Counts into `metrics` (the daemon's, served on `[metrics]`).
+    pub fn counting_into(mut self, metrics: crate::metrics::Metrics) -> Flusher {
+        self.metrics = metrics;
+        self
+    }
+
+    /// Counts the octets the upstream had kept (CHECKPOINT) on a session.
+    fn count_resumed(&self, p: &client::Progress) {
+        let kept = p.resumed_total.swap(0, Ordering::Relaxed);
+        self.metrics.resumed(kept);
+    }
+
+    /// Counts the recipients of one attempt by outcome.
+    fn count_attempts(&self, c: &decide::Counts) {
+        for (outcome, n) in crate::metrics::OUTCOMES.into_iter().zip([
+            c.delivered,
+            c.deferred,
+            c.bounced,
+            c.uncertain,
+        ]) {
+            self.metrics.attempts(outcome, n);
         }
     }
     /// This flusher stops starting transactions once `stop` is set (the
@@ -207,6 +244,7 @@ impl Flusher {
                 result,
             }])
             .await;
+        self.metrics.flush(summary.result());
         progress(&Event::Done(summary.clone()));
         summary
     }

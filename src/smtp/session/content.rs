@@ -203,6 +203,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + Sync + 'static> Session<S> {
                     ContentError::TooManyHops => reply::too_many_hops(self.config.relay.max_hops),
                 };
                 warn!(peer = %self.peer, from = %tx.sender, size, reply = %r.summary(), "message refused");
+                self.shared.metrics.refused("data", r.status);
                 return self.reply(r);
             }
         };
@@ -250,6 +251,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + Sync + 'static> Session<S> {
         match self.shared.writer.apply(changes).await {
             Ok(()) => {
                 info!(peer = %self.peer, queue_id = %id, from = %sender, rcpts = nrcpt, size = stored, "queued");
+                self.shared.metrics.accepted();
                 if let Some(n) = &self.shared.triggers.submitted {
                     n.notify_one();
                 }
@@ -262,6 +264,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + Sync + 'static> Session<S> {
                     reply::store_failed()
                 };
                 tracing::error!(peer = %self.peer, queue_id = %id, error = %e, "could not store the message");
+                self.shared.metrics.refused("data", r.status);
                 self.reply(r)
             }
         }

@@ -22,7 +22,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + Sync + 'static> Session<S> {
             return self.error(reply::nested_mail());
         }
         if self.listen.mode != ListenMode::Relay && self.auth_user.is_none() {
-            return self.reply(reply::auth_required());
+            return self.refuse("mail", reply::auth_required());
         }
         let smtputf8 = from.flags & proto::MAIL_SMTPUTF8 != 0;
         if !from.address.is_ascii() && !smtputf8 {
@@ -51,10 +51,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + Sync + 'static> Session<S> {
         let max = self.config.relay.max_message_size;
         if from.size as u64 > max {
             info!(peer = %self.peer, declared = from.size, limit = max, "refused: SIZE over the limit");
-            return self.reply(reply::too_big_declared(max));
+            return self.refuse("mail", reply::too_big_declared(max));
         }
         if let Err(r) = self.room_for(from.size as u64) {
-            return self.reply(r);
+            return self.refuse("mail", r);
         }
         let body_type = if from.flags & proto::MAIL_BODY_8BITMIME != 0 {
             Some("8BITMIME".to_string())
@@ -149,7 +149,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + Sync + 'static> Session<S> {
             ));
         }
         if tx.given >= max {
-            return self.reply(reply::too_many_recipients(max));
+            return self.refuse("rcpt", reply::too_many_recipients(max));
         }
         let accepted = match policy::route_recipient(&self.config, &to.address, may_relay) {
             Ok(a) => a,
@@ -176,7 +176,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + Sync + 'static> Session<S> {
                 Ok(expanded) => expanded,
                 Err(e) => {
                     warn!(peer = %self.peer, rcpt = %accepted.address, error = %e, "recipient refused: fix local.aliases");
-                    return self.reply(reply::alias_loop());
+                    return self.refuse("rcpt", reply::alias_loop());
                 }
             }
         } else {
@@ -186,7 +186,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + Sync + 'static> Session<S> {
             Ok(None) => {}
             Ok(Some(account)) => {
                 info!(peer = %self.peer, rcpt = %accepted.address, account = %account, "recipient refused: mailbox full");
-                return self.reply(reply::mailbox_full());
+                return self.refuse("rcpt", reply::mailbox_full());
             }
             Err(e) => {
                 warn!(peer = %self.peer, error = %e, "mailbox size lookup failed");

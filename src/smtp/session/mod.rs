@@ -277,11 +277,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + Sync + 'static> Session<S> {
         Flow::Go
     }
 
+    /// A refusal of the transaction or a recipient for a limit or a
+    /// condition on this side (not counted as the client's error).
+    fn refuse(&mut self, stage: &'static str, r: Reply) -> Flow {
+        self.shared.metrics.refused(stage, r.status);
+        self.reply(r)
+    }
+
     /// A recipient refused for what the client asked (not for a limit or
     /// a failure on this side): an error like a protocol error, and at
     /// `smtp.max_rcpt_errors` the end of the session, so that one session
     /// cannot probe a long list of names.
     fn refuse_rcpt(&mut self, r: Reply) -> Flow {
+        self.shared.metrics.refused("rcpt", r.status);
         self.errors += 1;
         // Judged against max_rcpt_errors here, not against max_errors.
         self.checked_errors = self.errors;
