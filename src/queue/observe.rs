@@ -178,7 +178,7 @@ mod tests {
                     mailboxes: Vec::new(),
                 })
                 .collect(),
-            body: b"Subject: x\r\n\r\nx\r\n".to_vec(),
+            body: b"Subject: x\r\n\r\nx\r\n".to_vec().into(),
         }
     }
 
