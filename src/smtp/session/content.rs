@@ -187,6 +187,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + Sync + 'static> Session<S> {
                     reply::store_failed()
                 };
                 tracing::error!(peer = %self.peer, queue_id = %id, error = %e, "could not spool the message in the store's directory");
+                self.shared.metrics.refused("data", r.status);
                 return self.reply(r);
             }
             Err(e) => {
