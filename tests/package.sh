@@ -175,6 +175,8 @@ self_signed = true
 [upstream]
 server = "[127.0.0.1]:$dead_port"
 tls = "none"
+# Loopback only: nothing can listen in between.
+allow_plaintext_auth = true
 username = "branch7"
 password_file = "/etc/outpost/upstream.secret"
 [local]
