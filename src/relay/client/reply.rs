@@ -217,6 +217,28 @@ mod tests {
     use super::*;
 
     #[test]
+    fn replies_are_read_as_they_arrive_and_bounded() {
+        let mut r = ReplyReader::default();
+        let mut buf = b"250-hub greets\r\n250-PIPE".to_vec();
+        assert_eq!(r.take(&mut buf), Ok(None));
+        assert_eq!(buf, b"250-PIPE");
+        buf.extend_from_slice(b"LINING\r\n250 DSN\r\n354 go on\r\n");
+        let reply = r.take(&mut buf).unwrap().unwrap();
+        assert_eq!(reply.code, 250);
+        assert_eq!(reply.text, "hub greets\nPIPELINING\nDSN");
+        // The next reply, pipelined, is left for the next reader.
+        assert_eq!(buf, b"354 go on\r\n");
+        let mut changed = b"250-a\r\n550 b\r\n".to_vec();
+        assert!(ReplyReader::default().take(&mut changed).is_err());
+        let mut junk = b"hello\r\n".to_vec();
+        assert!(ReplyReader::default().take(&mut junk).is_err());
+        let mut endless = vec![b'2'; MAX_REPLY_LINE + 1];
+        assert!(ReplyReader::default().take(&mut endless).is_err());
+        let mut many = b"250-x\r\n".repeat(MAX_REPLY_LINES + 1);
+        assert!(ReplyReader::default().take(&mut many).is_err());
+    }
+
+    #[test]
     fn extensions() {
         let r = UpstreamReply {
             code: 250,
