@@ -36,5 +36,8 @@ cargo fmt --all -- --check
 cargo clippy --all-targets -- -D warnings
 cargo test --all-targets
 
+# The fuzz targets, briefly each (FUZZ_SECONDS, 30); skipped without nightly.
+bash tests/fuzz.sh
+
 # The Debian package: built and inspected.
 bash tests/package.sh

@@ -437,6 +437,21 @@ mod tests {
         assert!(s.contains("base = "), "{s}");
     }
 
+    /// Found by the `config` fuzz target: a duration near `u64::MAX`
+    /// seconds was accepted, and `Instant::now() + max_session_time`
+    /// panicked in every session.
+    #[test]
+    fn durations_are_bounded() {
+        let e = parse("[smtp]\nmax_session_time = \"500000000000y\"\n").unwrap_err();
+        assert_eq!(e.line, Some(2));
+        assert!(e.message.contains("100 years"), "{}", e.message);
+        assert!(parse("[flush]\ninterval = \"101y\"\n").is_err());
+        let c = parse("[hub]\nmax_hold = \"100y\"\n").unwrap();
+        assert!(std::time::Instant::now()
+            .checked_add(c.hub.max_hold.unwrap())
+            .is_some());
+    }
+
     #[test]
     fn unknown_key_is_refused() {
         let e = parse("[relay]\nnetwork = [\"10.0.0.0/8\"]\n").unwrap_err();

@@ -784,13 +784,24 @@ fn log_level<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
 pub(super) mod humantime_serde_compat {
     use super::*;
 
+    /// The longest duration taken: deadlines are `now` plus a duration,
+    /// and one near `u64::MAX` seconds overflows them (a panic in every
+    /// session).
+    pub const MAX: Duration = Duration::from_secs(100 * 31_557_600);
+
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
         let s = String::deserialize(d)?;
-        humantime::parse_duration(&s).map_err(|e| {
+        let v = humantime::parse_duration(&s).map_err(|e| {
             de::Error::custom(format!(
                 "invalid duration \"{s}\" ({e}): expected a number and a unit, such as \"30s\", \"15m\", \"4h\" or \"5d\""
             ))
-        })
+        })?;
+        if v > MAX {
+            return Err(de::Error::custom(format!(
+                "duration \"{s}\" is too long: 100 years at most"
+            )));
+        }
+        Ok(v)
     }
 
     pub fn serialize<S: serde::Serializer>(v: &Duration, s: S) -> Result<S::Ok, S::Error> {

@@ -11,6 +11,16 @@ mod session;
 
 pub use session::Session;
 
+/// A command line as the session reads it (RFC 1939 §3): the keyword in
+/// upper case, and the rest with the white space around it trimmed.
+pub fn split_command(line: &[u8]) -> (String, String) {
+    let text = String::from_utf8_lossy(line);
+    let mut parts = text.splitn(2, ' ');
+    let verb = parts.next().unwrap_or("").to_ascii_uppercase();
+    let arg = parts.next().unwrap_or("").trim().to_string();
+    (verb, arg)
+}
+
 /// The header section, the empty line, and the first `lines` lines of the
 /// body (TOP).
 pub fn top(message: &[u8], lines: usize) -> &[u8] {

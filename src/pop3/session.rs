@@ -192,10 +192,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     }
 
     async fn command(&mut self, line: &[u8]) -> Flow {
-        let text = String::from_utf8_lossy(line).to_string();
-        let mut parts = text.splitn(2, ' ');
-        let verb = parts.next().unwrap_or("").to_ascii_uppercase();
-        let arg = parts.next().unwrap_or("").trim().to_string();
+        let (verb, arg) = super::split_command(line);
         if verb == "QUIT" {
             return self.quit().await;
         }

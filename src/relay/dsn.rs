@@ -125,9 +125,9 @@ pub fn build(req: &DsnRequest<'_>) -> Vec<u8> {
     let message_id = format!(
         "{}.{}.{:016x}@{}",
         req.now,
-        dot_atom(req.queue_id, "dsn"),
+        dot_atom(req.queue_id, "dsn", 64),
         rng.random::<u64>(),
-        dot_atom(req.reporting_mta, "localhost"),
+        dot_atom(req.reporting_mta, "localhost", 253),
     );
     let subject = match req.kind {
         DsnKind::Failure => "Undelivered Mail Returned to Sender",
@@ -157,11 +157,17 @@ pub fn build(req: &DsnRequest<'_>) -> Vec<u8> {
     );
     let mut out = Vec::with_capacity(original.len() + 4096);
     MessageBuilder::new()
-        .from(Address::new_address(Some("Mail Delivery System"), req.from))
+        .from(Address::new_address(
+            Some("Mail Delivery System"),
+            header_address(req.from),
+        ))
         // Written here, not by mail-builder, which quotes a local part
         // only when it holds a quote: `odd> x@y` would end the address
         // early.
-        .header("To", Raw::new(format!("<{}>", address_text(req.to))))
+        .header(
+            "To",
+            Raw::new(format!("<{}>", address_text(header_address(req.to)))),
+        )
         .subject(Text::new(subject))
         .date(Date::new(req.now))
         .message_id(MessageId::new(message_id))
@@ -361,11 +367,13 @@ fn rfc5322(t: i64) -> String {
         .to_rfc2822()
 }
 
-/// Something safe on either side of the `@` of a Message-ID.
-fn dot_atom(s: &str, fallback: &str) -> String {
+/// Something safe on either side of the `@` of a Message-ID, at most
+/// `max` octets, so that the field stays within a line.
+fn dot_atom(s: &str, fallback: &str, max: usize) -> String {
     let s: String = s
         .chars()
         .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'))
+        .take(max)
         .collect();
     let s = s.trim_matches('.');
     if s.is_empty() {
@@ -373,6 +381,23 @@ fn dot_atom(s: &str, fallback: &str) -> String {
     } else {
         s.to_string()
     }
+}
+
+/// An address for the From and To fields: an address cannot be folded,
+/// so one too long for a line (no real one is: RFC 5321 §4.5.3.1 allows
+/// 256 octets) is cut. The envelope, not this field, says where the
+/// notification goes.
+fn header_address(addr: &str) -> &str {
+    // Quoting may double it.
+    const MAX: usize = 450;
+    if addr.len() <= MAX {
+        return addr;
+    }
+    let mut end = MAX;
+    while !addr.is_char_boundary(end) {
+        end -= 1;
+    }
+    &addr[..end]
 }
 
 // ---------------------------------------------------------------------------
@@ -1126,6 +1151,37 @@ mod tests {
             .split("\r\n")
             .find(|l| l.starts_with("Diagnostic-Code: smtp; 550 x"));
         assert_eq!(diag.unwrap().matches('x').count(), 2500);
+    }
+
+    /// Found by the `dsn` fuzz target: a reporting MTA name (here 1125
+    /// octets) went whole into the Message-ID, a header line of 1182
+    /// octets; a long address did the same to To and From.
+    #[test]
+    fn long_names_and_addresses_keep_header_lines_short() {
+        let mta = [&b"rfc822;x@elsewhere.example\xeb"[..], &[b'w'; 1098][..]].concat();
+        let mta = String::from_utf8_lossy(&mta).into_owned();
+        assert_eq!(mta.len(), 1127);
+        let rcpts = [recipient(
+            "x@elsewhere.example",
+            "5.1.1",
+            "550 5.1.1 unknown",
+        )];
+        let mut req = request(DsnKind::Failure, &rcpts, ORIGINAL, false);
+        req.reporting_mta = &mta;
+        let msg = build(&req);
+        assert_canonical(&msg);
+        let p = parse(&msg);
+        let id = header(&p.headers, "Message-ID")[0];
+        assert!(id.contains("@rfc822xelsewhere.examplewww"), "{id}");
+        assert!(id.len() < 400, "{id}");
+
+        let long = format!("{}@branch.example", "a".repeat(1500));
+        let mut req = request(DsnKind::Failure, &rcpts, ORIGINAL, false);
+        req.to = &long;
+        req.from = &long;
+        let msg = build(&req);
+        assert_canonical(&msg);
+        assert!(parse(&msg).headers.contains("<aaaaaaaa"));
     }
 
     #[test]

@@ -17,7 +17,7 @@ mod send;
 mod wire;
 
 pub use crate::address::smtp_path;
-pub use reply::{Extensions, LinkError, UpstreamReply};
+pub use reply::{Extensions, LinkError, ReplyReader, UpstreamReply};
 pub use send::{OutRecipient, Outcome, Outgoing, Report, RESUME_OVER};
 pub use wire::BLOCK;
 

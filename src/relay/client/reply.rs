@@ -32,6 +32,71 @@ impl std::fmt::Display for UpstreamReply {
     }
 }
 
+/// Bounds on one reply from the upstream: RFC 5321 §4.5.3.1.5 allows 512
+/// octets a line; a little more is tolerated, a peer that never ends its
+/// line or its reply is not.
+pub const MAX_REPLY_LINE: usize = 4096;
+pub const MAX_REPLY_LINES: usize = 200;
+pub const MAX_REPLY_BYTES: usize = 64 << 10;
+
+/// Reads one (possibly multi-line) reply from what the upstream sent, as
+/// it arrives, within the bounds above. Pure: the session's reads feed it.
+#[derive(Debug, Default)]
+pub struct ReplyReader {
+    lines: Vec<String>,
+    code: u16,
+    total: usize,
+}
+
+impl ReplyReader {
+    /// Takes the complete lines at the start of `buf` (removing them) up to
+    /// the end of the reply. `Ok(None)`: the reply goes on, read more into
+    /// `buf`. `Err`: what is wrong with what the upstream sent.
+    pub fn take(&mut self, buf: &mut Vec<u8>) -> Result<Option<UpstreamReply>, &'static str> {
+        while let Some(lf) = buf.iter().position(|&b| b == b'\n') {
+            let raw: Vec<u8> = buf.drain(..=lf).collect();
+            let line = String::from_utf8_lossy(&raw)
+                .trim_end_matches(['\r', '\n'])
+                .to_string();
+            let (c, sep, text) = split_reply_line(&line).ok_or("not a reply line")?;
+            if self.code != 0 && c != self.code {
+                return Err("reply code changed within a reply");
+            }
+            self.total += raw.len();
+            self.code = c;
+            self.lines.push(text.to_string());
+            if sep != '-' {
+                return Ok(Some(UpstreamReply {
+                    code: c,
+                    text: std::mem::take(&mut self.lines).join("\n"),
+                }));
+            }
+            if self.lines.len() > MAX_REPLY_LINES || self.total > MAX_REPLY_BYTES {
+                return Err("reply too long");
+            }
+        }
+        // A line without an end: a peer that never stops talking is cut
+        // off, it does not fill memory.
+        if buf.len() > MAX_REPLY_LINE {
+            return Err("reply line too long");
+        }
+        Ok(None)
+    }
+}
+
+fn split_reply_line(line: &str) -> Option<(u16, char, &str)> {
+    if line.len() < 3 || !line.is_char_boundary(3) {
+        return None;
+    }
+    let code: u16 = line[..3].parse().ok()?;
+    if !(200..600).contains(&code) {
+        return None;
+    }
+    let sep = line[3..].chars().next().unwrap_or(' ');
+    let text = line.get(4..).unwrap_or("");
+    Some((code, sep, text))
+}
+
 /// Why the link is not usable: no attempt is burned for any message.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum LinkError {
@@ -120,7 +185,7 @@ impl Extensions {
 
     /// The keywords of an EHLO reply, read by smtp-proto's EHLO parser
     /// (the reply is given back its wire form for it).
-    pub(super) fn parse(reply: &UpstreamReply) -> Extensions {
+    pub fn parse(reply: &UpstreamReply) -> Extensions {
         use smtp_proto as p;
         let lines: Vec<&str> = reply.text.split('\n').collect();
         let mut wire = String::new();
@@ -150,6 +215,28 @@ impl Extensions {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn replies_are_read_as_they_arrive_and_bounded() {
+        let mut r = ReplyReader::default();
+        let mut buf = b"250-hub greets\r\n250-PIPE".to_vec();
+        assert_eq!(r.take(&mut buf), Ok(None));
+        assert_eq!(buf, b"250-PIPE");
+        buf.extend_from_slice(b"LINING\r\n250 DSN\r\n354 go on\r\n");
+        let reply = r.take(&mut buf).unwrap().unwrap();
+        assert_eq!(reply.code, 250);
+        assert_eq!(reply.text, "hub greets\nPIPELINING\nDSN");
+        // The next reply, pipelined, is left for the next reader.
+        assert_eq!(buf, b"354 go on\r\n");
+        let mut changed = b"250-a\r\n550 b\r\n".to_vec();
+        assert!(ReplyReader::default().take(&mut changed).is_err());
+        let mut junk = b"hello\r\n".to_vec();
+        assert!(ReplyReader::default().take(&mut junk).is_err());
+        let mut endless = vec![b'2'; MAX_REPLY_LINE + 1];
+        assert!(ReplyReader::default().take(&mut endless).is_err());
+        let mut many = b"250-x\r\n".repeat(MAX_REPLY_LINES + 1);
+        assert!(ReplyReader::default().take(&mut many).is_err());
+    }
 
     #[test]
     fn extensions() {

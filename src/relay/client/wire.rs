@@ -6,14 +6,8 @@ use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+use super::reply::ReplyReader;
 use super::{LinkError, Session, UpstreamReply};
-
-/// Bounds on one reply from the upstream: RFC 5321 §4.5.3.1.5 allows 512
-/// octets a line; a little more is tolerated, a peer that never ends its
-/// line or its reply is not.
-const MAX_REPLY_LINE: usize = 4096;
-const MAX_REPLY_LINES: usize = 200;
-const MAX_REPLY_BYTES: usize = 64 << 10;
 
 /// Message data is handed to the socket at most this much at a time; each
 /// write has its own `Timeouts::data` (RFC 5321 §4.5.3.2.5: a timeout per
@@ -130,49 +124,17 @@ impl Session {
         limit: Duration,
     ) -> Result<UpstreamReply, LinkError> {
         let deadline = tokio::time::Instant::now() + limit;
-        let mut lines: Vec<String> = Vec::new();
-        let mut code = 0u16;
-        let mut total = 0;
+        let mut reader = ReplyReader::default();
         loop {
-            while let Some(lf) = self.rbuf.iter().position(|&b| b == b'\n') {
-                let raw: Vec<u8> = self.rbuf.drain(..=lf).collect();
-                let line = String::from_utf8_lossy(&raw)
-                    .trim_end_matches(['\r', '\n'])
-                    .to_string();
-                let (c, sep, text) =
-                    split_reply_line(&line).ok_or_else(|| LinkError::Protocol {
-                        addr: self.addr.clone(),
-                        why: "not a reply line",
-                    })?;
-                if code != 0 && c != code {
+            match reader.take(&mut self.rbuf) {
+                Ok(Some(reply)) => return Ok(reply),
+                Ok(None) => {}
+                Err(why) => {
                     return Err(LinkError::Protocol {
                         addr: self.addr.clone(),
-                        why: "reply code changed within a reply",
-                    });
+                        why,
+                    })
                 }
-                total += raw.len();
-                code = c;
-                lines.push(text.to_string());
-                if sep != '-' {
-                    return Ok(UpstreamReply {
-                        code,
-                        text: lines.join("\n"),
-                    });
-                }
-                if lines.len() > MAX_REPLY_LINES || total > MAX_REPLY_BYTES {
-                    return Err(LinkError::Protocol {
-                        addr: self.addr.clone(),
-                        why: "reply too long",
-                    });
-                }
-            }
-            // A line without an end: a peer that never stops talking is
-            // cut off, it does not fill memory.
-            if self.rbuf.len() > MAX_REPLY_LINE {
-                return Err(LinkError::Protocol {
-                    addr: self.addr.clone(),
-                    why: "reply line too long",
-                });
             }
             let mut chunk = [0u8; 4096];
             let io = &mut self.stream;
@@ -205,19 +167,6 @@ impl Session {
             self.rbuf.extend_from_slice(&chunk[..n]);
         }
     }
-}
-
-pub(super) fn split_reply_line(line: &str) -> Option<(u16, char, &str)> {
-    if line.len() < 3 || !line.is_char_boundary(3) {
-        return None;
-    }
-    let code: u16 = line[..3].parse().ok()?;
-    if !(200..600).contains(&code) {
-        return None;
-    }
-    let sep = line[3..].chars().next().unwrap_or(' ');
-    let text = line.get(4..).unwrap_or("");
-    Some((code, sep, text))
 }
 
 /// Octets in `socket`'s send queue not yet acknowledged by the peer (what

@@ -316,10 +316,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + Sync + 'static> Session<S> {
         if self.listen.mode == ListenMode::Odmr && line.trim_ascii().eq_ignore_ascii_case(b"ATRN") {
             return self.atrn(Vec::new()).await;
         }
-        line.extend_from_slice(b"\r\n");
-        let request = match Request::parse(&mut line.iter()) {
-            Ok(r) => r.into_owned(),
-            Err(e) => return self.error(parse_error(e)),
+        let request = match parse_command(&mut line) {
+            Ok(r) => r,
+            Err(r) => return self.error(r),
         };
         let odmr = self.listen.mode == ListenMode::Odmr;
         if odmr
@@ -432,6 +431,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + Sync + 'static> Session<S> {
         }
         p
     }
+}
+
+/// Parses one command line (given without its CRLF, which is added to
+/// `line` for smtp-proto's parser) into a request, or the reply that
+/// refuses it. Pure: the fuzz target `smtp_command` calls it as the
+/// session does.
+pub fn parse_command(line: &mut Vec<u8>) -> Result<Request<String>, Reply> {
+    line.extend_from_slice(b"\r\n");
+    Request::parse(&mut line.iter())
+        .map(|r| r.into_owned())
+        .map_err(parse_error)
 }
 
 fn looks_like_http(line: &[u8]) -> bool {
