@@ -24,17 +24,25 @@ else
   mapfile -t targets < <(cd fuzz && cargo +nightly fuzz list)
 fi
 
+# The instrumented build is slow from cold (the whole dependency tree, for
+# nightly with sanitizers): it is kept outside the clone, so that a later
+# run on the same machine rebuilds only what changed.
+export CARGO_TARGET_DIR=${FUZZ_TARGET_DIR:-/var/cache/outpost-test/fuzz-target}
+mkdir -p "$CARGO_TARGET_DIR"
+
 # Runs grow their corpus: work on a copy, never on the committed one.
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 
 cd fuzz
-echo "fuzz: building the targets"
+echo "fuzz: building the targets in $CARGO_TARGET_DIR"
+build_start=$(date +%s)
 if ! cargo +nightly fuzz build >"$work/build.log" 2>&1; then
   tail -n 40 "$work/build.log"
   echo "fuzz: the targets do not build"
   exit 1
 fi
+echo "fuzz: built ($(($(date +%s) - build_start))s)"
 for t in "${targets[@]}"; do
   mkdir -p "$work/$t"
   if [ -d "corpus/$t" ]; then

@@ -95,7 +95,7 @@ fn exercise(c: &Config) {
     let target = c.upstream.target().expect("validated");
     assert!(!target.host.is_empty());
     for d in &c.hub.hold_domains {
-        let _ = outpost::config::parse_server(&c.hub.destination(d));
+        let _ = outpost::config::parse_server(&c.hub.destination(d).server);
     }
     let mut names: Vec<String> = c.local.aliases.keys().cloned().collect();
     names.extend(c.local.postmaster.clone());

@@ -16,7 +16,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use outpost::smtp::data::{dot_stuff, Canonical, ContentError, DotReader, Limits};
+use outpost::smtp::data::{dot_stuff, Canonical, Collect, ContentError, DotReader, Limits};
 
 /// Small limits, so that the fuzzer reaches them.
 const LIMITS: Limits = Limits {
@@ -25,28 +25,38 @@ const LIMITS: Limits = Limits {
     hops: 3,
 };
 
-/// Reads DATA content fed in chunks of `step`: the result and the octets
-/// used (None: no end).
+/// Reads DATA content fed in chunks of `step`, handing the content on
+/// after every other chunk (as a session spools it): the result and the
+/// octets used (None: no end).
 fn read(input: &[u8], step: usize) -> (Result<Vec<u8>, ContentError>, Option<usize>) {
     let mut r = DotReader::new(LIMITS);
     let mut used = 0;
-    let mut kept: Option<Vec<u8>> = None;
-    for chunk in input.chunks(step) {
-        if let Some(n) = r.feed(chunk) {
-            let out = r.finish();
-            if let (Ok(body), Some(k)) = (&out, &kept) {
-                assert!(
-                    body.starts_with(k),
-                    "a checkpoint kept what is not in the message"
-                );
+    let mut out = Vec::new();
+    let mut kept: Option<usize> = None;
+    for (i, chunk) in input.chunks(step).enumerate() {
+        let end = r.feed(chunk);
+        if i % 2 == 1 {
+            out.extend(r.take_output());
+        }
+        if let Some(n) = end {
+            let body = r.finish().map(|tail| {
+                out.extend(tail);
+                out
+            });
+            if let (Ok(body), Some(k)) = (&body, kept) {
+                assert!(k <= body.len(), "a checkpoint kept more than the message");
             }
-            return (out, Some(used + n));
+            return (body, Some(used + n));
         }
         used += chunk.len();
         // What a checkpoint would keep: whole lines, a prefix of the message.
-        kept = r.complete_lines().map(<[u8]>::to_vec);
-        if let Some(k) = &kept {
-            assert!(k.is_empty() || k.ends_with(b"\r\n"));
+        kept = r.complete_lines();
+        if let Some(k) = kept {
+            let mut so_far = out.clone();
+            so_far.extend(r.take_output());
+            out = so_far;
+            assert!(k <= out.len(), "a checkpoint keeps content not taken");
+            assert!(k == 0 || out[..k].ends_with(b"\r\n"), "not whole lines");
         }
     }
     (r.finish(), None)
@@ -134,15 +144,20 @@ fuzz_target!(|data: &[u8]| {
 
     // BDAT: the same octets as one message in chunks.
     let mut c = Canonical::new(LIMITS);
+    let mut handed = Vec::new();
     for chunk in input.chunks(step) {
         c.extend(chunk);
-        if let Some(t) = c.taken() {
-            assert!(input.starts_with(t), "BDAT changed the content");
+        handed.extend(c.take_output());
+        if let Some(n) = c.accepted() {
+            assert_eq!(n, handed.len(), "BDAT lost count of its content");
+            assert!(input.starts_with(&handed), "BDAT changed the content");
         }
     }
     assert_eq!(c.size(), input.len());
     match c.finish() {
-        Ok(body) => {
+        Ok(tail) => {
+            let mut body = handed;
+            body.extend(tail);
             check_canonical(&body);
             assert!(
                 body == input || (body.len() == input.len() + 2 && body.starts_with(input)),
