@@ -45,9 +45,13 @@ fn init_logging(level: &str, format: LogFormat) {
     let filter = EnvFilter::try_from_env("OUTPOST_LOG").unwrap_or_else(|_| EnvFilter::new(level));
     // A log line that cannot be written is counted and dropped: it must
     // never take a session (or the store writer) down with it.
+    // Colours only for a person at a terminal: the journal and log files
+    // would keep the escape sequences as text.
+    use std::io::IsTerminal;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(outpost::logwriter::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .log_internal_errors(false);
     match format {
         LogFormat::Text => builder.init(),

@@ -155,3 +155,22 @@ fn a_bounce_of_a_strangers_held_mail_carries_no_body() {
     let colleague = to("colleague@office.example");
     assert!(colleague.contains("SECRET-BODY-1"), "{colleague}");
 }
+
+/// The daemon's log, written to a file or the journal, is plain text: no
+/// terminal colour sequences (they were written whatever stderr was).
+#[test]
+fn the_log_carries_no_terminal_escapes() {
+    let g = Gateway::start("");
+    let mut c = Client::connect(g.relay);
+    c.cmd("EHLO client.test");
+    let r = c.send_mail(
+        "s@client.test",
+        &["x@far.example"],
+        b"Subject: t\r\n\r\nx\r\n",
+    );
+    let id = queued_id(&r).unwrap();
+    wait_for("the queued line in the log", Duration::from_secs(5), || {
+        g.log().contains(&format!("queue_id={id}"))
+    });
+    assert!(!g.log().contains('\x1b'), "{}", g.log());
+}
