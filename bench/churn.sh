@@ -83,13 +83,6 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-wait_port() {
-    for _ in $(seq 100); do
-        ss -ltnH "sport = :$1" | grep -q "127.0.0.1:$1" && return 0
-        sleep 0.1
-    done
-    return 1
-}
 
 # ------------------------------------------------------------------ outpost
 UP_PORT=$(free_port)

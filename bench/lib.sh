@@ -1,4 +1,4 @@
-# Shared by bench/accept.sh and bench/flush.sh (sourced): logging, Postfix
+# Shared by the scripts in bench/ (sourced): logging, Postfix
 # tools and private instances, stopping by PID. Needs $PY (python3).
 
 log() { echo "[$(date +%H:%M:%S)] $*" >&2; }
@@ -78,6 +78,15 @@ anvil     unix - - n - 1 anvil
 scache    unix - - n - 1 scache
 postlog   unix-dgram n - n - 1 postlogd
 EOT
+}
+
+# wait_port PORT: until something listens on 127.0.0.1:PORT (10 s at most).
+wait_port() {
+    for _ in $(seq 100); do
+        ss -ltnH "sport = :$1" | grep -q "127.0.0.1:$1" && return 0
+        sleep 0.1
+    done
+    return 1
 }
 
 free_port() { "$PY" -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])'; }

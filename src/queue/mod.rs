@@ -310,16 +310,7 @@ impl Store {
                 let (id, rs) = row?;
                 by_id.entry(id).or_default().push(rs);
             }
-            let rows = msgs.query_map([], |r| {
-                Ok(MessageSummary {
-                    id: r.get(0)?,
-                    received_at: r.get(1)?,
-                    size: r.get(2)?,
-                    sender: r.get(3)?,
-                    protocol: r.get(4)?,
-                    recipients: Vec::new(),
-                })
-            })?;
+            let rows = msgs.query_map([], message_summary)?;
             let mut out = Vec::new();
             for m in rows {
                 let mut m = m?;
@@ -856,6 +847,19 @@ impl Store {
         })?;
         r
     }
+}
+
+/// A message's row (`id, received_at, size, sender, protocol`), its
+/// recipients still to be read.
+fn message_summary(r: &rusqlite::Row<'_>) -> rusqlite::Result<MessageSummary> {
+    Ok(MessageSummary {
+        id: r.get(0)?,
+        received_at: r.get(1)?,
+        size: r.get(2)?,
+        sender: r.get(3)?,
+        protocol: r.get(4)?,
+        recipients: Vec::new(),
+    })
 }
 
 fn recipient_status(r: &rusqlite::Row<'_>, at: usize) -> rusqlite::Result<RecipientStatus> {

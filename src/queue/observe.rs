@@ -1,7 +1,7 @@
 //! Reads for monitoring: the queue by destination domain (`GET /metrics`)
 //! and the samples of the last day (the status page).
 
-use super::{recipient_status, LinkState, MessageSummary, Store, StoreError};
+use super::{message_summary, recipient_status, LinkState, MessageSummary, Store, StoreError};
 
 /// How long samples are kept (the status page draws the last 24 hours).
 pub const SAMPLES_KEPT: i64 = 48 * 3600;
@@ -63,16 +63,7 @@ impl Store {
                   ORDER BY m.received_at, m.id LIMIT ?1",
             )?;
             let mut out = msgs
-                .query_map([limit as i64], |r| {
-                    Ok(MessageSummary {
-                        id: r.get(0)?,
-                        received_at: r.get(1)?,
-                        size: r.get(2)?,
-                        sender: r.get(3)?,
-                        protocol: r.get(4)?,
-                        recipients: Vec::new(),
-                    })
-                })?
+                .query_map([limit as i64], message_summary)?
                 .collect::<Result<Vec<_>, _>>()?;
             let mut rcpts = c.prepare_cached(
                 "SELECT address, state, attempts, next_attempt, last_reply, route
