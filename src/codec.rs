@@ -161,17 +161,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Codec<S> {
     }
 
     /// Reads more input, after sending any queued replies. Returns 0 at EOF.
+    /// Cancel-safe once the replies are sent.
     pub async fn fill(&mut self) -> io::Result<usize> {
         self.flush().await?;
         if self.rpos > 0 {
             self.rbuf.drain(..self.rpos);
             self.rpos = 0;
         }
-        let start = self.rbuf.len();
-        self.rbuf.resize(start + READ_CHUNK, 0);
-        let n = self.stream.read(&mut self.rbuf[start..]).await;
-        self.rbuf.truncate(start + *n.as_ref().unwrap_or(&0));
-        n
+        // Into the spare capacity: cancelled (a select! that took another
+        // branch), it leaves the buffer as it was.
+        self.rbuf.reserve(READ_CHUNK);
+        self.stream.read_buf(&mut self.rbuf).await
     }
 
     /// The next line of at most `max` octets including CRLF.

@@ -19,6 +19,7 @@ pub mod config;
 pub mod control;
 pub mod dotstuff;
 pub mod guard;
+pub mod imap;
 pub mod logwriter;
 pub mod metrics;
 pub mod pop3;

@@ -16,7 +16,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 use tracing::{error, info, warn, Instrument};
 
-use crate::config::{Config, Listen};
+use crate::config::{Config, Listen, ListenMode};
 
 use crate::shared::{phase_reached, Peer, Phase, Refused, Shared};
 use crate::smtp::reply::{self, Reply};
@@ -214,6 +214,10 @@ async fn accept_loop(
                     async move {
                         if listen.mode.is_smtp() {
                             Session::new(shared, listen, Peer::Tcp(peer), stream, phase)
+                                .run()
+                                .await;
+                        } else if matches!(listen.mode, ListenMode::Imap | ListenMode::Imaps) {
+                            crate::imap::Session::new(shared, listen, peer, stream, phase)
                                 .run()
                                 .await;
                         } else {

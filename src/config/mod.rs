@@ -35,6 +35,8 @@ pub struct Config {
     #[serde(default)]
     pub pop3: Pop3Config,
     #[serde(default)]
+    pub imap: ImapConfig,
+    #[serde(default)]
     pub auth: AuthConfig,
     #[serde(default)]
     pub upstream: UpstreamConfig,
@@ -252,13 +254,15 @@ impl Config {
                     ),
                 ));
             }
-            if l.mode == ListenMode::Submission && self.tls.is_none() && !l.plaintext_auth_allowed()
+            if matches!(l.mode, ListenMode::Submission | ListenMode::Imap)
+                && self.tls.is_none()
+                && !l.plaintext_auth_allowed()
             {
                 return Err((
                     "listen.mode",
                     format!(
-                        "submission on {} offers AUTH only after STARTTLS, which needs a [tls] section",
-                        l.address
+                        "{} on {} offers login only after STARTTLS, which needs a [tls] section",
+                        l.mode, l.address
                     ),
                 ));
             }

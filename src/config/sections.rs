@@ -67,6 +67,10 @@ pub enum ListenMode {
     Submissions,
     Pop3,
     Pop3s,
+    /// Port 143: IMAP with STARTTLS.
+    Imap,
+    /// Port 993: IMAP over implicit TLS.
+    Imaps,
     /// Port 366, hub role: branches authenticate and take their held mail
     /// over their own connection with ATRN (RFC 2645).
     Odmr,
@@ -80,7 +84,10 @@ impl ListenMode {
         )
     }
     pub fn implicit_tls(self) -> bool {
-        matches!(self, ListenMode::Submissions | ListenMode::Pop3s)
+        matches!(
+            self,
+            ListenMode::Submissions | ListenMode::Pop3s | ListenMode::Imaps
+        )
     }
 }
 
@@ -92,6 +99,8 @@ impl fmt::Display for ListenMode {
             ListenMode::Submissions => "submissions",
             ListenMode::Pop3 => "pop3",
             ListenMode::Pop3s => "pop3s",
+            ListenMode::Imap => "imap",
+            ListenMode::Imaps => "imaps",
             ListenMode::Odmr => "odmr",
         })
     }
@@ -245,7 +254,42 @@ impl Default for Pop3Config {
     }
 }
 
-/// Failed logins (SMTP AUTH and POP3) counted across sessions, and the
+/// Limits of the IMAP server.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ImapConfig {
+    /// A session that sends nothing is closed after this (RFC 9051 §5.4:
+    /// at least 30 minutes). A client in IDLE renews it by ending and
+    /// starting IDLE again, as clients do every 29 minutes or less.
+    #[serde(with = "humantime_serde_compat")]
+    pub idle_timeout: Duration,
+    /// Failed logins before the session is closed.
+    pub max_auth_failures: u32,
+    /// Pause before answering a failed login.
+    #[serde(with = "humantime_serde_compat")]
+    pub auth_failure_delay: Duration,
+    /// The longest a session may last, whatever it does; the client then
+    /// connects again (phones keep one open for hours).
+    #[serde(with = "humantime_serde_compat")]
+    pub max_session_time: Duration,
+    /// The largest literal a client may send (an APPEND's message, a
+    /// password); unset: `relay.max_message_size`.
+    pub max_literal_size: Option<u64>,
+}
+
+impl Default for ImapConfig {
+    fn default() -> Self {
+        ImapConfig {
+            idle_timeout: Duration::from_secs(30 * 60),
+            max_auth_failures: 3,
+            auth_failure_delay: Duration::from_secs(2),
+            max_session_time: Duration::from_secs(24 * 3600),
+            max_literal_size: None,
+        }
+    }
+}
+
+/// Failed logins (SMTP AUTH, POP3 and IMAP) counted across sessions, and the
 /// password checks themselves.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]

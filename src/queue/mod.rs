@@ -7,6 +7,7 @@
 //! transaction; reads use their own connections.
 
 mod body;
+mod folders;
 mod housekeeping;
 mod model;
 mod observe;
@@ -20,6 +21,9 @@ use std::time::Duration;
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 
 pub use body::{spool_dir, Body, Spool, SPILL_OVER};
+pub use folders::{
+    canonical as canonical_folder, merge_flags, FlagOp, Folder, FolderChange, INBOX, SPECIAL_USE,
+};
 pub use housekeeping::{housekeeping, housekeeping_interval, run_housekeeping, Housekeeping};
 pub use model::*;
 pub use observe::{Sample, SAMPLES_KEPT};
@@ -49,6 +53,7 @@ const MIGRATIONS: &[(&str, &str)] = &[
         "0007_samples",
         include_str!("../../schema/0007_samples.sql"),
     ),
+    ("0008_imap", include_str!("../../schema/0008_imap.sql")),
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -731,25 +736,12 @@ impl Store {
         })
     }
 
-    /// `user`'s mailbox, oldest first.
+    /// `user`'s INBOX, oldest first: the POP3 maildrop.
     pub fn mailbox(&self, user: &str) -> Result<Vec<MailboxEntry>, StoreError> {
-        self.with(|c| {
-            let mut st = c.prepare_cached(
-                "SELECT mb.id, mb.message_id, m.sender, m.size, mb.delivered_at
-                   FROM mailbox mb JOIN messages m ON m.id = mb.message_id
-                  WHERE mb.user = ?1 ORDER BY mb.id",
-            )?;
-            let rows = st.query_map([user], |r| {
-                Ok(MailboxEntry {
-                    id: r.get(0)?,
-                    uid: r.get(1)?,
-                    sender: r.get(2)?,
-                    stored_size: r.get(3)?,
-                    delivered_at: r.get(4)?,
-                })
-            })?;
-            rows.collect()
-        })
+        match self.folder(user, folders::INBOX)? {
+            Some(f) => self.folder_messages(f.id),
+            None => Ok(Vec::new()),
+        }
     }
 
     // ---- accounts -------------------------------------------------------
@@ -838,6 +830,7 @@ impl Store {
                     [&id],
                 )?;
             }
+            tx.execute("DELETE FROM folders WHERE user = ?1", [name])?;
             let n = tx.execute("DELETE FROM users WHERE name = ?1", [name])?;
             if n == 0 {
                 return Ok(Err(StoreError::NoSuchUser(name.into())));

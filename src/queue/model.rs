@@ -453,23 +453,41 @@ pub struct HistoryEntry {
     pub detail: String,
 }
 
-/// One message in a user's mailbox.
+/// One message in one of a user's folders.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MailboxEntry {
+    /// The row: what POP3 deletes and IMAP commands name internally.
     pub id: i64,
     /// The queue id: stable, unique in the mailbox, the POP3 UID.
     pub uid: String,
+    /// The IMAP UID, ascending in its folder.
+    pub imap_uid: u32,
+    /// IMAP flags, space-separated (`\Seen \Flagged $Label1`).
+    pub flags: String,
     pub sender: String,
     /// Size of the stored message (without the Return-Path line added when
     /// it is read).
     pub stored_size: i64,
+    /// When it came into the folder (the IMAP INTERNALDATE).
     pub delivered_at: i64,
+    /// Stored by an IMAP client (APPEND): read back exactly as given, with
+    /// no Return-Path line added.
+    pub appended: bool,
 }
 
 impl MailboxEntry {
-    /// The line a reader sees first (RFC 5321 §4.4: the final delivery adds it).
+    /// The line a reader sees first (RFC 5321 §4.4: the final delivery
+    /// adds it); nothing for a message a client stored itself.
     pub fn return_path(&self) -> String {
+        if self.appended {
+            return String::new();
+        }
         format!("Return-Path: <{}>\r\n", self.sender)
+    }
+
+    /// Whether the message has flag `flag` (case-insensitive, RFC 9051 §2.3.2).
+    pub fn has_flag(&self, flag: &str) -> bool {
+        self.flags.split(' ').any(|f| f.eq_ignore_ascii_case(flag))
     }
 
     /// The size a POP3 client sees.

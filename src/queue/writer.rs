@@ -9,8 +9,8 @@
 use std::path::{Path, PathBuf};
 use std::thread;
 
-use rusqlite::{params, Connection, OptionalExtension};
-use tokio::sync::{mpsc, oneshot};
+use rusqlite::{params, Connection};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use super::{
     connect, sql_err, LinkState, NewMessage, NewRecipient, RecipientState, Route, StoreError,
@@ -62,6 +62,8 @@ pub enum Change {
     EtrnSent { at: i64, result: String },
     /// POP3 UPDATE: these mailbox entries of `user` are deleted.
     MailboxRemove { user: String, ids: Vec<i64> },
+    /// A change to a user's folders (IMAP).
+    Folder(super::FolderChange),
     /// Delete a message outright (administrator).
     Delete { message_id: String },
     /// Housekeeping: of the next `limit` messages after `after` (by id, so
@@ -92,6 +94,14 @@ pub struct Applied {
     pub vacuumed: i64,
     /// [`Writer::make_incremental`]: the database was converted.
     pub converted: bool,
+    /// [`Change::Folder`]: why it was not done (the IMAP response code
+    /// first), when it was not.
+    pub refused: Option<String>,
+    /// [`Change::Folder`] APPEND and COPY: (source UID, new UID) of each
+    /// message stored (0 as the source of an APPEND)...
+    pub uids: Vec<(u32, u32)>,
+    /// ... in the folder with this UIDVALIDITY.
+    pub uidvalidity: u32,
 }
 
 #[derive(Debug, Clone)]
@@ -116,6 +126,21 @@ struct Request {
     done: oneshot::Sender<Result<Applied, StoreError>>,
 }
 
+impl Request {
+    /// Whether this request may change what a mailbox holds.
+    fn touches_mail(&self) -> bool {
+        match &self.work {
+            Work::Changes(changes) => changes.iter().any(|c| {
+                matches!(
+                    c,
+                    Change::Insert(_) | Change::MailboxRemove { .. } | Change::Folder(_)
+                )
+            }),
+            Work::MakeIncremental => false,
+        }
+    }
+}
+
 enum Work {
     /// Applied in the batch's transaction, in a savepoint of their own.
     Changes(Vec<Change>),
@@ -128,6 +153,7 @@ enum Work {
 #[derive(Clone)]
 pub struct Writer {
     tx: mpsc::UnboundedSender<Request>,
+    mail: watch::Receiver<u64>,
 }
 
 /// Joined at shutdown, after every handle is dropped, so the last commits end.
@@ -145,15 +171,23 @@ impl Writer {
     pub fn start(path: &Path) -> Result<(Writer, WriterThread), StoreError> {
         let conn = connect(path)?;
         let (tx, rx) = mpsc::unbounded_channel();
+        let (mail_tx, mail) = watch::channel(0);
         let path = path.to_path_buf();
         let handle = thread::Builder::new()
             .name("store-writer".into())
-            .spawn(move || run(conn, path, rx))
+            .spawn(move || run(conn, path, rx, mail_tx))
             .map_err(|source| StoreError::Io {
                 path: PathBuf::from("store-writer thread"),
                 source,
             })?;
-        Ok((Writer { tx }, WriterThread(handle)))
+        Ok((Writer { tx, mail }, WriterThread(handle)))
+    }
+
+    /// Changes whenever a commit may have changed a mailbox: a delivery, a
+    /// POP3 deletion, an IMAP change. Sessions that show a folder (IMAP
+    /// IDLE) look again when it does.
+    pub fn mail_changes(&self) -> watch::Receiver<u64> {
+        self.mail.clone()
     }
 
     /// Commits `msg` durably; returns once it is on disk.
@@ -188,7 +222,12 @@ impl Writer {
     }
 }
 
-fn run(mut conn: Connection, path: PathBuf, mut rx: mpsc::UnboundedReceiver<Request>) {
+fn run(
+    mut conn: Connection,
+    path: PathBuf,
+    mut rx: mpsc::UnboundedReceiver<Request>,
+    mail: watch::Sender<u64>,
+) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     // A request that must run alone, met while gathering a batch.
     let mut alone: Option<Request> = None;
@@ -220,6 +259,9 @@ fn run(mut conn: Connection, path: PathBuf, mut rx: mpsc::UnboundedReceiver<Requ
             }
         }
         let results = commit(&mut conn, &path, &batch);
+        if batch.iter().any(Request::touches_mail) {
+            mail.send_modify(|n| *n += 1);
+        }
         for (req, result) in batch.drain(..).zip(results) {
             let _ = req.done.send(result);
         }
@@ -475,20 +517,8 @@ fn apply(tx: &rusqlite::Savepoint<'_>, c: &Change, applied: &mut Applied) -> rus
             .execute(params![at, result])?;
             Ok(())
         }
-        Change::MailboxRemove { user, ids } => {
-            for id in ids {
-                let message_id: Option<String> = tx
-                    .prepare_cached(
-                        "DELETE FROM mailbox WHERE id = ?1 AND user = ?2 RETURNING message_id",
-                    )?
-                    .query_row(params![id, user], |r| r.get(0))
-                    .optional()?;
-                if let Some(m) = message_id {
-                    drop_body_if_done(tx, &m)?;
-                }
-            }
-            Ok(())
-        }
+        Change::MailboxRemove { user, ids } => super::folders::expunge(tx, user, ids),
+        Change::Folder(f) => super::folders::apply(tx, f, applied),
         Change::Delete { message_id } => {
             tx.prepare_cached("DELETE FROM messages WHERE id = ?1")?
                 .execute([message_id])?;
@@ -580,7 +610,10 @@ fn recipient(tx: &rusqlite::Savepoint<'_>, r: &RecipientChange) -> rusqlite::Res
 
 /// Deletes a message's body when no recipient is pending and no mailbox
 /// holds it any more.
-fn drop_body_if_done(tx: &rusqlite::Savepoint<'_>, message_id: &str) -> rusqlite::Result<()> {
+pub(super) fn drop_body_if_done(
+    tx: &rusqlite::Savepoint<'_>,
+    message_id: &str,
+) -> rusqlite::Result<()> {
     tx.prepare_cached(
         "DELETE FROM bodies WHERE message_id = ?1 AND NOT EXISTS (
             SELECT 1 FROM recipients WHERE message_id = ?1
@@ -606,11 +639,21 @@ fn deliver_local(
             .prepare_cached("SELECT 1 FROM users WHERE name = ?1")?
             .exists([account])?;
         if exists {
-            tx.prepare_cached(
-                "INSERT OR IGNORE INTO mailbox (user, message_id, delivered_at)
-                 SELECT name, ?2, ?3 FROM users WHERE name = ?1",
-            )?
-            .execute(params![account, m.id.as_str(), m.received_at])?;
+            let inbox = super::folders::ensure(tx, account, super::INBOX, None)?;
+            // Two recipients of one message may be the same account.
+            let there = tx
+                .prepare_cached("SELECT 1 FROM mailbox WHERE folder_id = ?1 AND message_id = ?2")?
+                .exists(params![inbox, m.id.as_str()])?;
+            if !there {
+                super::folders::add_reference(
+                    tx,
+                    account,
+                    inbox,
+                    m.id.as_str(),
+                    m.received_at,
+                    "",
+                )?;
+            }
             delivered.push(account.as_str());
         }
     }
@@ -641,7 +684,7 @@ fn deliver_local(
     Ok(())
 }
 
-fn insert(tx: &rusqlite::Savepoint<'_>, m: &NewMessage) -> rusqlite::Result<()> {
+pub(super) fn insert(tx: &rusqlite::Savepoint<'_>, m: &NewMessage) -> rusqlite::Result<()> {
     tx.prepare_cached(
         "INSERT INTO messages (id, received_at, sender, size, client_addr, client_helo,
                                auth_user, protocol, body_type, smtputf8, dsn_ret, dsn_envid,
