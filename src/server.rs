@@ -241,7 +241,7 @@ async fn accept_loop(
                     Refused::TooManyFromClient => reply::too_many_from_you(),
                 };
                 warn!(peer = %peer, reply = %r.summary(), "connection refused");
-                tokio::spawn(refuse(stream, r));
+                tokio::spawn(refuse(stream, refusal(listen.mode, &r)));
             }
         }
     }
@@ -271,7 +271,8 @@ async fn accept_local(
         let uid = stream.peer_cred().map(|c| c.uid()).unwrap_or(u32::MAX);
         let Some(permit) = shared.local_slot() else {
             shared.metrics.session_refused("busy");
-            tokio::spawn(refuse(stream, reply::too_many_connections()));
+            let r = reply::too_many_connections();
+            tokio::spawn(refuse(stream, refusal(ListenMode::Submission, &r)));
             continue;
         };
         shared.metrics.session("local".into(), "local".into());
@@ -291,9 +292,24 @@ async fn accept_local(
     }
 }
 
-async fn refuse<S: tokio::io::AsyncWrite + Unpin>(mut stream: S, r: Reply) {
-    let mut out = Vec::new();
-    r.write_to(&mut out);
+/// A connection refused before its session starts, told so in its own
+/// protocol (an SMTP reply, a POP3 -ERR, an IMAP BYE).
+fn refusal(mode: ListenMode, r: &Reply) -> Vec<u8> {
+    let text = r.lines.join(" ");
+    match mode {
+        ListenMode::Pop3 | ListenMode::Pop3s => format!("-ERR [SYS/TEMP] {text}\r\n").into_bytes(),
+        ListenMode::Imap | ListenMode::Imaps => {
+            format!("* BYE [UNAVAILABLE] {text}\r\n").into_bytes()
+        }
+        _ => {
+            let mut out = Vec::new();
+            r.write_to(&mut out);
+            out
+        }
+    }
+}
+
+async fn refuse<S: tokio::io::AsyncWrite + Unpin>(mut stream: S, out: Vec<u8>) {
     let limit = Duration::from_secs(5);
     if let Ok(Ok(())) = tokio::time::timeout(limit, stream.write_all(&out)).await {
         let _ = tokio::time::timeout(limit, stream.shutdown()).await;

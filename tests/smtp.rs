@@ -440,7 +440,7 @@ fn mailbox_list_and_deleting_a_user_with_mail() {
             && text.contains("lunch on friday"),
         "{text}"
     );
-    assert!(text.contains("-- 1 messages"), "{text}");
+    assert!(text.contains("-- INBOX: 1 messages"), "{text}");
     assert_eq!(
         g.cli(&["mailbox", "list", "nobody"]).status.code(),
         Some(67)

@@ -1,4 +1,4 @@
-//! `outpost mailbox list USER`.
+//! `outpost mailbox list USER [--folder NAME]`.
 
 use std::process::ExitCode;
 
@@ -6,7 +6,7 @@ use super::status::rfc3339;
 use super::{exit, open_store};
 use crate::config::Config;
 
-pub fn list(config: &Config, user: &str) -> ExitCode {
+pub fn list(config: &Config, user: &str, folder: &str) -> ExitCode {
     let store = match open_store(config) {
         Ok(s) => s,
         Err(code) => return code,
@@ -22,20 +22,39 @@ pub fn list(config: &Config, user: &str) -> ExitCode {
             return ExitCode::from(exit::IOERR);
         }
     }
-    let entries = match store.mailbox(user) {
-        Ok(e) => e,
+    let listing = (|| {
+        let counts = store.folder_counts(user)?;
+        let entries = match store.folder(user, folder)? {
+            Some(f) => Some(store.folder_messages(f.id)?),
+            None => None,
+        };
+        Ok::<_, crate::queue::StoreError>((counts, entries))
+    })();
+    let (counts, entries) = match listing {
+        Ok(l) => l,
         Err(e) => {
             eprintln!("outpost: {e}");
             return ExitCode::from(exit::IOERR);
         }
     };
+    if counts.len() > 1 {
+        println!("{:<30}  {:>8}  {:>10}", "FOLDER", "MESSAGES", "OCTETS");
+        for (name, n, size) in &counts {
+            println!("{:<30}  {n:>8}  {size:>10}", clip(name, 30));
+        }
+        println!();
+    }
+    let Some(entries) = entries else {
+        eprintln!("outpost: {user} has no folder {folder}");
+        return ExitCode::from(exit::NOUSER);
+    };
     if entries.is_empty() {
-        println!("{user}'s mailbox is empty");
+        println!("{user}'s {folder} is empty");
         return ExitCode::from(exit::OK);
     }
     println!(
-        "{:<14}  {:>8}  {:<20}  {:<30}  SUBJECT",
-        "ID", "SIZE", "DATE", "FROM"
+        "{:<14}  {:>5}  {:<12}  {:>8}  {:<20}  {:<30}  SUBJECT",
+        "ID", "UID", "FLAGS", "SIZE", "DATE", "FROM"
     );
     let mut total = 0;
     for e in &entries {
@@ -44,16 +63,23 @@ pub fn list(config: &Config, user: &str) -> ExitCode {
         let subject = header(&body, "subject").unwrap_or_default();
         total += e.size();
         println!(
-            "{:<14}  {:>8}  {:<20}  {:<30}  {}",
+            "{:<14}  {:>5}  {:<12}  {:>8}  {:<20}  {:<30}  {}",
             e.uid,
+            e.imap_uid,
+            clip(&short_flags(&e.flags), 12),
             e.size(),
             rfc3339(e.delivered_at),
             clip(&from, 30),
             clip(&subject, 60)
         );
     }
-    println!("-- {} messages, {total} octets", entries.len());
+    println!("-- {folder}: {} messages, {total} octets", entries.len());
     ExitCode::from(exit::OK)
+}
+
+/// IMAP flags without their backslashes, for a narrow column.
+fn short_flags(flags: &str) -> String {
+    flags.replace('\\', "")
 }
 
 /// The first `name:` header field of a message, unfolded.

@@ -131,8 +131,14 @@ pub enum QueueCommand {
 
 #[derive(Debug, Subcommand)]
 pub enum MailboxCommand {
-    /// A user's messages: id, size, date, from, subject.
-    List { user: String },
+    /// A user's folders (messages and size of each), then the messages
+    /// of one folder: id, UID, flags, size, date, from, subject.
+    List {
+        user: String,
+        /// The folder whose messages to show.
+        #[arg(long, default_value = "INBOX")]
+        folder: String,
+    },
 }
 
 /// Which messages an administrative command touches.
@@ -231,8 +237,8 @@ pub fn run(cli: &Cli) -> ExitCode {
                 ExitCode::from(exit::CANTCREAT)
             }
         },
-        Command::Mailbox(MailboxCommand::List { user }) => match load_config(cli) {
-            Ok(c) => mailbox::list(&c, user),
+        Command::Mailbox(MailboxCommand::List { user, folder }) => match load_config(cli) {
+            Ok(c) => mailbox::list(&c, user, folder),
             Err(code) => code,
         },
     }

@@ -285,6 +285,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             "MOVE",
             "UNSELECT",
             "SPECIAL-USE",
+            "STATUS=SIZE",
             "ID",
         ]);
         caps.join(" ")
@@ -620,7 +621,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             } => {
                 let pattern = format!(
                     "{}{}",
-                    wire::mailbox_name(&reference).replace(INBOX, "INBOX"),
+                    wire::mailbox_name(&reference),
                     wire::list_pattern(&mailbox_wildcard)
                 );
                 self.list(tag, &pattern, false).await?;
@@ -818,6 +819,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     "DELETED",
                     messages.iter().filter(|m| m.has_flag("\\Deleted")).count() as u64,
                 ),
+                StatusDataItemName::Size => {
+                    ("SIZE", messages.iter().map(|m| m.size() as u64).sum())
+                }
                 StatusDataItemName::DeletedStorage => (
                     "DELETED-STORAGE",
                     messages

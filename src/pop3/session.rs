@@ -476,6 +476,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 let uid = entry.uid.clone();
                 let body = match tokio::task::spawn_blocking(move || store.body(&uid)).await {
                     Ok(Ok(Some(b))) => b,
+                    Ok(Ok(None)) => {
+                        // An IMAP session expunged it after this session's
+                        // login, which took its snapshot of the maildrop.
+                        self.err(&format!(
+                            "message {} was deleted in another session (IMAP) since you logged in",
+                            i + 1
+                        ));
+                        return;
+                    }
                     other => {
                         warn!(peer = %self.peer, uid = %entry.uid, error = ?other, "cannot read a message");
                         self.err("[SYS/TEMP] cannot read the message now; try again later");
