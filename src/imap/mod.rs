@@ -13,4 +13,5 @@ mod search;
 mod session;
 mod wire;
 
+pub use fetch::response as fetch_response;
 pub use session::Session;

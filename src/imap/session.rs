@@ -45,6 +45,10 @@ const TLS_TIMEOUT: Duration = Duration::from_secs(30);
 const LINGER: Duration = Duration::from_secs(1);
 /// A command line without its literals (RFC 7162 §4 asks for at least 8 KiB).
 const MAX_COMMAND: u32 = 64 * 1024;
+/// Before login, the most a client may send towards one command, literals
+/// included: a stranger cannot make the session hold a message-sized
+/// literal (`imap.max_literal_size` applies once logged in).
+const MAX_BEFORE_LOGIN: usize = 64 * 1024;
 
 enum Flow {
     Go,
@@ -75,9 +79,9 @@ pub struct Session<S> {
     /// The tag of an AUTHENTICATE waiting for its response, or of IDLE.
     pending: Option<Tag<'static>>,
     idling: bool,
-    /// The client enabled IMAP4rev2 (ENABLE): ESEARCH answers SEARCH.
-    rev2: bool,
     failures: u32,
+    /// Octets given to the reader since it last produced an event.
+    unparsed: usize,
     deadline: Instant,
     linger: Duration,
 }
@@ -92,10 +96,12 @@ fn next_server(config: &Config) -> Server {
     options.max_literal_size = literal;
     options.max_command_size = literal + MAX_COMMAND;
     let _ = options.set_literal_accept_text("go ahead".into());
+    // Plain text: imap-next sends it as a BAD, and text that starts with
+    // "[" would read as a response code.
     let _ = options.set_literal_reject_text(format!(
-        "[TOOBIG] literal larger than {literal} octets (imap.max_literal_size)"
+        "literal larger than {literal} octets (imap.max_literal_size)"
     ));
-    let greeting = Greeting::ok(None, "outpost IMAP4rev2 ready").expect("valid greeting");
+    let greeting = Greeting::ok(None, "outpost IMAP ready").expect("valid greeting");
     Server::new(options, greeting)
 }
 
@@ -126,8 +132,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             selected: None,
             pending: None,
             idling: false,
-            rev2: false,
             failures: 0,
+            unparsed: 0,
         }
     }
 
@@ -138,7 +144,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         }
         loop {
             let flow = match self.server.next() {
-                Ok(event) => self.event(event).await,
+                Ok(event) => {
+                    self.unparsed = 0;
+                    self.event(event).await
+                }
                 Err(Interrupt::Io(Io::Output(bytes))) => {
                     self.codec.write(&bytes);
                     Flow::Go
@@ -197,6 +206,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     Ok(Ok(0)) | Ok(Err(_)) => Flow::Close,
                     Ok(Ok(_)) => {
                         let n = self.codec.buffered().len();
+                        self.unparsed += n;
+                        if self.user.is_none() && self.unparsed > MAX_BEFORE_LOGIN {
+                            info!(peer = %self.peer, octets = self.unparsed, "imap client sent too much before logging in");
+                            self.bye("[LIMIT] too much data before login");
+                            return Flow::Close;
+                        }
                         self.server.enqueue_input(self.codec.buffered());
                         self.codec.consume(n);
                         Flow::Go
@@ -213,6 +228,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     }
 
     fn input_error(&mut self, e: NextError) -> Flow {
+        self.unparsed = 0;
         match e {
             // imap-next answered the tagged BAD itself.
             NextError::LiteralTooLong { .. } => Flow::Go,
@@ -264,7 +280,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     }
 
     fn capabilities(&self) -> String {
-        let mut caps = vec!["IMAP4rev1", "IMAP4rev2"];
+        // IMAP4rev1 and the extensions below; not IMAP4rev2, whose
+        // SEARCH RETURN (ESEARCH, SEARCHRES) the parser does not read.
+        let mut caps = vec!["IMAP4rev1"];
         if self.user.is_none() {
             if self.tls.is_some() && !self.codec.tls_active() {
                 caps.push("STARTTLS");
@@ -569,16 +587,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         body: CommandBody<'static>,
     ) -> Result<(), StoreError> {
         match body {
-            CommandBody::Enable { capabilities } => {
-                let mut enabled = Vec::new();
-                for c in capabilities.as_ref() {
-                    if c.to_string().eq_ignore_ascii_case("IMAP4rev2") {
-                        self.rev2 = true;
-                        enabled.push("IMAP4rev2");
-                    }
-                }
-                let line = format!("* ENABLED {}", enabled.join(" "));
-                self.line(line.trim_end());
+            CommandBody::Enable { .. } => {
+                // RFC 5161 §3.1: only what CAPABILITY lists as enablable,
+                // and none of it is.
+                self.line("* ENABLED");
                 self.ok(tag, "ENABLE done");
             }
             CommandBody::Namespace => {
@@ -880,12 +892,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             folder.uidvalidity
         ));
         self.line(&format!("* OK [UIDNEXT {}] next UID", folder.uidnext));
-        if self.rev2 {
-            self.line(&format!(
-                "* LIST () \"{DELIMITER}\" {}",
-                string(&folder.name)
-            ));
-        }
         self.selected = Some(Selected {
             folder,
             read_only,
@@ -911,6 +917,24 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         Ok(used + more <= quota as i64)
     }
 
+    /// `store.min_free`, as SMTP keeps it: room for `size` more octets
+    /// with the reserve left.
+    fn disk_has_room(&self, size: u64) -> bool {
+        let min_free = self.config.min_free();
+        if min_free == 0 {
+            return true;
+        }
+        match crate::queue::space::available(&self.config.store.path) {
+            Ok(free) if free < min_free.saturating_add(size) => {
+                warn!(peer = %self.peer, free, min_free, size, "imap APPEND refused: the store's disk is short of space (store.min_free)");
+                false
+            }
+            // Not knowing is no reason to refuse: a full disk still fails
+            // the commit.
+            _ => true,
+        }
+    }
+
     async fn append(
         &mut self,
         tag: &Tag<'static>,
@@ -926,6 +950,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         }
         if !self.fits(data.len() as i64).await? {
             self.no(tag, "[OVERQUOTA] the mailbox is full (local.quota)");
+            return Ok(());
+        }
+        if !self.disk_has_room(data.len() as u64) {
+            self.no(
+                tag,
+                "[LIMIT] the server's disk is short of space; try again later",
+            );
             return Ok(());
         }
         let flags: Vec<String> = flags.iter().filter_map(wire::flag_name).collect();
@@ -1089,21 +1120,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     SearchKey::And(criteria)
                 };
                 let found = self.search(&key, uid).await?;
-                if self.rev2 {
-                    let mut line = format!("* ESEARCH (TAG {})", string(tag.as_ref()));
-                    if uid {
-                        line.push_str(" UID");
-                    }
-                    if !found.is_empty() {
-                        line.push_str(" ALL ");
-                        line.push_str(&wire::uid_set(found));
-                    }
-                    self.line(&line);
-                } else {
-                    let list: Vec<String> = found.iter().map(u32::to_string).collect();
-                    let line = format!("* SEARCH {}", list.join(" "));
-                    self.line(line.trim_end());
-                }
+                let list: Vec<String> = found.iter().map(u32::to_string).collect();
+                let line = format!("* SEARCH {}", list.join(" "));
+                self.line(line.trim_end());
                 self.ok(tag, &format!("{name} done"));
             }
             CommandBody::Copy {

@@ -446,6 +446,46 @@ fn rename(
 mod tests {
     use super::*;
 
+    /// A store made by the outpost before folders (schema 7), with mail in
+    /// two mailboxes, keeps every message after the upgrade: in INBOX, in
+    /// the order it came, with UIDs from 1 and UIDNEXT after them.
+    #[test]
+    fn an_older_store_keeps_its_mailboxes_as_inboxes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("queue.sqlite");
+        {
+            let c = rusqlite::Connection::open(&path).unwrap();
+            for (_, sql) in &super::super::MIGRATIONS[..7] {
+                c.execute_batch(sql).unwrap();
+            }
+            c.pragma_update(None, "user_version", 7).unwrap();
+            c.execute_batch(
+                "INSERT INTO users VALUES ('alice', 'x', 0, 0), ('bob', 'x', 0, 0);
+                 INSERT INTO messages (id, received_at, sender, size, client_addr, protocol)
+                   VALUES ('M1', 10, 's@x', 3, '127.0.0.1', 'ESMTP'),
+                          ('M2', 20, 's@x', 3, '127.0.0.1', 'ESMTP'),
+                          ('M3', 30, '', 3, '127.0.0.1', 'ESMTP');
+                 INSERT INTO bodies VALUES ('M1', x'610d0a'), ('M2', x'620d0a'), ('M3', x'630d0a');
+                 INSERT INTO mailbox (user, message_id, delivered_at)
+                   VALUES ('alice', 'M2', 20), ('bob', 'M1', 10), ('alice', 'M1', 10),
+                          ('alice', 'M3', 30);",
+            )
+            .unwrap();
+        }
+        let store = Store::open(&path).unwrap();
+        let alice = store.mailbox("alice").unwrap();
+        let got: Vec<(&str, u32)> = alice.iter().map(|e| (e.uid.as_str(), e.imap_uid)).collect();
+        assert_eq!(got, [("M2", 1), ("M1", 2), ("M3", 3)]);
+        assert!(alice.iter().all(|e| e.flags.is_empty() && !e.appended));
+        let inbox = store.folder("alice", "inbox").unwrap().unwrap();
+        assert_eq!((inbox.name.as_str(), inbox.uidnext), ("INBOX", 4));
+        assert!(inbox.uidvalidity > 0);
+        let bob = store.mailbox("bob").unwrap();
+        assert_eq!(bob.len(), 1);
+        assert_eq!((bob[0].uid.as_str(), bob[0].imap_uid), ("M1", 1));
+        assert_eq!(store.body("M2").unwrap().unwrap(), b"b\r\n");
+    }
+
     #[test]
     fn flags_merge_case_insensitively_and_once() {
         let f = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();

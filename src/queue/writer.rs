@@ -130,11 +130,11 @@ impl Request {
     /// Whether this request may change what a mailbox holds.
     fn touches_mail(&self) -> bool {
         match &self.work {
-            Work::Changes(changes) => changes.iter().any(|c| {
-                matches!(
-                    c,
-                    Change::Insert(_) | Change::MailboxRemove { .. } | Change::Folder(_)
-                )
+            Work::Changes(changes) => changes.iter().any(|c| match c {
+                // Outbound mail, most of what a branch sends, is in no mailbox.
+                Change::Insert(m) => m.recipients.iter().any(|r| !r.mailboxes.is_empty()),
+                Change::MailboxRemove { .. } | Change::Folder(_) => true,
+                _ => false,
             }),
             Work::MakeIncremental => false,
         }
