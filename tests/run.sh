@@ -14,6 +14,7 @@ command -v openssl >/dev/null || need+=(openssl)
 [ -x /usr/sbin/postfix ] || need+=(postfix)
 command -v fetchmail >/dev/null || need+=(fetchmail)
 command -v mpop >/dev/null || need+=(mpop)
+command -v mbsync >/dev/null || need+=(isync)
 command -v faketime >/dev/null || need+=(faketime)
 command -v systemd-analyze >/dev/null || need+=(systemd)
 # tests/package.sh installs the package into a clean Debian root.
