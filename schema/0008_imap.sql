@@ -8,7 +8,8 @@ CREATE TABLE folders (
     user        TEXT NOT NULL COLLATE NOCASE,
     name        TEXT NOT NULL,
     -- RFC 9051 §2.3.1.1: never reused for a name, so a folder deleted and
-    -- made again is not mistaken for the old one by a client's cache.
+    -- made again is not mistaken for the old one by a client's cache
+    -- (from the `uidvalidity` counter below).
     uidvalidity INTEGER NOT NULL,
     uidnext     INTEGER NOT NULL DEFAULT 1,
     subscribed  INTEGER NOT NULL DEFAULT 1,
@@ -19,6 +20,15 @@ CREATE TABLE folders (
 INSERT INTO folders (user, name, uidvalidity)
 SELECT name, 'INBOX', CAST(strftime('%s', 'now') AS INTEGER)
   FROM (SELECT name FROM users UNION SELECT DISTINCT user FROM mailbox);
+
+-- The last UIDVALIDITY given to a folder. The next folder gets one above
+-- it (and above the clock), so that a folder deleted and made again never
+-- gets its old one back, whatever became of the folders in between.
+CREATE TABLE uidvalidity (
+    id   INTEGER PRIMARY KEY CHECK (id = 1),
+    last INTEGER NOT NULL
+);
+INSERT INTO uidvalidity VALUES (1, (SELECT coalesce(max(uidvalidity), 0) FROM folders));
 
 -- A message in a folder: a reference to the message, stored once in
 -- `bodies` however many folders hold it. `uid` is its IMAP UID, unique

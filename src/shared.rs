@@ -84,7 +84,16 @@ pub struct Shared {
     pub verifier: crate::auth::VerifyPool,
     /// Event counters for `GET /metrics` (`[metrics]`).
     pub metrics: crate::metrics::Metrics,
+    /// IMAP commands larger than [`BIG_COMMAND`] being received (an APPEND
+    /// with its message): each holds one of [`BIG_COMMANDS`] permits, so
+    /// that the memory they take together stays bounded.
+    pub big_commands: Arc<Semaphore>,
 }
+
+/// See [`Shared::big_commands`]. A command is held in memory while it
+/// arrives (imap-next frames it whole).
+pub const BIG_COMMAND: usize = 1024 * 1024;
+pub const BIG_COMMANDS: usize = 8;
 
 /// How sessions hand work to the daemon's flush runner.
 #[derive(Default)]
@@ -126,6 +135,7 @@ impl Shared {
             logins: Arc::default(),
             verifier: crate::auth::VerifyPool::new(config.auth.verify_threads),
             metrics: Default::default(),
+            big_commands: Arc::new(Semaphore::new(BIG_COMMANDS)),
             config: std::sync::RwLock::new(config),
             store,
             writer,

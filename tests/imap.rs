@@ -1993,3 +1993,28 @@ fn append_over_quota_is_refused() {
     c.ok("UNSELECT");
     assert!(c.append("Trash", "", &m("three")).ok());
 }
+/// RFC 9051 §2.3.1.1: a folder deleted and made again under the same name
+/// must not be taken for the old one by a client that kept its UIDs: a new
+/// UIDVALIDITY (or, at the least, UIDs past the old ones).
+#[test]
+fn folder_made_again_after_delete_does_not_reuse_uidvalidity_and_uids() {
+    let (_g, ports) = gateway("");
+    let mut c = Imap::login(ports.plain, "alice", "secret");
+    c.ok("CREATE Projects");
+    let old = draft("old");
+    let a = c.append("Projects", "", &old);
+    assert!(a.ok(), "{a:?}");
+    let appenduid = code(&a.tagged, "APPENDUID");
+    let (validity, uid): (u64, u64) =
+        (appenduid[0].parse().unwrap(), appenduid[1].parse().unwrap());
+    c.ok("DELETE Projects");
+    c.ok("CREATE Projects");
+    let st = c.status("Projects", "MESSAGES UIDNEXT UIDVALIDITY");
+    assert_eq!(st[0].1, 0, "{st:?}");
+    assert!(
+        st[2].1 != validity || st[1].1 > uid,
+        "made again with UIDVALIDITY {validity} and UIDNEXT {}: UID {uid} now names another \
+         message than the one a client cached under it",
+        st[1].1
+    );
+}

@@ -73,9 +73,12 @@ fuzz_target!(|data: &[u8]| {
     let entry = MailboxEntry {
         id: 1,
         uid: "4HkQ2mX9cVb".into(),
+        imap_uid: 1,
+        flags: String::new(),
         sender: "sender@branch.example".into(),
         stored_size: message.as_ref().map_or(0, |m| m.len() as i64),
         delivered_at: 0,
+        appended: false,
     };
     for line in commands.split(|&b| b == b'\n') {
         let line = line.strip_suffix(b"\r").unwrap_or(line);

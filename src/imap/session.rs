@@ -37,7 +37,7 @@ use crate::queue::StoreError;
 use crate::queue::{
     Body, Change, FlagOp, Folder, FolderChange, MailboxEntry, NewMessage, QueueId, INBOX,
 };
-use crate::shared::{phase_reached, Login, Phase, Shared};
+use crate::shared::{phase_reached, Login, Phase, Shared, BIG_COMMAND};
 
 /// How long a TLS handshake may take.
 const TLS_TIMEOUT: Duration = Duration::from_secs(30);
@@ -82,6 +82,8 @@ pub struct Session<S> {
     failures: u32,
     /// Octets given to the reader since it last produced an event.
     unparsed: usize,
+    /// Held while a big command arrives ([`Shared::big_commands`]).
+    big: Option<tokio::sync::OwnedSemaphorePermit>,
     deadline: Instant,
     linger: Duration,
 }
@@ -134,6 +136,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             idling: false,
             failures: 0,
             unparsed: 0,
+            big: None,
         }
     }
 
@@ -146,6 +149,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             let flow = match self.server.next() {
                 Ok(event) => {
                     self.unparsed = 0;
+                    self.big = None;
                     self.event(event).await
                 }
                 Err(Interrupt::Io(Io::Output(bytes))) => {
@@ -173,6 +177,28 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 info!(peer = %self.peer, "imap client takes no output; closing");
             }
             return Flow::Close;
+        }
+        if self.unparsed > BIG_COMMAND && self.big.is_none() {
+            // Past 1 MiB a command waits its turn before it may grow on.
+            let permits = self.shared.big_commands.clone();
+            let wait = self
+                .config
+                .imap
+                .idle_timeout
+                .min(self.deadline.saturating_duration_since(Instant::now()));
+            let mut phase = self.phase.clone();
+            let turn = tokio::select! {
+                _ = phase_reached(&mut phase, Phase::Draining) => None,
+                r = tokio::time::timeout(wait, permits.acquire_owned()) => r.ok().and_then(Result::ok),
+            };
+            match turn {
+                Some(p) => self.big = Some(p),
+                None => {
+                    info!(peer = %self.peer, "imap: no turn for a large command in time");
+                    self.bye("server busy with other large messages; try again later");
+                    return Flow::Close;
+                }
+            }
         }
         loop {
             if Instant::now() >= self.deadline {
@@ -229,6 +255,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
 
     fn input_error(&mut self, e: NextError) -> Flow {
         self.unparsed = 0;
+        self.big = None;
         match e {
             // imap-next answered the tagged BAD itself.
             NextError::LiteralTooLong { .. } => Flow::Go,

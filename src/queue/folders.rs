@@ -346,7 +346,8 @@ fn uidvalidity(tx: &Tx<'_>, folder: i64) -> rusqlite::Result<u32> {
 }
 
 /// Makes the folder if it is missing; its UIDVALIDITY is above every one
-/// given before, so that a name used again never gets an old one.
+/// given before (the `uidvalidity` counter), so that a name used again
+/// never gets an old one.
 pub(super) fn ensure(
     tx: &Tx<'_>,
     user: &str,
@@ -356,12 +357,16 @@ pub(super) fn ensure(
     if let Some(id) = folder_id(tx, user, name)? {
         return Ok(id);
     }
+    let uidvalidity: i64 = tx
+        .prepare_cached(
+            "UPDATE uidvalidity SET last = max(last + 1, CAST(strftime('%s', 'now') AS INTEGER))
+              WHERE id = 1 RETURNING last",
+        )?
+        .query_row([], |r| r.get(0))?;
     tx.prepare_cached(
-        "INSERT INTO folders (user, name, uidvalidity, special_use)
-         VALUES (?1, ?2, max(CAST(strftime('%s', 'now') AS INTEGER),
-                             (SELECT coalesce(max(uidvalidity), 0) + 1 FROM folders)), ?3)",
+        "INSERT INTO folders (user, name, uidvalidity, special_use) VALUES (?1, ?2, ?3, ?4)",
     )?
-    .execute(params![user, canonical(name), special_use])?;
+    .execute(params![user, canonical(name), uidvalidity, special_use])?;
     Ok(tx.last_insert_rowid())
 }
 
