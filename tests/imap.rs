@@ -2018,3 +2018,66 @@ fn folder_made_again_after_delete_does_not_reuse_uidvalidity_and_uids() {
         st[1].1
     );
 }
+
+/// curl, another real IMAP client (libcurl's), over implicit TLS: it
+/// lists the folders, fetches a message by UID byte-exact, and stores a
+/// message with APPEND (its upload) that comes back byte-exact.
+#[test]
+fn curl_lists_fetches_and_appends_over_imaps() {
+    let (g, ports) = gateway("");
+    let id = send(&g, &eight_bit_dot_message());
+    let want = expected(&g, &id);
+    let base = format!("imaps://127.0.0.1:{}", ports.imaps);
+    let curl = |args: &[&str], log: &str| {
+        let mut cmd = Command::new("curl");
+        // The gateway's own self-signed certificate.
+        cmd.args([
+            "-sS",
+            "--insecure",
+            "--max-time",
+            "30",
+            "-u",
+            "alice:secret",
+        ])
+        .args(args);
+        let (code, out) = run(&mut cmd, &g.path(log), Duration::from_secs(60));
+        assert_eq!(code, Some(0), "curl {args:?}: {out}");
+        out
+    };
+    let folders = curl(&[&format!("{base}/")], "curl-list.log");
+    for name in ["INBOX", "Sent", "Drafts", "Trash", "Junk", "Archive"] {
+        assert!(
+            folders.lines().any(|l| l.ends_with(&format!("\"{name}\""))),
+            "{name} missing: {folders}"
+        );
+    }
+    let got_path = g.path("curl-fetch.eml");
+    let mut cmd = Command::new("curl");
+    cmd.args([
+        "-sS",
+        "--insecure",
+        "--max-time",
+        "30",
+        "-u",
+        "alice:secret",
+    ])
+    .arg(format!("{base}/INBOX;UID=1"))
+    .arg("-o")
+    .arg(&got_path);
+    let (code, out) = run(&mut cmd, &g.path("curl-fetch.log"), Duration::from_secs(60));
+    assert_eq!(code, Some(0), "{out}");
+    assert_bytes("curl's fetch", &std::fs::read(&got_path).unwrap(), &want);
+
+    let upload = draft("from curl");
+    let file = g.path("curl-upload.eml");
+    std::fs::write(&file, &upload).unwrap();
+    curl(
+        &["-T", file.to_str().unwrap(), &format!("{base}/Drafts")],
+        "curl-append.log",
+    );
+    let mut c = Imap::login(ports.plain, "alice", "secret");
+    let (n, _) = c.select("Drafts");
+    assert_eq!(n, 1);
+    let messages = c.messages();
+    assert_bytes("the message curl stored", &messages[0].2, &upload);
+}

@@ -15,6 +15,7 @@ command -v openssl >/dev/null || need+=(openssl)
 command -v fetchmail >/dev/null || need+=(fetchmail)
 command -v mpop >/dev/null || need+=(mpop)
 command -v mbsync >/dev/null || need+=(isync)
+command -v curl >/dev/null || need+=(curl)
 command -v faketime >/dev/null || need+=(faketime)
 command -v systemd-analyze >/dev/null || need+=(systemd)
 # tests/package.sh installs the package into a clean Debian root.
