@@ -3,8 +3,10 @@
 -- A user's folders. INBOX is the one local delivery and POP3 use; the
 -- others are made by IMAP clients (and the special-use folders at the
 -- first IMAP login). Names are IMAP names with '/' between levels.
+-- Ids are never reused (AUTOINCREMENT): a session that still names a
+-- deleted folder or message by id finds nothing, never another one.
 CREATE TABLE folders (
-    id          INTEGER PRIMARY KEY,
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
     user        TEXT NOT NULL COLLATE NOCASE,
     name        TEXT NOT NULL,
     -- RFC 9051 §2.3.1.1: never reused for a name, so a folder deleted and
@@ -35,7 +37,7 @@ INSERT INTO uidvalidity VALUES (1, (SELECT coalesce(max(uidvalidity), 0) FROM fo
 -- and ascending in the folder; `flags` its IMAP flags, space-separated.
 -- The queue id (`message_id`) stays the POP3 UID.
 CREATE TABLE mailbox_v8 (
-    id           INTEGER PRIMARY KEY,
+    id           INTEGER PRIMARY KEY AUTOINCREMENT,
     user         TEXT NOT NULL COLLATE NOCASE,
     folder_id    INTEGER NOT NULL REFERENCES folders(id),
     uid          INTEGER NOT NULL,

@@ -2081,3 +2081,95 @@ fn curl_lists_fetches_and_appends_over_imaps() {
     let messages = c.messages();
     assert_bytes("the message curl stored", &messages[0].2, &upload);
 }
+
+// ---------------------------------------------------------------------------
+// Sessions that hold on to what others changed
+
+/// A session that still has a folder selected after another session
+/// deleted it sees it empty; the folder made next (here another account's
+/// INBOX, at its first login) never takes its place, so nothing of
+/// another account's mail ever shows.
+#[test]
+fn a_deleted_selected_folder_never_shows_another_accounts_mail() {
+    let (g, ports) = gateway("");
+    g.add_user("carol", "secret2");
+    let mut a1 = Imap::login(ports.plain, "alice", "secret");
+    let mut a2 = Imap::login(ports.plain, "alice", "secret");
+    a1.ok("CREATE tmp");
+    assert!(a1.append("tmp", "", &draft("alice's own")).ok());
+    let (n, _) = a1.select("tmp");
+    assert_eq!(n, 1);
+    a2.ok("DELETE tmp");
+    let mut carol = Imap::login(ports.plain, "carol", "secret2");
+    assert!(carol.append("INBOX", "", &draft("carol's secret")).ok());
+    let noop = a1.ok("NOOP");
+    assert!(noop.has("* 1 EXPUNGE"), "{noop:?}");
+    let fetch = a1.ok("UID FETCH 1:* (UID BODY.PEEK[])");
+    assert!(fetch.fetches().is_empty(), "{fetch:?}");
+    assert!(!format!("{fetch:?}{noop:?}").contains("carol"));
+}
+
+/// EXPUNGE removes what has \Deleted now, not what had it when this
+/// session last looked: another session took the flag off meanwhile.
+#[test]
+fn expunge_goes_by_the_flags_of_now() {
+    let (g, ports) = gateway("");
+    send(&g, &subject("keep me"));
+    let mut a = Imap::login(ports.plain, "alice", "secret");
+    let mut b = Imap::login(ports.plain, "alice", "secret");
+    a.select("INBOX");
+    b.select("INBOX");
+    a.ok("STORE 1 +FLAGS.SILENT (\\Deleted)");
+    b.ok("STORE 1 -FLAGS.SILENT (\\Deleted)");
+    let e = a.ok("EXPUNGE");
+    assert!(expunged(&e).is_empty(), "{e:?}");
+    assert_eq!(a.uids(), vec![1]);
+    assert_eq!(b.status_of("INBOX", "MESSAGES"), 1);
+}
+
+/// RENAME takes the checks CREATE has, refuses a folder into itself, and
+/// a name taken below the new one is "already exists", not a store error.
+#[test]
+fn rename_refuses_what_cannot_be_made() {
+    let (_g, ports) = gateway("");
+    let mut c = Imap::login(ports.plain, "alice", "secret");
+    c.ok("CREATE a/c");
+    let r = c.cmd("RENAME a a/c/d");
+    assert!(r.tagged.contains("NO [CANNOT]"), "{r:?}");
+    for bad in ["\"\"", "\"x//y/\"", "INBOX"] {
+        let r = c.cmd(&format!("RENAME Junk {bad}"));
+        assert!(r.tagged.contains(" NO "), "{bad}: {r:?}");
+    }
+    c.ok("CREATE m/y");
+    c.ok("CREATE n/y");
+    c.ok("DELETE n/y");
+    c.ok("CREATE z/w");
+    c.ok("RENAME z/w n/y");
+    let r = c.cmd("RENAME m n");
+    assert!(r.tagged.contains("NO [ALREADYEXISTS]"), "{r:?}");
+    // Nothing moved.
+    let before = names(&list(&mut c, "LIST"));
+    for n in ["a", "a/c", "m", "m/y", "n", "n/y", "Junk"] {
+        assert!(before.contains(&n.to_string()), "{n} missing: {before:?}");
+    }
+    // The new name's parents are made, as CREATE makes them.
+    c.ok("RENAME m/y p/q/y");
+    let after = names(&list(&mut c, "LIST"));
+    for n in ["p", "p/q", "p/q/y"] {
+        assert!(after.contains(&n.to_string()), "{n} missing: {after:?}");
+    }
+}
+
+/// `1:*` in an empty folder is answered OK with nothing, as clients
+/// expect.
+#[test]
+fn star_in_an_empty_folder_is_not_an_error() {
+    let (_g, ports) = gateway("");
+    let mut c = Imap::login(ports.plain, "alice", "secret");
+    let (n, _) = c.select("Trash");
+    assert_eq!(n, 0);
+    let f = c.ok("FETCH 1:* (FLAGS)");
+    assert!(f.fetches().is_empty());
+    c.ok("STORE 1:* +FLAGS (\\Seen)");
+    c.ok("SEARCH ALL");
+}

@@ -25,7 +25,7 @@ pub fn list(config: &Config, user: &str, folder: &str) -> ExitCode {
     let listing = (|| {
         let counts = store.folder_counts(user)?;
         let entries = match store.folder(user, folder)? {
-            Some(f) => Some(store.folder_messages(f.id)?),
+            Some(f) => Some(store.folder_messages(user, f.id)?),
             None => None,
         };
         Ok::<_, crate::queue::StoreError>((counts, entries))

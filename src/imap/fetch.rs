@@ -165,3 +165,44 @@ pub fn response(
     });
     ResponseCodec::default().encode(&response).dump()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use imap_codec::decode::Decoder;
+
+    fn entry() -> MailboxEntry {
+        MailboxEntry {
+            id: 1,
+            uid: "6J8TMH5D000NKX".into(),
+            imap_uid: 7,
+            flags: "\\Seen $Work".into(),
+            sender: String::new(),
+            stored_size: 0,
+            delivered_at: 1_796_000_000,
+            appended: true,
+        }
+    }
+
+    /// Found by fuzz/imap_fetch: control characters and NUL in a header.
+    #[test]
+    fn a_header_with_control_characters_gives_a_decodable_response() {
+        let message = b"Subject: p\x0c\0\0\0\r\n\r!\n8bit \xc3\xa1\r\n";
+        let items = [
+            MessageDataItemName::Envelope,
+            MessageDataItemName::BodyStructure,
+            MessageDataItemName::BodyExt {
+                section: None,
+                partial: None,
+                peek: true,
+            },
+        ];
+        let out = response(1, &entry(), Some(message), &items, true, false);
+        let decoded = ResponseCodec::default().decode_static(&out);
+        assert!(
+            decoded.is_ok(),
+            "{decoded:?}: {:?}",
+            String::from_utf8_lossy(&out)
+        );
+    }
+}

@@ -200,17 +200,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 }
             }
         }
+        // From now, whatever new mail IDLE reports meanwhile: the client
+        // must say something within imap.idle_timeout.
+        let quiet_until = Instant::now() + self.config.imap.idle_timeout;
         loop {
             if Instant::now() >= self.deadline {
                 warn!(peer = %self.peer, limit = ?self.config.imap.max_session_time, "imap session time limit reached (imap.max_session_time)");
                 self.bye("session time limit reached, please reconnect");
                 return Flow::Close;
             }
-            let timeout = self
-                .config
-                .imap
-                .idle_timeout
-                .min(self.deadline.saturating_duration_since(Instant::now()));
+            let timeout = quiet_until
+                .min(self.deadline)
+                .saturating_duration_since(Instant::now());
             let mut phase = self.phase.clone();
             let idling = self.idling;
             tokio::select! {
@@ -218,15 +219,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 _ = phase_reached(&mut phase, Phase::Draining) => {
                     self.bye("server shutting down, please reconnect");
                     return Flow::Close;
-                }
-                changed = self.mail.changed(), if idling => {
-                    if changed.is_err() {
-                        return Flow::Close;
-                    }
-                    self.refresh(true).await;
-                    if self.codec.flush().await.is_err() {
-                        return Flow::Close;
-                    }
                 }
                 r = tokio::time::timeout(timeout, self.codec.fill()) => return match r {
                     Ok(Ok(0)) | Ok(Err(_)) => Flow::Close,
@@ -249,6 +241,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                         Flow::Close
                     }
                 },
+                changed = self.mail.changed(), if idling => {
+                    if changed.is_err() {
+                        return Flow::Close;
+                    }
+                    self.refresh(true).await;
+                    if self.codec.flush().await.is_err() {
+                        return Flow::Close;
+                    }
+                }
             }
         }
     }
@@ -641,7 +642,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             CommandBody::Create { mailbox } => self.create(tag, &mailbox).await?,
             CommandBody::Delete { mailbox } => self.delete(tag, &mailbox).await?,
             CommandBody::Rename { from, to } => {
-                let (from, to) = (wire::mailbox_name(&from), wire::mailbox_name(&to));
+                let from = wire::mailbox_name(&from);
+                let Some(to) = wire::new_folder_name(&wire::mailbox_name(&to)) else {
+                    self.no(tag, "[CANNOT] not a folder name that can be made");
+                    return Ok(());
+                };
                 let change = FolderChange::Rename {
                     user: self.user(),
                     from,
@@ -721,12 +726,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         tag: &Tag<'static>,
         mailbox: &Mailbox<'_>,
     ) -> Result<(), StoreError> {
-        let name = wire::mailbox_name(mailbox);
-        let name = name.trim_end_matches(DELIMITER).to_string();
-        if name.is_empty() || name == INBOX || name.split(DELIMITER).any(str::is_empty) {
+        let Some(name) = wire::new_folder_name(&wire::mailbox_name(mailbox)) else {
             self.no(tag, "[CANNOT] not a folder name that can be made");
             return Ok(());
-        }
+        };
         // Missing parents are made too (RFC 9051 §6.3.4).
         let parts: Vec<&str> = name.split(DELIMITER).collect();
         for n in 1..parts.len() {
@@ -775,6 +778,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             .is_some_and(|s| s.folder.name == name)
         {
             self.selected = None;
+            self.line("* OK [CLOSED] the selected folder is being deleted");
         }
         let change = FolderChange::Delete {
             user: self.user(),
@@ -814,9 +818,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             } else {
                 "\\HasNoChildren"
             }];
-            if f.subscribed && !lsub {
-                attrs.push("\\Subscribed");
-            }
             if let Some(u) = &f.special_use {
                 attrs.push(u);
             }
@@ -841,8 +842,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             self.no(tag, &format!("[NONEXISTENT] no folder {name}"));
             return Ok(());
         };
-        let id = folder.id;
-        let messages = self.blocking(move |s| s.folder_messages(id)).await?;
+        let (user, id) = (self.user(), folder.id);
+        let messages = self.blocking(move |s| s.folder_messages(&user, id)).await?;
         let mut out = Vec::new();
         for item in items {
             let (k, v) = match item {
@@ -899,8 +900,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             self.no(tag, &format!("[NONEXISTENT] no folder {name}"));
             return Ok(());
         };
-        let id = folder.id;
-        let messages = self.blocking(move |s| s.folder_messages(id)).await?;
+        let (user, id) = (self.user(), folder.id);
+        let messages = self.blocking(move |s| s.folder_messages(&user, id)).await?;
         self.line(&format!("* FLAGS ({SYSTEM_FLAGS})"));
         self.line(&format!("* {} EXISTS", messages.len()));
         self.line("* 0 RECENT");
@@ -989,9 +990,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         let flags: Vec<String> = flags.iter().filter_map(wire::flag_name).collect();
         let flags = crate::queue::merge_flags("", FlagOp::Add, &flags);
         let id = QueueId::generate();
+        let now = crate::queue::unix_now();
         let message = NewMessage {
             id: id.clone(),
-            received_at: date.unwrap_or_else(crate::queue::unix_now),
+            received_at: now,
             sender: String::new(),
             client_addr: self.peer.ip().to_string(),
             client_helo: String::new(),
@@ -1009,6 +1011,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             folder: name.clone(),
             message: Box::new(message),
             flags,
+            internal_date: date.unwrap_or(now),
         };
         match self.change(change).await? {
             Ok(applied) => {
@@ -1054,10 +1057,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     fn valid_seqs(&self, set: &SequenceSet) -> bool {
         use imap_next::imap_types::sequence::{SeqOrUid, Sequence};
         let n = self.selected.as_ref().map_or(0, |s| s.messages.len()) as u32;
+        if n == 0 {
+            // Nothing matches; `1:*` in an empty folder is not an error to
+            // the clients that send it (Dovecot answers OK too).
+            return true;
+        }
         set.0.as_ref().iter().all(|s| {
             let ok = |v: &SeqOrUid| match v {
                 SeqOrUid::Value(v) => v.get() <= n,
-                SeqOrUid::Asterisk => n > 0,
+                SeqOrUid::Asterisk => true,
             };
             match s {
                 Sequence::Single(v) => ok(v),
@@ -1411,6 +1419,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     /// Removes the messages flagged \Deleted (of `only`, UID EXPUNGE);
     /// tells the client when `tell`.
     async fn expunge(&mut self, only: Option<&SequenceSet>, tell: bool) -> Result<(), StoreError> {
+        if tell {
+            // What other sessions did first: the flags to go by are the
+            // store's (the writer checks \Deleted again).
+            self.refresh(true).await;
+        }
         let Some(sel) = &self.selected else {
             return Ok(());
         };
@@ -1452,8 +1465,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         let Some(sel) = &self.selected else {
             return;
         };
-        let id = sel.folder.id;
-        let now = match self.blocking(move |s| s.folder_messages(id)).await {
+        let (user, id) = (self.user(), sel.folder.id);
+        let now = match self.blocking(move |s| s.folder_messages(&user, id)).await {
             Ok(m) => m,
             Err(e) => {
                 warn!(peer = %self.peer, error = %e, "cannot read the folder");

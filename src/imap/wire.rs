@@ -56,6 +56,18 @@ pub fn mailbox_name(m: &Mailbox<'_>) -> String {
     }
 }
 
+/// A name for a folder to be made (CREATE, RENAME's new name): without a
+/// trailing delimiter (RFC 9051 §6.3.4); None when it is not one that can
+/// be made (empty, an empty level, INBOX, a control character).
+pub fn new_folder_name(name: &str) -> Option<String> {
+    let name = name.strip_suffix(DELIMITER).unwrap_or(name);
+    let bad = name.is_empty()
+        || name == crate::queue::INBOX
+        || name.split(DELIMITER).any(str::is_empty)
+        || name.chars().any(char::is_control);
+    (!bad).then(|| name.to_string())
+}
+
 pub fn astring(a: &AString<'_>) -> String {
     String::from_utf8_lossy(a.as_ref()).into_owned()
 }
@@ -164,6 +176,15 @@ mod tests {
         assert_eq!(string("a\"b\\c"), "\"a\\\"b\\\\c\"");
         assert_eq!(string("Entwürfe"), "{9}\r\nEntwürfe");
         assert_eq!(string("a\r\nb"), "{4}\r\na\r\nb");
+    }
+
+    #[test]
+    fn names_for_new_folders() {
+        assert_eq!(new_folder_name("Work/").as_deref(), Some("Work"));
+        assert_eq!(new_folder_name("a/b").as_deref(), Some("a/b"));
+        for bad in ["", "/", "x//y", "/x", "INBOX", "a\tb"] {
+            assert_eq!(new_folder_name(bad), None, "{bad:?}");
+        }
     }
 
     #[test]

@@ -74,12 +74,15 @@ pub enum FolderChange {
         name: String,
         subscribed: bool,
     },
-    /// A message a client stores (APPEND): the message and its reference.
+    /// A message a client stores (APPEND): the message and its reference,
+    /// with the INTERNALDATE the client gave (the message's own arrival
+    /// time stays the real one: housekeeping goes by it).
     Append {
         user: String,
         folder: String,
         message: Box<NewMessage>,
         flags: String,
+        internal_date: i64,
     },
     /// References to the same messages in folder `to` (COPY); with
     /// `remove`, the originals go (MOVE). Reports the UIDs in
@@ -97,7 +100,8 @@ pub enum FolderChange {
         op: FlagOp,
         flags: Vec<String>,
     },
-    /// EXPUNGE (and POP3's UPDATE): these references go.
+    /// EXPUNGE: these references go, those that still have \Deleted
+    /// (another session may have taken it off meanwhile).
     Expunge {
         user: String,
         rows: Vec<i64>,
@@ -161,16 +165,21 @@ impl Store {
         })
     }
 
-    /// The messages in a folder, by UID.
-    pub fn folder_messages(&self, folder_id: i64) -> Result<Vec<MailboxEntry>, StoreError> {
+    /// The messages in `user`'s folder `folder_id`, by UID (none when the
+    /// folder is gone or not `user`'s).
+    pub fn folder_messages(
+        &self,
+        user: &str,
+        folder_id: i64,
+    ) -> Result<Vec<MailboxEntry>, StoreError> {
         self.with(|c| {
             let mut st = c.prepare_cached(
                 "SELECT mb.id, mb.message_id, mb.uid, mb.flags, m.sender, m.size,
                         mb.delivered_at, m.protocol = 'IMAP'
                    FROM mailbox mb JOIN messages m ON m.id = mb.message_id
-                  WHERE mb.folder_id = ?1 ORDER BY mb.uid",
+                  WHERE mb.folder_id = ?1 AND mb.user = ?2 ORDER BY mb.uid",
             )?;
-            let rows = st.query_map([folder_id], |r| {
+            let rows = st.query_map(params![folder_id, user], |r| {
                 Ok(MailboxEntry {
                     id: r.get(0)?,
                     uid: r.get(1)?,
@@ -252,6 +261,10 @@ pub(super) fn apply(
             name,
             subscribed,
         } => {
+            if folder_id(tx, user, name)?.is_none() {
+                applied.refused = Some(format!("[NONEXISTENT] no folder {name}"));
+                return Ok(());
+            }
             tx.prepare_cached("UPDATE folders SET subscribed = ?3 WHERE user = ?1 AND name = ?2")?
                 .execute(params![user, canonical(name), subscribed])?;
         }
@@ -260,20 +273,14 @@ pub(super) fn apply(
             folder,
             message,
             flags,
+            internal_date,
         } => {
             let Some(id) = folder_id(tx, user, folder)? else {
                 applied.refused = Some(format!("[TRYCREATE] no folder {folder}"));
                 return Ok(());
             };
             super::writer::insert(tx, message)?;
-            let uid = add_reference(
-                tx,
-                user,
-                id,
-                message.id.as_str(),
-                message.received_at,
-                flags,
-            )?;
+            let uid = add_reference(tx, user, id, message.id.as_str(), *internal_date, flags)?;
             applied.uidvalidity = uidvalidity(tx, id)?;
             applied.uids.push((0, uid));
         }
@@ -329,7 +336,21 @@ pub(super) fn apply(
                 }
             }
         }
-        FolderChange::Expunge { user, rows } => expunge(tx, user, rows)?,
+        FolderChange::Expunge { user, rows } => {
+            let mut flagged = Vec::with_capacity(rows.len());
+            for row in rows {
+                let deleted = tx
+                    .prepare_cached(
+                        "SELECT 1 FROM mailbox WHERE id = ?1 AND user = ?2
+                            AND ' ' || flags || ' ' LIKE '% \\deleted %'",
+                    )?
+                    .exists(params![row, user])?;
+                if deleted {
+                    flagged.push(*row);
+                }
+            }
+            expunge(tx, user, &flagged)?
+        }
     }
     Ok(())
 }
@@ -421,7 +442,22 @@ fn rename(
         applied.refused = Some(format!("[ALREADYEXISTS] folder {to} exists"));
         return Ok(());
     }
+    let below = format!("{from}/");
+    if to.starts_with(&below) {
+        applied.refused = Some(format!("[CANNOT] {from} cannot go inside itself"));
+        return Ok(());
+    }
+    // The new name's missing levels are made, as CREATE makes them, so
+    // that a client walking the tree with "%" finds it.
+    let parents = |tx: &Tx<'_>| -> rusqlite::Result<()> {
+        let levels: Vec<&str> = to.split('/').collect();
+        for n in 1..levels.len() {
+            ensure(tx, user, &levels[..n].join("/"), None)?;
+        }
+        Ok(())
+    };
     if canonical(from) == INBOX {
+        parents(tx)?;
         // RFC 9051 §6.3.6: INBOX's messages move to the new folder; INBOX
         // stays, empty. The messages keep their UIDs in a new UIDVALIDITY.
         let new = ensure(tx, user, to, None)?;
@@ -433,14 +469,27 @@ fn rename(
         .execute(params![id, new])?;
         return Ok(());
     }
-    // The folder and everything below it ("from/...").
-    let below = format!("{from}/");
+    // The folder and everything below it ("from/..."), each to its new
+    // name, none of which may be taken.
     let names: Vec<(i64, String)> = tx
-        .prepare_cached("SELECT id, name FROM folders WHERE user = ?1 AND (id = ?2 OR substr(name, 1, length(?3)) = ?3)")?
+        .prepare_cached(
+            "SELECT id, name FROM folders
+              WHERE user = ?1 AND (id = ?2 OR substr(name, 1, length(?3)) = ?3)",
+        )?
         .query_map(params![user, id, below], |r| Ok((r.get(0)?, r.get(1)?)))?
         .collect::<Result<_, _>>()?;
-    for (fid, name) in names {
-        let new = format!("{to}{}", &name[from.len()..]);
+    let moves: Vec<(i64, String)> = names
+        .into_iter()
+        .map(|(fid, name)| (fid, format!("{to}{}", &name[from.len()..])))
+        .collect();
+    for (_, new) in &moves {
+        if folder_id(tx, user, new)?.is_some() {
+            applied.refused = Some(format!("[ALREADYEXISTS] folder {new} exists"));
+            return Ok(());
+        }
+    }
+    parents(tx)?;
+    for (fid, new) in moves {
         tx.prepare_cached("UPDATE folders SET name = ?2 WHERE id = ?1")?
             .execute(params![fid, new])?;
     }

@@ -739,7 +739,7 @@ impl Store {
     /// `user`'s INBOX, oldest first: the POP3 maildrop.
     pub fn mailbox(&self, user: &str) -> Result<Vec<MailboxEntry>, StoreError> {
         match self.folder(user, folders::INBOX)? {
-            Some(f) => self.folder_messages(f.id),
+            Some(f) => self.folder_messages(user, f.id),
             None => Ok(Vec::new()),
         }
     }
