@@ -2173,3 +2173,34 @@ fn star_in_an_empty_folder_is_not_an_error() {
     c.ok("STORE 1:* +FLAGS (\\Seen)");
     c.ok("SEARCH ALL");
 }
+
+/// `* FLAGS` names the keywords the folder's messages have, so that a
+/// client learns the tags in use: at SELECT, and again when one is new.
+#[test]
+fn flags_response_names_the_keywords_in_use() {
+    let (g, ports) = gateway("");
+    send(&g, &subject("tagged"));
+    let mut a = Imap::login(ports.plain, "alice", "secret");
+    let mut b = Imap::login(ports.plain, "alice", "secret");
+    let (_, sel) = a.select("INBOX");
+    assert!(
+        sel.has("* FLAGS (\\Answered \\Flagged \\Deleted \\Seen \\Draft)"),
+        "{sel:?}"
+    );
+    b.select("INBOX");
+    b.ok("STORE 1 +FLAGS.SILENT ($Work)");
+    let noop = a.ok("NOOP");
+    assert!(
+        noop.has("* FLAGS (\\Answered \\Flagged \\Deleted \\Seen \\Draft $Work)"),
+        "{noop:?}"
+    );
+    let (_, sel) = a.select("INBOX");
+    assert!(
+        sel.has("* FLAGS (\\Answered \\Flagged \\Deleted \\Seen \\Draft $Work)"),
+        "{sel:?}"
+    );
+    assert!(
+        sel.has("* OK [PERMANENTFLAGS (\\Answered \\Flagged \\Deleted \\Seen \\Draft $Work \\*)] flags kept"),
+        "{sel:?}"
+    );
+}

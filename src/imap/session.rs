@@ -61,6 +61,30 @@ struct Selected {
     folder: Folder,
     read_only: bool,
     messages: Vec<MailboxEntry>,
+    /// The flags last told in `* FLAGS`.
+    flags: String,
+}
+
+/// What a folder's `* FLAGS` names: the system flags and the keywords its
+/// messages have (RFC 3501 §7.2.6), so that a client learns the tags in
+/// use.
+fn folder_flags(messages: &[MailboxEntry]) -> String {
+    let mut keywords: Vec<&str> = Vec::new();
+    for f in messages.iter().flat_map(|m| m.flags.split(' ')) {
+        if !f.is_empty()
+            && !f.starts_with('\\')
+            && !keywords.iter().any(|k| k.eq_ignore_ascii_case(f))
+        {
+            keywords.push(f);
+        }
+    }
+    keywords.sort_unstable();
+    let mut all = SYSTEM_FLAGS.to_string();
+    for k in keywords {
+        all.push(' ');
+        all.push_str(k);
+    }
+    all
 }
 
 pub struct Session<S> {
@@ -902,7 +926,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         };
         let (user, id) = (self.user(), folder.id);
         let messages = self.blocking(move |s| s.folder_messages(&user, id)).await?;
-        self.line(&format!("* FLAGS ({SYSTEM_FLAGS})"));
+        let flags = folder_flags(&messages);
+        self.line(&format!("* FLAGS ({flags})"));
         self.line(&format!("* {} EXISTS", messages.len()));
         self.line("* 0 RECENT");
         if let Some(i) = messages.iter().position(|m| !m.has_flag("\\Seen")) {
@@ -911,9 +936,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         if read_only {
             self.line("* OK [PERMANENTFLAGS ()] read-only");
         } else {
-            self.line(&format!(
-                "* OK [PERMANENTFLAGS ({SYSTEM_FLAGS} \\*)] flags kept"
-            ));
+            self.line(&format!("* OK [PERMANENTFLAGS ({flags} \\*)] flags kept"));
         }
         self.line(&format!(
             "* OK [UIDVALIDITY {}] UIDs valid",
@@ -924,6 +947,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             folder,
             read_only,
             messages,
+            flags,
         });
         // Changes up to here are in what was just sent.
         self.mail.borrow_and_update();
@@ -1507,6 +1531,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             .extend(now.into_iter().filter(|m| m.imap_uid > last));
         if sel.messages.len() != before {
             out.push_str(&format!("* {} EXISTS\r\n", sel.messages.len()));
+        }
+        let flags = folder_flags(&sel.messages);
+        if flags != sel.flags {
+            // A keyword new to the folder (RFC 3501 §7.2.6).
+            out.insert_str(0, &format!("* FLAGS ({flags})\r\n"));
+            sel.flags = flags;
         }
         self.codec.write(out.as_bytes());
     }
