@@ -96,7 +96,8 @@ pub struct Session<S> {
     codec: Codec<Conn<S>>,
     server: Server,
     phase: watch::Receiver<Phase>,
-    mail: watch::Receiver<u64>,
+    /// The logged-in account's signal that its mailboxes changed.
+    mail: Option<watch::Receiver<u64>>,
     /// The account logged in (as stored).
     user: Option<String>,
     selected: Option<Selected>,
@@ -146,7 +147,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             linger: Duration::from_secs(5),
             deadline: Instant::now() + config.imap.max_session_time,
             server: next_server(&config),
-            mail: shared.writer.mail_changes(),
+            mail: None,
             config,
             tls: shared.tls(),
             shared,
@@ -265,8 +266,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                         Flow::Close
                     }
                 },
-                changed = self.mail.changed(), if idling => {
-                    if changed.is_err() {
+                changed = wait_changed(&mut self.mail), if idling => {
+                    if !changed {
                         return Flow::Close;
                     }
                     self.refresh(true).await;
@@ -424,7 +425,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 self.pending = Some(tag);
                 self.idling = true;
                 // Changes before this point are reported above.
-                self.mail.borrow_and_update();
+                if let Some(m) = self.mail.as_mut() {
+                    m.borrow_and_update();
+                }
                 let cont = CommandContinuationRequest::basic(None, "idling").expect("valid");
                 let _ = self.server.idle_accept(cont);
                 Flow::Go
@@ -497,6 +500,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     );
                 }
                 info!(peer = %self.peer, user = %user, "imap login");
+                self.mail = Some(self.shared.writer.mail_changes(&user));
                 self.user = Some(user);
                 return (
                     true,
@@ -950,7 +954,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             flags,
         });
         // Changes up to here are in what was just sent.
-        self.mail.borrow_and_update();
+        if let Some(m) = self.mail.as_mut() {
+            m.borrow_and_update();
+        }
         if read_only {
             self.ok(tag, "[READ-ONLY] EXAMINE done");
         } else {
@@ -1553,6 +1559,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 false
             }
         }
+    }
+}
+
+/// Waits for the account's next mailbox change; false when the writer is
+/// gone (the daemon is stopping).
+async fn wait_changed(mail: &mut Option<watch::Receiver<u64>>) -> bool {
+    match mail {
+        Some(m) => m.changed().await.is_ok(),
+        None => std::future::pending().await,
     }
 }
 

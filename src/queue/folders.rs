@@ -108,6 +108,23 @@ pub enum FolderChange {
     },
 }
 
+impl FolderChange {
+    /// The account whose folders it changes.
+    pub fn user(&self) -> &str {
+        match self {
+            FolderChange::Ensure { user }
+            | FolderChange::Create { user, .. }
+            | FolderChange::Delete { user, .. }
+            | FolderChange::Rename { user, .. }
+            | FolderChange::Subscribe { user, .. }
+            | FolderChange::Append { user, .. }
+            | FolderChange::Copy { user, .. }
+            | FolderChange::Flags { user, .. }
+            | FolderChange::Expunge { user, .. } => user,
+        }
+    }
+}
+
 /// `current` flags changed by `op` with `flags`; case-insensitive, each
 /// once, in the order first seen.
 pub fn merge_flags(current: &str, op: FlagOp, flags: &[String]) -> String {

@@ -6,7 +6,9 @@
 //! commits once (one fsync for the lot), then answers each. A session hears
 //! "committed" only after the commit that holds its own message returned.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::thread;
 
 use rusqlite::{params, Connection};
@@ -127,16 +129,46 @@ struct Request {
 }
 
 impl Request {
-    /// Whether this request may change what a mailbox holds.
-    fn touches_mail(&self) -> bool {
-        match &self.work {
-            Work::Changes(changes) => changes.iter().any(|c| match c {
+    /// The accounts whose mailboxes this request may change.
+    fn mail_accounts(&self) -> Vec<&str> {
+        let Work::Changes(changes) = &self.work else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for c in changes {
+            match c {
                 // Outbound mail, most of what a branch sends, is in no mailbox.
-                Change::Insert(m) => m.recipients.iter().any(|r| !r.mailboxes.is_empty()),
-                Change::MailboxRemove { .. } | Change::Folder(_) => true,
-                _ => false,
-            }),
-            Work::MakeIncremental => false,
+                Change::Insert(m) => out.extend(
+                    m.recipients
+                        .iter()
+                        .flat_map(|r| r.mailboxes.iter().map(String::as_str)),
+                ),
+                Change::MailboxRemove { user, .. } => out.push(user),
+                Change::Folder(f) => out.push(f.user()),
+                _ => {}
+            }
+        }
+        out
+    }
+}
+
+/// A signal per account (by its name in lower case) that its mailboxes
+/// may have changed: an IMAP session in IDLE waits on its own account's.
+#[derive(Clone, Default)]
+struct MailSignals(Arc<Mutex<HashMap<String, watch::Sender<u64>>>>);
+
+impl MailSignals {
+    fn subscribe(&self, account: &str) -> watch::Receiver<u64> {
+        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        map.entry(account.to_lowercase())
+            .or_insert_with(|| watch::channel(0).0)
+            .subscribe()
+    }
+
+    fn bump(&self, account: &str) {
+        let map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(tx) = map.get(&account.to_lowercase()) {
+            tx.send_modify(|n| *n += 1);
         }
     }
 }
@@ -153,7 +185,7 @@ enum Work {
 #[derive(Clone)]
 pub struct Writer {
     tx: mpsc::UnboundedSender<Request>,
-    mail: watch::Receiver<u64>,
+    mail: MailSignals,
 }
 
 /// Joined at shutdown, after every handle is dropped, so the last commits end.
@@ -171,11 +203,12 @@ impl Writer {
     pub fn start(path: &Path) -> Result<(Writer, WriterThread), StoreError> {
         let conn = connect(path)?;
         let (tx, rx) = mpsc::unbounded_channel();
-        let (mail_tx, mail) = watch::channel(0);
+        let mail = MailSignals::default();
+        let signals = mail.clone();
         let path = path.to_path_buf();
         let handle = thread::Builder::new()
             .name("store-writer".into())
-            .spawn(move || run(conn, path, rx, mail_tx))
+            .spawn(move || run(conn, path, rx, signals))
             .map_err(|source| StoreError::Io {
                 path: PathBuf::from("store-writer thread"),
                 source,
@@ -183,11 +216,11 @@ impl Writer {
         Ok((Writer { tx, mail }, WriterThread(handle)))
     }
 
-    /// Changes whenever a commit may have changed a mailbox: a delivery, a
-    /// POP3 deletion, an IMAP change. Sessions that show a folder (IMAP
-    /// IDLE) look again when it does.
-    pub fn mail_changes(&self) -> watch::Receiver<u64> {
-        self.mail.clone()
+    /// Changes whenever a commit may have changed `account`'s mailboxes:
+    /// a delivery, a POP3 deletion, an IMAP change. Sessions that show a
+    /// folder (IMAP IDLE) look again when it does.
+    pub fn mail_changes(&self, account: &str) -> watch::Receiver<u64> {
+        self.mail.subscribe(account)
     }
 
     /// Commits `msg` durably; returns once it is on disk.
@@ -226,7 +259,7 @@ fn run(
     mut conn: Connection,
     path: PathBuf,
     mut rx: mpsc::UnboundedReceiver<Request>,
-    mail: watch::Sender<u64>,
+    mail: MailSignals,
 ) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     // A request that must run alone, met while gathering a batch.
@@ -259,8 +292,8 @@ fn run(
             }
         }
         let results = commit(&mut conn, &path, &batch);
-        if batch.iter().any(Request::touches_mail) {
-            mail.send_modify(|n| *n += 1);
+        for account in batch.iter().flat_map(Request::mail_accounts) {
+            mail.bump(account);
         }
         for (req, result) in batch.drain(..).zip(results) {
             let _ = req.done.send(result);
@@ -857,6 +890,35 @@ mod tests {
             store.body(&m.id).unwrap().unwrap(),
             b"Subject: t\r\n\r\nhello\r\n"
         );
+    }
+
+    /// A commit signals the accounts whose mailboxes it touches, and only
+    /// those: a delivery (by the account's name in any case), a folder
+    /// change; outbound mail signals no one.
+    #[tokio::test]
+    async fn mail_changes_reach_their_own_account_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("q.sqlite");
+        let store = Store::open(&path).unwrap();
+        store.add_user("alice", "x").unwrap();
+        store.add_user("bob", "x").unwrap();
+        let (writer, _thread) = Writer::start(&path).unwrap();
+        let mut alice = writer.mail_changes("alice");
+        let bob = writer.mail_changes("bob");
+        writer.insert(msg(1)).await.unwrap();
+        assert!(!alice.has_changed().unwrap() && !bob.has_changed().unwrap());
+        let mut local = msg(2);
+        local.recipients[0].route = Route::Local;
+        local.recipients[0].mailboxes = vec!["Alice".into()];
+        writer.insert(local).await.unwrap();
+        assert!(alice.has_changed().unwrap());
+        assert!(!bob.has_changed().unwrap());
+        alice.borrow_and_update();
+        let ensure = FolderChange::Ensure { user: "bob".into() };
+        writer.apply(vec![Change::Folder(ensure)]).await.unwrap();
+        assert!(bob.has_changed().unwrap());
+        assert!(!alice.has_changed().unwrap());
+        assert_eq!(store.mailbox("alice").unwrap().len(), 1);
     }
 
     #[tokio::test]
