@@ -12,11 +12,12 @@ mod common;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use base64::Engine;
-use common::{free_port, queued_id, wait_for, Client, Gateway};
+use common::peers::chmod;
+use common::{free_port, queued_id, run_logged as run, wait_for, Client, Gateway};
 use serde_json::Value;
 
 const PYTHON: &str = "/usr/bin/python3";
@@ -111,67 +112,20 @@ fn gateway(extra: &str) -> (Gateway, Ports) {
     unreachable!()
 }
 
-// ---------------------------------------------------------------------------
-// Processes with deadlines, stopped by PID
-
-/// A child process killed by PID when dropped (a panicking test included).
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        if let Ok(None) = self.0.try_wait() {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-}
-
-/// Runs `cmd` with stdout and stderr in `log`, within `timeout`; returns
-/// the exit code and the log.
-fn run(cmd: &mut Command, log: &Path, timeout: Duration) -> (Option<i32>, String) {
-    let file = std::fs::File::create(log).unwrap();
-    let child = cmd
-        .stdin(Stdio::null())
-        .stdout(file.try_clone().unwrap())
-        .stderr(file)
-        .spawn()
-        .unwrap_or_else(|e| panic!("{cmd:?} cannot start ({e}): tests/run.sh installs it"));
-    let mut p = Proc(child);
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(st) = p.0.try_wait().unwrap() {
-            return (st.code(), std::fs::read_to_string(log).unwrap_or_default());
-        }
-        if Instant::now() > deadline {
-            panic!(
-                "{cmd:?} did not finish within {timeout:?}:\n{}",
-                std::fs::read_to_string(log).unwrap_or_default()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 /// Runs a script from tests/py with Debian's python3; it must succeed and
 /// print one JSON document.
 fn python(g: &Gateway, script: &str, args: &[String]) -> Value {
     let path = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/py")
         .join(script);
-    let out = g.path(&format!("{script}.json"));
-    let (code, log) = run(
+    let ran = common::peers::run(
+        script,
         Command::new(PYTHON).arg(path).args(args),
-        &out,
         CLIENT_TIMEOUT,
     );
-    assert_eq!(code, Some(0), "{script} failed:\n{log}\n{}", g.log());
-    let json = log.lines().last().unwrap_or("");
-    serde_json::from_str(json).unwrap_or_else(|e| panic!("{script}: {e}:\n{log}"))
-}
-
-fn chmod(path: &Path, mode: u32) {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+    assert_eq!(ran.code, Some(0), "{script} failed:\n{ran}\n{}", g.log());
+    let json = ran.stdout.lines().last().unwrap_or("");
+    serde_json::from_str(json).unwrap_or_else(|e| panic!("{script}: {e}:\n{ran}"))
 }
 
 // ---------------------------------------------------------------------------
@@ -2052,20 +2006,14 @@ fn curl_lists_fetches_and_appends_over_imaps() {
         );
     }
     let got_path = g.path("curl-fetch.eml");
-    let mut cmd = Command::new("curl");
-    cmd.args([
-        "-sS",
-        "--insecure",
-        "--max-time",
-        "30",
-        "-u",
-        "alice:secret",
-    ])
-    .arg(format!("{base}/INBOX;UID=1"))
-    .arg("-o")
-    .arg(&got_path);
-    let (code, out) = run(&mut cmd, &g.path("curl-fetch.log"), Duration::from_secs(60));
-    assert_eq!(code, Some(0), "{out}");
+    curl(
+        &[
+            &format!("{base}/INBOX;UID=1"),
+            "-o",
+            got_path.to_str().unwrap(),
+        ],
+        "curl-fetch.log",
+    );
     assert_bytes("curl's fetch", &std::fs::read(&got_path).unwrap(), &want);
 
     let upload = draft("from curl");

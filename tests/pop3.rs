@@ -11,11 +11,12 @@ mod common;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
 use base64::Engine;
-use common::{free_port, queued_id, wait_for, Client, Gateway};
+use common::peers::chmod;
+use common::{free_port, queued_id, run_logged as run, wait_for, Client, Gateway};
 use serde_json::Value;
 
 const PYTHON: &str = "/usr/bin/python3";
@@ -61,87 +62,19 @@ mode = "pop3s"
     }
 }
 
-// ---------------------------------------------------------------------------
-// Processes with deadlines, stopped by PID
-
-/// A child process killed by PID when dropped (a panicking test included).
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        if let Ok(None) = self.0.try_wait() {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-}
-
-/// Runs `cmd` with stdout and stderr in `log`, within `timeout`; returns
-/// the exit code and the log.
-fn run(cmd: &mut Command, log: &Path, timeout: Duration) -> (Option<i32>, String) {
-    let file = std::fs::File::create(log).unwrap();
-    let child = cmd
-        .stdin(Stdio::null())
-        .stdout(file.try_clone().unwrap())
-        .stderr(file)
-        .spawn()
-        .unwrap_or_else(|e| panic!("{cmd:?} cannot start ({e}): tests/run.sh installs it"));
-    let mut p = Proc(child);
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(st) = p.0.try_wait().unwrap() {
-            return (st.code(), std::fs::read_to_string(log).unwrap_or_default());
-        }
-        if Instant::now() > deadline {
-            panic!(
-                "{cmd:?} did not finish within {timeout:?}:\n{}",
-                std::fs::read_to_string(log).unwrap_or_default()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 /// Runs a script from tests/py with Debian's python3; it must succeed and
 /// print one JSON document.
 fn python(g: &Gateway, script: &str, args: &[String]) -> Value {
     let path = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/py")
         .join(script);
-    let log = g.path(&format!("{script}.log"));
-    let out = g.path(&format!("{script}.json"));
-    let mut cmd = Command::new(PYTHON);
-    cmd.arg(path).args(args);
-    let file = std::fs::File::create(&out).unwrap();
-    let stderr = std::fs::File::create(&log).unwrap();
-    let child = cmd
-        .stdin(Stdio::null())
-        .stdout(file)
-        .stderr(stderr)
-        .spawn()
-        .unwrap();
-    let mut p = Proc(child);
-    let deadline = Instant::now() + CLIENT_TIMEOUT;
-    let status = loop {
-        if let Some(st) = p.0.try_wait().unwrap() {
-            break st;
-        }
-        assert!(Instant::now() < deadline, "{script} did not finish");
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let stdout = std::fs::read_to_string(&out).unwrap();
-    let stderr = std::fs::read_to_string(&log).unwrap();
-    assert!(
-        status.success(),
-        "{script} failed ({status}):\n{stdout}{stderr}\n{}",
-        g.log()
+    let ran = common::peers::run(
+        script,
+        Command::new(PYTHON).arg(path).args(args),
+        CLIENT_TIMEOUT,
     );
-    serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("{script}: {e}:\n{stdout}"))
-}
-
-fn chmod(path: &Path, mode: u32) {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+    assert!(ran.code == Some(0), "{script} failed ({ran})\n{}", g.log());
+    serde_json::from_str(&ran.stdout).unwrap_or_else(|e| panic!("{script}: {e}:\n{ran}"))
 }
 
 // ---------------------------------------------------------------------------

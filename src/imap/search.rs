@@ -16,18 +16,14 @@ pub struct Candidate<'a> {
     /// The highest sequence number and UID in the folder (`*`).
     pub last_seq: u32,
     pub last_uid: u32,
-    /// The whole message, read at the first key that needs it.
-    pub message: &'a mut dyn FnMut() -> Option<Vec<u8>>,
-    pub loaded: Option<Option<Vec<u8>>>,
+    /// The message, parsed, when a key needs its content
+    /// ([`needs_content`]); None when it is not needed or is gone.
+    pub message: Option<&'a Parsed<'a>>,
 }
 
 impl Candidate<'_> {
-    fn with_message<T>(&mut self, f: impl FnOnce(&Parsed<'_>) -> T) -> Option<T> {
-        if self.loaded.is_none() {
-            self.loaded = Some((self.message)());
-        }
-        let raw = self.loaded.as_ref()?.as_ref()?;
-        Some(f(&Parsed::new(raw)))
+    fn with_message<T>(&self, f: impl FnOnce(&Parsed<'_>) -> T) -> Option<T> {
+        self.message.map(f)
     }
 }
 
@@ -50,7 +46,7 @@ fn day(at: i64) -> NaiveDate {
         .unwrap_or_default()
 }
 
-fn header_has(c: &mut Candidate<'_>, name: &str, needle: &str) -> bool {
+fn header_has(c: &Candidate<'_>, name: &str, needle: &str) -> bool {
     let needle = needle.to_lowercase();
     c.with_message(|p| {
         p.header_values(name)
@@ -60,7 +56,7 @@ fn header_has(c: &mut Candidate<'_>, name: &str, needle: &str) -> bool {
     .unwrap_or(false)
 }
 
-pub fn matches(key: &SearchKey<'_>, c: &mut Candidate<'_>) -> bool {
+pub fn matches(key: &SearchKey<'_>, c: &Candidate<'_>) -> bool {
     use SearchKey::*;
     let e = c.entry;
     match key {

@@ -637,6 +637,30 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         })
     }
 
+    /// Applies a folder change and answers OK with `done`, or NO with why
+    /// it was refused.
+    async fn answer_change(
+        &mut self,
+        tag: &Tag<'static>,
+        change: FolderChange,
+        done: &str,
+    ) -> Result<(), StoreError> {
+        match self.change(change).await? {
+            Ok(_) => self.ok(tag, done),
+            Err(why) => self.no(tag, &why),
+        }
+        Ok(())
+    }
+
+    /// Refuses a change to a folder opened with EXAMINE; true when it did.
+    fn refused_read_only(&mut self, tag: &Tag<'static>) -> bool {
+        let read_only = self.selected.as_ref().is_some_and(|s| s.read_only);
+        if read_only {
+            self.no(tag, "[READ-ONLY] the folder was opened with EXAMINE");
+        }
+        read_only
+    }
+
     async fn authenticated(
         &mut self,
         tag: &Tag<'static>,
@@ -680,10 +704,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     from,
                     to,
                 };
-                match self.change(change).await? {
-                    Ok(_) => self.ok(tag, "RENAME done"),
-                    Err(why) => self.no(tag, &why),
-                }
+                self.answer_change(tag, change, "RENAME done").await?;
             }
             CommandBody::Subscribe { mailbox } => self.subscribe(tag, &mailbox, true).await?,
             CommandBody::Unsubscribe { mailbox } => self.subscribe(tag, &mailbox, false).await?,
@@ -691,22 +712,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 reference,
                 mailbox_wildcard,
             } => {
-                let pattern = format!(
-                    "{}{}",
-                    wire::mailbox_name(&reference),
-                    wire::list_pattern(&mailbox_wildcard)
-                );
+                let pattern = wire::list_pattern(&reference, &mailbox_wildcard);
                 self.list(tag, &pattern, false).await?;
             }
             CommandBody::Lsub {
                 reference,
                 mailbox_wildcard,
             } => {
-                let pattern = format!(
-                    "{}{}",
-                    wire::mailbox_name(&reference),
-                    wire::list_pattern(&mailbox_wildcard)
-                );
+                let pattern = wire::list_pattern(&reference, &mailbox_wildcard);
                 self.list(tag, &pattern, true).await?;
             }
             CommandBody::Status {
@@ -742,10 +755,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             name: wire::mailbox_name(mailbox),
             subscribed,
         };
-        match self.change(change).await? {
-            Ok(_) => self.ok(tag, "done"),
-            Err(why) => self.no(tag, &why),
-        }
+        self.answer_change(tag, change, "done").await?;
         Ok(())
     }
 
@@ -773,10 +783,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             user: self.user(),
             name: name.clone(),
         };
-        match self.change(change).await? {
-            Ok(_) => self.ok(tag, "CREATE done"),
-            Err(why) => self.no(tag, &why),
-        }
+        self.answer_change(tag, change, "CREATE done").await?;
         Ok(())
     }
 
@@ -812,10 +819,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             user: self.user(),
             name,
         };
-        match self.change(change).await? {
-            Ok(_) => self.ok(tag, "DELETE done"),
-            Err(why) => self.no(tag, &why),
-        }
+        self.answer_change(tag, change, "DELETE done").await?;
         Ok(())
     }
 
@@ -1159,8 +1163,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     self.bad(tag, "no such message number");
                     return Ok(());
                 }
-                if self.selected.as_ref().is_some_and(|s| s.read_only) {
-                    self.no(tag, "[READ-ONLY] the folder was opened with EXAMINE");
+                if self.refused_read_only(tag) {
                     return Ok(());
                 }
                 let op = match kind {
@@ -1210,15 +1213,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     self.bad(tag, "no such message number");
                     return Ok(());
                 }
-                if self.selected.as_ref().is_some_and(|s| s.read_only) {
-                    self.no(tag, "[READ-ONLY] the folder was opened with EXAMINE");
+                if self.refused_read_only(tag) {
                     return Ok(());
                 }
                 self.copy(tag, &sequence_set, &mailbox, uid, true).await?;
             }
             CommandBody::Expunge | CommandBody::ExpungeUid { .. } => {
-                if self.selected.as_ref().is_some_and(|s| s.read_only) {
-                    self.no(tag, "[READ-ONLY] the folder was opened with EXAMINE");
+                if self.refused_read_only(tag) {
                     return Ok(());
                 }
                 let only = match body {
@@ -1243,37 +1244,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         let last_uid = sel.messages.last().map(|m| m.imap_uid).unwrap_or(0);
         let mut found = Vec::new();
         for (i, entry) in sel.messages.iter().enumerate() {
-            let raw = if content {
-                let (store, id, prefix) = (
-                    self.shared.store.clone(),
-                    entry.uid.clone(),
-                    entry.return_path(),
-                );
-                tokio::task::spawn_blocking(move || {
-                    store.body(&id).map(|b| {
-                        b.map(|b| {
-                            let mut v = prefix.into_bytes();
-                            v.extend_from_slice(&b);
-                            v
-                        })
-                    })
-                })
-                .await
-                .map_err(|e| StoreError::Failed(e.to_string()))??
-            } else {
-                None
+            // Read and parsed once for all the keys that need it.
+            let raw = match content {
+                true => self.message(entry).await?,
+                false => None,
             };
-            let mut raw = Some(raw);
-            let mut load = || raw.take().flatten();
-            let mut c = Candidate {
+            let parsed = raw.as_deref().map(super::mime::Parsed::new);
+            let c = Candidate {
                 seq: i as u32 + 1,
                 entry,
                 last_seq,
                 last_uid,
-                message: &mut load,
-                loaded: None,
+                message: parsed.as_ref(),
             };
-            if search::matches(key, &mut c) {
+            if search::matches(key, &c) {
                 found.push(if uid { entry.imap_uid } else { i as u32 + 1 });
             }
         }

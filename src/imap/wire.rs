@@ -72,11 +72,14 @@ pub fn astring(a: &AString<'_>) -> String {
     String::from_utf8_lossy(a.as_ref()).into_owned()
 }
 
-pub fn list_pattern(m: &ListMailbox<'_>) -> String {
-    match m {
-        ListMailbox::Token(t) => String::from_utf8_lossy(t.as_ref()).into_owned(),
-        ListMailbox::String(s) => String::from_utf8_lossy(s.as_ref()).into_owned(),
-    }
+/// The pattern LIST and LSUB match names against: the reference, then the
+/// wildcard name (RFC 9051 §6.3.9).
+pub fn list_pattern(reference: &Mailbox<'_>, wildcard: &ListMailbox<'_>) -> String {
+    let wildcard = match wildcard {
+        ListMailbox::Token(t) => String::from_utf8_lossy(t.as_ref()),
+        ListMailbox::String(s) => String::from_utf8_lossy(s.as_ref()),
+    };
+    format!("{}{wildcard}", mailbox_name(reference))
 }
 
 /// Whether `name` matches a LIST pattern (RFC 9051 §6.3.9): `*` matches

@@ -472,3 +472,17 @@ fn socket2_bind(ip: &str) -> socket2::Socket {
     sock.bind(&local.into()).unwrap();
     sock
 }
+
+/// [`peers::run`], with what the command printed also kept in `log` (for a
+/// look after a failure): the exit code and the output.
+pub fn run_logged(
+    cmd: &mut Command,
+    log: &std::path::Path,
+    timeout: Duration,
+) -> (Option<i32>, String) {
+    let what = format!("{:?}", cmd.get_program());
+    let ran = peers::run(&what, cmd, timeout);
+    let all = ran.all();
+    let _ = std::fs::write(log, &all);
+    (ran.code, all)
+}
