@@ -2152,3 +2152,87 @@ fn flags_response_names_the_keywords_in_use() {
         "{sel:?}"
     );
 }
+
+// ---------------------------------------------------------------------------
+// As an office lives
+
+/// Steady traffic for a while: a message every 100 ms for 8 s while one
+/// session sits in IDLE and another deletes every third message as it
+/// comes. The idle session's view, kept only from what it was told
+/// (EXISTS, EXPUNGE), ends exactly where the store is; nothing is lost or
+/// told twice, and `outpost mailbox list` shows the folders.
+#[test]
+fn idle_keeps_up_with_steady_traffic_and_deletions() {
+    let (g, ports) = gateway("");
+    let mut idle = Imap::login(ports.plain, "alice", "secret");
+    let mut other = Imap::login(ports.plain, "alice", "secret");
+    let (mut count, _) = idle.select("INBOX");
+    other.select("INBOX");
+    idle.send(b"i IDLE\r\n");
+    idle_until(&mut idle, Duration::from_secs(5), |seen| {
+        seen.iter().any(|l| l.starts_with('+'))
+    });
+    let mut sent = 0;
+    let mut deleted = 0;
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(8) {
+        send(&g, &subject(&format!("steady {sent}")));
+        sent += 1;
+        if sent % 3 == 0 {
+            other.ok("NOOP");
+            other.ok("STORE 1 +FLAGS.SILENT (\\Deleted)");
+            let e = other.ok("EXPUNGE");
+            assert_eq!(expunged(&e), vec![1], "{e:?}");
+            deleted += 1;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let want = sent - deleted;
+    // Everything the idle session is told, applied in order.
+    idle_until(&mut idle, Duration::from_secs(10), |seen| {
+        let mut n = count;
+        for l in seen {
+            if let Some(e) = l.strip_prefix("* ").and_then(|r| r.strip_suffix(" EXISTS")) {
+                n = e.parse().unwrap();
+            } else if l.ends_with(" EXPUNGE") {
+                n -= 1;
+            }
+        }
+        n == want
+    });
+    idle.send(b"DONE\r\n");
+    let done = idle.answer("i");
+    assert!(done.ok(), "{done:?}");
+    count = idle.uids().len();
+    assert_eq!(count, want);
+    assert_eq!(other.status_of("INBOX", "MESSAGES"), want as u64);
+
+    other.ok("CREATE Projects");
+    assert!(other.append("Projects", "", &draft("plan")).ok());
+    let out = g.cli(&["mailbox", "list", "alice"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    // The folder table: name, messages, octets.
+    let row = |name: &str| -> Option<String> {
+        text.lines()
+            .find(|l| l.split_whitespace().next() == Some(name))
+            .and_then(|l| l.split_whitespace().nth(1).map(str::to_string))
+    };
+    assert_eq!(row("INBOX"), Some(want.to_string()), "{text}");
+    assert_eq!(row("Projects"), Some("1".to_string()), "{text}");
+    assert!(
+        text.contains(&format!("-- INBOX: {want} messages")),
+        "{text}"
+    );
+}
+
+/// APPEND keeps `store.min_free` as SMTP does: with the reserve larger
+/// than the disk, it is refused and nothing is stored.
+#[test]
+fn append_keeps_the_stores_free_space() {
+    let (_g, ports) = gateway("[store]\nmin_free = 18000000000000000000\n");
+    let mut c = Imap::login(ports.plain, "alice", "secret");
+    let a = c.append("Drafts", "", &draft("no room"));
+    assert!(a.tagged.contains("NO [LIMIT]"), "{a:?}");
+    assert_eq!(c.status_of("Drafts", "MESSAGES"), 0);
+}
