@@ -34,12 +34,21 @@ if [ ${#need[@]} -gt 0 ]; then
   }
 fi
 
-cargo fmt --all -- --check
-cargo clippy --all-targets -- -D warnings
-cargo test --all-targets
+# Each phase says how long it took: the whole run is meant to stay
+# within about 20 minutes on a two-core machine.
+phase() {
+  local name=$1 start=$SECONDS
+  shift
+  "$@"
+  echo "run.sh: $name took $((SECONDS - start))s (total $((SECONDS))s)"
+}
+
+phase fmt cargo fmt --all -- --check
+phase clippy cargo clippy --all-targets -- -D warnings
+phase tests cargo test --all-targets
 
 # The fuzz targets, briefly each (FUZZ_SECONDS, 30); skipped without nightly.
-bash tests/fuzz.sh
+phase fuzz bash tests/fuzz.sh
 
 # The Debian package: built and inspected.
-bash tests/package.sh
+phase package bash tests/package.sh
